@@ -1,0 +1,113 @@
+"""The one internal form of a task vector: per module, low-rank factors or a dense delta.
+
+Orientation follows PyTorch ``nn.Linear``: a module's delta is an (n, m) matrix, n = out
+features, m = in features. Every file format is converted into this form at load time
+(``devec_core.formats``); the math (``devec_core.decompose``) sees nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+
+@dataclass
+class LowRank:
+    """ΔW = scale · B @ A, with B: (n, r) and A: (r, m). A LoRA's alpha/r goes into ``scale``."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(
+                f"LowRank needs B (n, r) and A (r, m); got B {tuple(self.B.shape)}, A {tuple(self.A.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
+    def scaled_B(self) -> torch.Tensor:
+        return self.B * self.scale if self.scale != 1.0 else self.B
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or torch.promote_types(self.B.dtype, torch.float32)
+        return (self.scaled_B().to(dtype) @ self.A.to(dtype))
+
+    def to(self, device=None, dtype=None) -> "LowRank":
+        return LowRank(self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype), self.scale)
+
+    def sq_norm(self) -> float:
+        """‖scale·B A‖_F² from r×r Gram products (never the n×m matrix)."""
+        B, A = self.scaled_B().double(), self.A.double()
+        return float(torch.sum((B.T @ B) * (A @ A.T)))
+
+
+@dataclass
+class Dense:
+    """A dense delta ΔW: (n, m), e.g. fine-tuned − base, or a DoRA adapter's effective delta."""
+
+    W: torch.Tensor
+
+    def __post_init__(self):
+        if self.W.ndim != 2:
+            raise ValueError(f"Dense needs a 2-D matrix; got shape {tuple(self.W.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.W.shape)
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.W.to(dtype or torch.promote_types(self.W.dtype, torch.float32))
+
+    def to(self, device=None, dtype=None) -> "Dense":
+        return Dense(self.W.to(device=device, dtype=dtype))
+
+    def sq_norm(self) -> float:
+        return float(self.W.double().pow(2).sum())
+
+
+Delta = Union[LowRank, Dense]
+
+
+@dataclass
+class TaskVector:
+    """A named task vector: module name → delta, plus parameters that are not matrices.
+
+    ``extras`` holds biases / norm scales (name → tensor delta). They are not decomposed
+    (METHOD.md): they stay with their vector and follow its unique coefficient.
+    """
+
+    name: str
+    modules: dict[str, Delta]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the vector, module and the bad value if anything is NaN/Inf."""
+        for mod, d in self.modules.items():
+            tensors = {"B": d.B, "A": d.A} if isinstance(d, LowRank) else {"W": d.W}
+            for part, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    bad = t[~torch.isfinite(t)].flatten()[0].item()
+                    raise ValueError(f"task vector {self.name!r}, module {mod!r}: {part} contains {bad} (NaN/Inf)")
+            if isinstance(d, LowRank) and not math.isfinite(d.scale):
+                raise ValueError(f"task vector {self.name!r}, module {mod!r}: scale is {d.scale}")
+        for key, t in self.extras.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"task vector {self.name!r}, parameter {key!r} contains NaN/Inf")
+
+    def sq_norm(self) -> float:
+        return sum(d.sq_norm() for d in self.modules.values())
