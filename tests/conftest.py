@@ -1,0 +1,46 @@
+"""Shared test setup: offline environment and session-scoped tiny models (see tests/tiny_models.py).
+
+Fixtures (session scope, shared by every test — restore any weights you change):
+    tiny_flux      -> diffusers FluxPipeline (tiny, CPU, float32, eval)
+    tiny_llm       -> (LlamaForCausalLM tiny, tokenizer with chat template)
+    tiny_flux_loras -> list of 3 random diffusers-format FLUX LoRA state dicts (rank 4, seeds 1..3)
+    tiny_llm_loras  -> list of 3 random PEFT-format Llama LoRA state dicts (rank 4, seeds 1..3)
+Need a private copy to mutate freely? Call tiny_flux_pipeline() / tiny_llama() yourself.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    return tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_loras(tiny_flux):
+    return [random_flux_lora(tiny_flux.transformer, rank=4, seed=s) for s in (1, 2, 3)]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_loras(tiny_llm):
+    return [random_llama_lora(tiny_llm[0], rank=4, seed=s) for s in (1, 2, 3)]
