@@ -1,18 +1,55 @@
-"""Content-hash keyed cache of decompositions on disk (work in progress: hashing first)."""
+"""Content-hash keyed cache of decompositions on disk.
+
+Key: SHA-256 over every input's content (the normalised task vectors, or the input files' bytes
+plus the load options) and every ``Config`` field, the method version and this file's format
+version — everything except τ. τ is re-applied on a hit with ``Decomposition.with_tau``-style
+re-selection (r×r work, no SVD).
+
+What an entry stores: the τ-independent tensors of the decomposition (per block of stacked
+modules: the factors X (scaled B or dense W), A, bases Q, ranks, norms, Gram matrices, and the
+spectra: eigenvalues, eigenvectors, projections), plus each vector's extras and metadata. A hit
+rebuilds the ``Decomposition`` from them with no SVD or eigendecomposition; the alternative
+(store the inputs, recompute) was measured slower: see /work/notes/io.md and bench/bench_cache.py.
+
+Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
+folder and renamed into place (atomic); ``manifest.json`` records the tensor file's size and
+SHA-256, checked on every read, so a partial or corrupt entry is detected, reported (through
+``report``) and recomputed. A size cap (``DEVEC_CACHE_MAX_GB``, default 20) evicts the least
+recently used entries (the entry folder's mtime is touched on every hit).
+
+Root: ``$DEVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/devec`` or ``~/.cache/devec``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .taskvec import LowRank, TaskVector
 
+CACHE_FORMAT = 1
+_BUF = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Hashing
+# ---------------------------------------------------------------------------------------------
+
 
 def _update_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
 
 
 def hash_task_vector(v: TaskVector, include_name: bool = True) -> str:
@@ -20,8 +57,7 @@ def hash_task_vector(v: TaskVector, include_name: bool = True) -> str:
 
     Args:
         v: the vector.
-        include_name: mix the vector's name in (two identical vectors under different names
-            give different decompositions' labels, so the cache key includes it).
+        include_name: mix the vector's name in (names label the decomposition's parts).
     Returns:
         Hex digest.
     """
@@ -42,3 +78,356 @@ def hash_task_vector(v: TaskVector, include_name: bool = True) -> str:
         h.update(b"extra\0" + key.encode() + b"\0")
         _update_tensor(h, v.extras[key])
     return h.hexdigest()
+
+
+def hash_file(path: str | os.PathLike, memo: dict | None = None) -> str:
+    """SHA-256 of a file's bytes (memoised by (path, size, mtime_ns) in ``memo`` if given)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    tag = [st.st_size, st.st_mtime_ns]
+    if memo is not None and memo.get(str(p), [None, None, None])[:2] == tag:
+        return memo[str(p)][2]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(_BUF):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        memo[str(p)] = tag + [digest]
+    return digest
+
+
+def hash_source(path: str | os.PathLike, memo: dict | None = None) -> str:
+    """SHA-256 over a file, or over a folder's weight/config files (names + contents)."""
+    p = Path(path)
+    if p.is_file():
+        return hash_file(p, memo)
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix.lower() in (".safetensors", ".json", ".bin", ".pt", ".ckpt", ".pth"):
+            h.update(str(f.relative_to(p)).encode() + b"\0" + hash_file(f, memo).encode())
+    return h.hexdigest()
+
+
+def _schema() -> list:
+    from .pool import _Block, _Spectrum
+
+    return [[f.name for f in dataclasses.fields(_Block)], [f.name for f in dataclasses.fields(_Spectrum)]]
+
+
+def make_key(inputs: list[str], config) -> str:
+    """The cache key: input content hashes (in pool order) + every Config field + versions.
+
+    Args:
+        inputs: one content hash (or descriptor string) per input, in pool order.
+        config: the decomposition's ``Config`` (every parameter except τ).
+    Returns:
+        Hex digest.
+    """
+    from .pool import METHOD_VERSION
+
+    payload = {
+        "cache_format": CACHE_FORMAT,
+        "method_version": METHOD_VERSION,
+        "schema": _schema(),
+        "config": dataclasses.asdict(config),
+        "inputs": list(inputs),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. (De)serialising a decomposition's τ-independent state
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Decomposition → (manifest dict, flat tensors)."""
+    T: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor | None) -> bool:
+        if t is None:
+            return False
+        t = t.detach().cpu()
+        if t.is_complex():  # safetensors has no complex128: store (…, 2) real views
+            T[name + ".re_im"] = torch.view_as_real(t.resolve_conj()).contiguous()
+        else:
+            T[name] = t.contiguous()
+        return True
+
+    blocks = []
+    for bi, b in enumerate(dec.blocks):
+        k = len(b.members)
+        entry = {
+            "modules": list(b.modules),
+            "members": list(b.members),
+            "shape": list(b.shape),
+            "A": [put(f"b{bi}.A.{p}", b.A[p]) for p in range(k)],
+            "grams": [put(f"b{bi}.G.{p}", b.grams[p]) for p in range(k)],
+            "spectra": [],
+        }
+        for p in range(k):
+            put(f"b{bi}.X.{p}", b.X[p])
+            put(f"b{bi}.Q.{p}", b.Q[p])
+        put(f"b{bi}.ranks", b.ranks)
+        put(f"b{bi}.sq_norms", b.sq_norms)
+        for si, (order, sp) in enumerate(b.spectra.items()):
+            put(f"b{bi}.s{si}.eigvals", sp.eigvals)
+            put(f"b{bi}.s{si}.eigvecs", sp.eigvecs)
+            for j, pr in enumerate(sp.proj):
+                put(f"b{bi}.s{si}.proj.{j}", pr)
+            entry["spectra"].append({"order": list(order), "nproj": len(sp.proj)})
+        blocks.append(entry)
+    vectors = []
+    for vi, v in enumerate(dec.vectors):
+        keys = sorted(v.extras)
+        for ei, key in enumerate(keys):
+            put(f"v{vi}.e{ei}", v.extras[key])
+        vectors.append({"name": v.name, "extras": keys, "meta": _jsonable(v.meta)})
+    manifest = {
+        "cache_format": CACHE_FORMAT,
+        "schema": _schema(),
+        "names": list(dec.names),
+        "config": dataclasses.asdict(dec.config),
+        "blocks": blocks,
+        "vectors": vectors,
+    }
+    return manifest, T
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float):
+    """(manifest, tensors) → Decomposition at τ (no SVD / eig: everything τ-independent is read)."""
+    from .pool import Config, Decomposition, _Block, _Spectrum
+
+    if manifest.get("cache_format") != CACHE_FORMAT or manifest.get("schema") != _schema():
+        raise ValueError("cache entry written by another version")
+    cfg_d = dict(manifest["config"])
+    if cfg_d.get("references") is not None:
+        cfg_d["references"] = tuple(cfg_d["references"])
+    cfg = Config(**cfg_d)
+    dev = cfg.torch_device()
+
+    def g(name: str) -> torch.Tensor:
+        if name + ".re_im" in T:
+            return torch.view_as_complex(T[name + ".re_im"]).to(dev)
+        return T[name].to(dev)
+
+    blocks = []
+    for bi, e in enumerate(manifest["blocks"]):
+        k = len(e["members"])
+        blk = _Block(
+            modules=list(e["modules"]),
+            members=tuple(e["members"]),
+            shape=tuple(e["shape"]),
+            X=[g(f"b{bi}.X.{p}") for p in range(k)],
+            A=[g(f"b{bi}.A.{p}") if e["A"][p] else None for p in range(k)],
+            Q=[g(f"b{bi}.Q.{p}") for p in range(k)],
+            ranks=g(f"b{bi}.ranks"),
+            sq_norms=g(f"b{bi}.sq_norms"),
+            grams=[g(f"b{bi}.G.{p}") if e["grams"][p] else None for p in range(k)],
+        )
+        for si, s in enumerate(e["spectra"]):
+            order = tuple(s["order"])
+            blk.spectra[order] = _Spectrum(
+                order, g(f"b{bi}.s{si}.eigvals"), g(f"b{bi}.s{si}.eigvecs"), [g(f"b{bi}.s{si}.proj.{j}") for j in range(s["nproj"])]
+            )
+        blocks.append(blk)
+    vectors = []
+    for vi, v in enumerate(manifest["vectors"]):
+        extras = {key: T[f"v{vi}.e{ei}"] for ei, key in enumerate(v["extras"])}
+        vectors.append(TaskVector(v["name"], {}, extras, {**v["meta"], "from_cache": True}))
+    dec = Decomposition(manifest["names"], cfg, blocks, tau, vectors)
+    for v in vectors:  # the deltas, as views of the stored factors (scale folded into B)
+        v.modules = dec.component("delta", v.name)
+    return dec
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The cache
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$DEVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/devec``, else ``~/.cache/devec``."""
+    if os.environ.get("DEVEC_CACHE_DIR"):
+        return Path(os.environ["DEVEC_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "devec"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_BUF):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+class DecompositionCache:
+    """Decompositions on disk, keyed by content; atomic writes, integrity checks, LRU size cap.
+
+    Args:
+        root: cache folder (default ``default_cache_dir()``).
+        max_bytes: size cap (default ``$DEVEC_CACHE_MAX_GB`` GiB, else 20 GiB).
+        report: called with a one-line message when an entry is corrupt, evicted or skipped.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = None,
+                 report: Callable[[str], None] | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get("DEVEC_CACHE_MAX_GB", "20")) * 2**30)
+        self.max_bytes = max_bytes
+        self.report = report or (lambda msg: None)
+        self._memo_path = self.root / "file-hashes.json"
+
+    # --- keys ---------------------------------------------------------------------------------
+    def key_for_vectors(self, vectors: list[TaskVector], config) -> str:
+        """Key from the normalised task vectors' content (names included) and the config."""
+        return make_key([hash_task_vector(v) for v in vectors], config)
+
+    def key_for_sources(self, sources: list, names: list[str], config, load_options: dict | None = None) -> str:
+        """Key from the input files' bytes (folders: every weight/config file), names, load options."""
+        memo = self._load_memo()
+        digests = [f"{n}:{hash_source(s, memo)}" for s, n in zip(sources, names)]
+        opts = dict(load_options or {})
+        if opts.get("base") is not None and Path(str(opts["base"])).exists():
+            opts["base"] = hash_source(opts["base"], memo)
+        self._save_memo(memo)
+        return make_key(digests + [json.dumps(opts, sort_keys=True, default=str)], config)
+
+    def _load_memo(self) -> dict:
+        try:
+            return json.loads(self._memo_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_memo(self, memo: dict) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self._memo_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, self._memo_path)
+        except OSError:
+            pass
+
+    # --- entries ------------------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str, tau: float):
+        """The cached decomposition at τ, or None (missing, partial or corrupt: reported, removed)."""
+        d = self.path(key)
+        if not d.exists():
+            return None
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+            tf = d / "tensors.safetensors"
+            if tf.stat().st_size != manifest["tensors_bytes"]:
+                raise ValueError(f"tensors.safetensors has {tf.stat().st_size} bytes, manifest says {manifest['tensors_bytes']}")
+            if _sha256_file(tf) != manifest["tensors_sha256"]:
+                raise ValueError("tensors.safetensors does not match its SHA-256")
+            from safetensors.torch import load_file
+
+            dec = _from_entry(manifest, load_file(str(tf)), tau)
+        except Exception as e:  # partial, corrupt, or from another version: recompute
+            self.report(f"cache entry {str(d)!r} is unusable ({type(e).__name__}: {str(e)[:160]}); recomputing")
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        os.utime(d)  # LRU: last use
+        return dec
+
+    def put(self, key: str, dec) -> Path | None:
+        """Store a decomposition (atomically: temp folder, then rename); evicts to the size cap."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest, T = _to_entry(dec)
+        est = sum(t.numel() * t.element_size() for t in T.values())
+        if est > self.max_bytes:
+            self.report(f"decomposition of {est / 2**20:.0f} MiB exceeds the cache cap {self.max_bytes / 2**20:.0f} MiB; not cached")
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=self.root))
+        try:
+            tf = tmp / "tensors.safetensors"
+            save_file(T, str(tf))
+            manifest.update(tensors_bytes=tf.stat().st_size, tensors_sha256=_sha256_file(tf), created=time.time(), key=key)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, default=str))
+            final = self.path(key)
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.report(f"could not write cache entry in {str(self.root)!r} ({e}); continuing without cache")
+            return None
+        self.evict(keep=key)
+        return final
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(folder, bytes, last use) of every complete entry, oldest use first."""
+        out = []
+        if not self.root.exists():
+            return out
+        for d in self.root.iterdir():
+            if d.is_dir() and not d.name.startswith(".tmp-"):
+                out.append((d, _dir_size(d), d.stat().st_mtime))
+        return sorted(out, key=lambda e: e[2])
+
+    def evict(self, keep: str | None = None) -> list[Path]:
+        """Delete least-recently-used entries until the total is under the cap; also stale temp folders."""
+        removed = []
+        if self.root.exists():
+            for d in self.root.glob(".tmp-*"):
+                if time.time() - d.stat().st_mtime > 3600:
+                    shutil.rmtree(d, ignore_errors=True)
+        entries = self.entries()
+        total = sum(b for _, b, _ in entries)
+        for d, b, _ in entries:
+            if total <= self.max_bytes:
+                break
+            if d.name == keep:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            total -= b
+            removed.append(d)
+            self.report(f"cache: evicted {d.name[:12]} ({b / 2**20:.1f} MiB, least recently used)")
+        return removed
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def cached_decompose(vectors: list[TaskVector], tau: float = 0.85, *, cache: DecompositionCache | None = None,
+                     key: str | None = None, progress=None, **options):
+    """``pool.decompose`` through the cache. Returns (Decomposition, hit).
+
+    Args:
+        vectors: the pool (hashed for the key unless ``key`` is given).
+        tau: threshold (not part of the key).
+        cache: the cache (default: a ``DecompositionCache()`` at the default root).
+        key: a precomputed key (e.g. ``key_for_sources``).
+        progress, options: as ``pool.decompose``.
+    """
+    from .pool import Config, decompose
+
+    cache = cache or DecompositionCache()
+    if key is None:
+        mode, target = options.pop("mode", "joint"), options.pop("target", None)
+        cfg = Config(mode=mode, target=target, **options)
+        key = cache.key_for_vectors(vectors, cfg)
+        options.update(mode=mode, target=target)
+    dec = cache.get(key, tau)
+    if dec is not None:
+        return dec, True
+    dec = decompose(vectors, tau=tau, progress=progress, **options)
+    cache.put(key, dec)
+    return dec, False
