@@ -303,10 +303,16 @@ class WeightEditor:
         try:
             sub = self.root.get_submodule(mod)
         except AttributeError:
-            sample = [n for n, m in self.root.named_modules() if isinstance(m, torch.nn.Linear)][:3]
-            raise ValueError(
-                f"module {mod!r} does not exist in {type(self.root).__name__} (Linear modules look like {sample})"
-            ) from None
+            hint = ""
+            head, _, rest = mod.partition(".")
+            try:
+                self.root.get_submodule(rest)
+                hint = f"; did you mean {rest!r} (without the {head + '.'!r} prefix)?"
+            except AttributeError:
+                tail = mod.rsplit(".", 1)[-1]
+                like = [n for n, _ in self.root.named_modules() if n.endswith("." + tail)][:2]
+                hint = f"; modules of that kind here look like {like}" if like else ""
+            raise ValueError(f"module {mod!r} does not exist in {type(self.root).__name__}{hint}") from None
         w = getattr(sub, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim != 2:
             raise ValueError(f"module {mod!r} ({type(sub).__name__}) has no 2-D weight to edit")
