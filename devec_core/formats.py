@@ -265,8 +265,13 @@ def _unknown_layout(path: Path, keys: list[str], why: str) -> FormatError:
     return FormatError(f"{str(path)!r}: unknown key layout ({why}); first keys: {shown}{' ...' if len(keys) > 5 else ''}")
 
 
-def _group_lora(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``<module>.lora_A.weight`` style keys → module → {"A", "B", "alpha", "magnitude", "bias"}."""
+def _group_lora(
+    sd: dict[str, torch.Tensor], path: Path, display: Callable[[str], str] = lambda k: k
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``<module>.lora_A.weight`` style keys → module → {"A", "B", "alpha", "magnitude", "bias"}.
+
+    ``display`` maps a key back to how the file spells it, for error messages.
+    """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
     patterns = (
@@ -285,7 +290,7 @@ def _group_lora(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, 
         else:
             leftovers.append(k)
     if leftovers:
-        raise _unknown_layout(path, leftovers, f"{len(leftovers)} keys are not LoRA factors")
+        raise _unknown_layout(path, [display(k) for k in leftovers], f"{len(leftovers)} keys are not LoRA factors")
     for mod, parts in groups.items():
         if "A" not in parts or "B" not in parts:
             missing = "lora_B" if "A" in parts else "lora_A"
@@ -338,7 +343,8 @@ def _flux_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], path: Pa
     out = dict(out)
     for k, v in (alphas or {}).items():
         out[k] = v
-    if out and not any(k.startswith(("transformer.", "text_encoder.")) for k in out):
+    added = bool(out) and not any(k.startswith(("transformer.", "text_encoder.")) for k in out)
+    if added:
         out = {"transformer." + k: v for k, v in out.items()}  # older diffusers files: no prefix
     bad = [k for k in out if not k.startswith(("transformer.", "text_encoder."))]
     if bad:
@@ -351,7 +357,7 @@ def _flux_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], path: Pa
             config = {k.removeprefix("transformer."): v for k, v in full.items() if k.startswith("transformer.")} or full
         except json.JSONDecodeError:
             config = None
-    return out, config, label
+    return out, config, label, (lambda k: k.removeprefix("transformer.")) if added else (lambda k: k)
 
 
 def _strip_component(groups: dict, prefix: str) -> dict:
@@ -380,8 +386,8 @@ def load_lora(
         if family == "flux" and config is None:
             fmt = "peft"  # exported back as a PEFT folder
     else:
-        out, cfg, fmt = _flux_state_dict(sd, meta, path)
-        groups = _group_lora(out, path)
+        out, cfg, fmt, display = _flux_state_dict(sd, meta, path)
+        groups = _group_lora(out, path, display)
         groups = _strip_component(groups, "transformer.")
         cfg = cfg or {}
         family = "flux"
@@ -660,8 +666,11 @@ def load_task_vector(
         tv = load_lora(s.path, s.config, name=name, base=base, allow_pickle=allow_pickle, dtype=dtype)
     else:
         if base is None:
+            keys = safetensors_keys(s.path) if s.path.suffix == ".safetensors" else []
+            shown = f" (first keys: {', '.join(repr(k) for k in keys[:5])})" if keys else ""
             raise FormatError(
-                f"{str(path)!r}: a full checkpoint, not a LoRA; its task vector is fine-tuned − base: pass base=... / --base MODEL"
+                f"{str(path)!r}: no LoRA keys, so it is read as a full checkpoint{shown}; its task vector is "
+                f"fine-tuned − base: pass base=... / --base MODEL"
             )
         tv = load_checkpoint_deltas([s.path], base, [name], allow_pickle=allow_pickle, dtype=dtype)[0]
     tv.meta.setdefault("source", str(source))
