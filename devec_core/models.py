@@ -164,7 +164,7 @@ def load_flux_pipeline(
     from diffusers import FluxPipeline
 
     dtype = _resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    pipe = FluxPipeline.from_pretrained(str(repo_or_path), torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(str(repo_or_path), dtype=dtype)
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         m = getattr(pipe, name, None)
         if m is not None:

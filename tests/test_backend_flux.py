@@ -144,3 +144,18 @@ def test_prefixed_module_name_is_an_error(flux):
     wrong = to_tv(sds[0], "w", prefix="")  # keys keep "transformer."
     with pytest.raises(ValueError, match=r"module 'transformer\.(single_)?transformer_blocks\.0.*does not exist.*without the 'transformer\.' prefix"):
         b.apply(vanilla(VectorPool([wrong]), {"w": 1.0}))
+
+
+def test_load_flux_pipeline_from_a_local_folder(tmp_path, flux):
+    """devec_core.models.load_flux_pipeline on a folder saved from the tiny pipeline, then a backend."""
+    from devec_core.models import load_flux_pipeline
+
+    b, vecs, _ = flux
+    b.restore()
+    b.pipe.save_pretrained(tmp_path)
+    backend = FluxBackend.load(str(tmp_path), dtype="float32", offload=False)
+    assert not backend.pipe.transformer.training
+    mix = vanilla(VectorPool(vecs), {"s1": 1.0})
+    torch.testing.assert_close(backend.render(PROMPT, mix, **GEN).image, b.render(PROMPT, mix, **GEN).image, rtol=0, atol=1e-5)
+    b.restore()
+    assert load_flux_pipeline(tmp_path).transformer.dtype == torch.float32

