@@ -1,0 +1,136 @@
+"""Matplotlib figures of a decomposition; they follow τ (redraw after ``with_tau``).
+
+  spectrum_figure      histogram of the eigenvalues' real parts over all modules, τ as a line
+                       (like the paper's toy figure); complex eigenvalues stacked in another colour
+  shared_dims_figure   shared dimension per module as a heat-map: blocks (rows) × layer (columns)
+  norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state: safe in a server
+with many users). matplotlib is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .pool import Decomposition
+
+_UNIQUE, _SHARED, _TAU = "#4C72B0", "#DD8452", "#C44E52"
+_BLOCK_RE = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def spectrum_figure(dec: Decomposition, bins: int = 40):
+    """Histogram of Re(eigenvalue) of the chained projections over every module, with τ.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    fig, ax = _figure(6.0, 3.4)
+    eig = dec.eigenvalues()
+    vals = [ev for ev in eig.values() if ev.numel()]
+    if not vals:
+        ax.text(0.5, 0.5, "no module is in two or more vectors:\nno spectrum", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    ev = np.concatenate([v.numpy() for v in vals])
+    re_, cplx = np.clip(ev.real, 0.0, 1.0), np.abs(ev.imag) > 1e-6
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ax.hist([re_[~cplx], re_[cplx]], bins=edges, stacked=True, color=[_UNIQUE, "#8172B3"], label=["real", "complex pair"], log=True)
+    ax.axvline(dec.tau, color=_TAU, lw=2, ls="--")
+    above = int((ev.real > dec.tau).sum())
+    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("eigenvalue of P₁P₂⋯P_k (real part; 1 = direction in every vector)")
+    ax.set_ylabel("count (log)")
+    ax.set_title(f"Spectrum of the pool · {len(vals)} modules · mode {dec.config.mode}", fontsize=10)
+    if cplx.any():
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return fig
+
+
+def _split(mod: str) -> tuple[str, int, str]:
+    m = _BLOCK_RE.match(mod)
+    return (m.group(1).rstrip("."), int(m.group(2)), m.group(3)) if m else ("", 0, mod)
+
+
+def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
+    """Heat-map of the shared dimension per module: rows = layer type, columns = block index.
+
+    Module names "prefix.N.leaf" are grouped by (prefix, leaf) into rows and N into columns
+    (FLUX's double and single blocks stacked, separated by a white line);
+    e.g. FLUX's "transformer_blocks.3.attn.to_q", an LLM's "model.layers.12.mlp.down_proj".
+    Missing modules are grey.
+    """
+    dims = dec.shared_dims()
+    fig, ax = _figure(6.0, 3.4)
+    if not dims:
+        ax.text(0.5, 0.5, "no modules", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    parts = [_split(m) for m in dims]
+    prefixes = list(dict.fromkeys(p for p, _, _ in parts))  # in module order (FLUX: double, single)
+    rows = list(dict.fromkeys((p, leaf) for p, _, leaf in parts))
+    rows.sort(key=lambda r: prefixes.index(r[0]))
+    blocks = sorted({i for _, i, _ in parts})
+    ri = {r: k for k, r in enumerate(rows)}
+    ci = {b: k for k, b in enumerate(blocks)}
+    M = np.full((len(rows), len(blocks)), np.nan)
+    for mod, d in dims.items():
+        p, i, leaf = _split(mod)
+        M[ri[(p, leaf)], ci[i]] = d
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#eeeeee")
+    vmax = max(1.0, float(np.nanmax(M)) if np.isfinite(M).any() else 1.0)
+    im = ax.imshow(np.ma.masked_invalid(M), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
+    fs = 7 if len(rows) <= 20 else 5
+    ax.set_yticks(range(len(rows)), [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows], fontsize=fs)
+    step = max(1, -(-len(blocks) // max_cols))
+    ax.set_xticks(range(0, len(blocks), step), [str(blocks[k]) for k in range(0, len(blocks), step)], fontsize=7)
+    for k in range(1, len(rows)):
+        if rows[k][0] != rows[k - 1][0]:
+            ax.axhline(k - 0.5, color="white", lw=2)
+    ax.set_xlabel("block index")
+    total = int(np.nansum(M))
+    ax.set_title(f"Shared dimension per module at τ = {dec.tau:.2f} (total {total})", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="shared dim")
+    return fig
+
+
+def norms_figure(dec: Decomposition):
+    """Per vector: the fraction of ‖ΔW‖² in its shared vs unique part (they add up: orthogonal
+    projection per module), with ‖shared‖ and ‖unique‖ written on the bars."""
+    tot = {n: 0.0 for n in dec.names}
+    sh = dict(tot)
+    for row in dec.summary():
+        for n, v in row["norms"].items():
+            tot[n] += v["delta"] ** 2
+            sh[n] += v["shared"] ** 2
+    fig, ax = _figure(6.0, 0.6 + 0.45 * len(dec.names))
+    names = list(dec.names)[::-1]
+    fs = np.array([sh[n] / tot[n] if tot[n] > 0 else 0.0 for n in names])
+    ax.barh(names, fs, color=_SHARED, label="shared")
+    ax.barh(names, 1 - fs, left=fs, color=_UNIQUE, label="unique")
+    for k, n in enumerate(names):
+        u = max(tot[n] - sh[n], 0.0) ** 0.5
+        ax.text(0.995, k, f"‖S‖={sh[n] ** 0.5:.3g}  ‖U‖={u:.3g}", va="center", ha="right", color="white", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of ‖ΔW‖² (summed over modules)")
+    ax.set_title(f"Shared vs unique per vector at τ = {dec.tau:.2f}", fontsize=10)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def all_figures(dec: Decomposition) -> tuple:
+    """(spectrum, shared dims, norms) for one τ."""
+    return spectrum_figure(dec), shared_dims_figure(dec), norms_figure(dec)

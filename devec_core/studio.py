@@ -1,0 +1,765 @@
+"""The Studio's logic, free of any UI: pools, cached decompositions, mixes, generation, export.
+
+``app.py`` is layout and wiring only; every decision lives here so it can be tested without a
+browser. The flow for one user:
+
+  1. ``open_preset`` / ``open_custom`` load a pool of task vectors and decompose it once
+     (``decompose_cached``: in-process LRU keyed by the pool's content hash and the config).
+  2. ``at_tau`` re-thresholds the kept spectrum (``Decomposition.with_tau``: no SVD).
+  3. ``describe`` says what is shared at this τ — and says plainly when nothing is, so DeVec
+     equals vanilla task arithmetic — and ``plots`` draws it.
+  4. ``vanilla_terms`` / ``devec_terms`` turn the sliders' coefficients into two mixes;
+     ``generate_llm`` / ``generate_flux`` render both with the same seed, side by side.
+  5. ``export_parts`` writes the unique / shared parts as LoRA files to download.
+
+Per-user choices live in a ``Session`` (kept by the UI in ``gr.State``); shared things (loaded
+pools, decompositions, base models) live in process-wide caches keyed by content, guarded by
+locks. Errors the user can fix are ``StudioError`` with what to do; the UI shows them as-is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .pool import Decomposition, decompose
+from .presets import Preset, get_preset, list_presets
+from .taskvec import Delta, Dense, LowRank, TaskVector
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_VECTORS = 8  # sliders the UI lays out; larger pools are refused with a message
+MAX_UPLOAD_MB = float(os.environ.get("DEVEC_MAX_UPLOAD_MB", "1024"))
+MODES = ("joint", "pairwise", "isolate")
+Progress = Callable[[int, int, str], None]
+log = logging.getLogger("devec.studio")
+
+
+class StudioError(Exception):
+    """A problem the user can fix; the message says what happened and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sessions: one user's choices (small, copyable; the UI keeps it in gr.State)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """One user's pool and settings. Heavy objects stay in the process caches, found by key."""
+
+    backend: str  # "llm" | "flux"
+    pool_key: str  # content hash of the pool (cache key)
+    names: list[str]
+    base: str  # "smollm2", a Hub id, or "synthetic"
+    title: str = ""
+    preset_id: str | None = None
+    synthetic: bool = False
+    needs_gpu: bool = False
+    mode: str = "joint"
+    target: str | None = None
+    tau: float = 0.85
+    strengths: dict[str, float] = field(default_factory=dict)
+    triggers: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return (self.pool_key, self.mode, self.target if self.mode == "isolate" else None)
+
+
+@dataclass
+class Coefficients:
+    """The sliders: vanilla λ per vector, DeVec λ per vector's unique part, λ of the shared part."""
+
+    vanilla: dict[str, float]
+    unique: dict[str, float]
+    shared: float = 0.0
+
+    @classmethod
+    def from_lists(cls, names: list[str], vanilla: list[float], unique: list[float], shared: float) -> "Coefficients":
+        """Build from slider values in pool order (extra slider values beyond the pool are ignored)."""
+        for label, vals in (("vanilla", vanilla), ("unique", unique)):
+            if len(vals) < len(names):
+                raise StudioError(f"{label} coefficients: got {len(vals)} values for a pool of {len(names)}")
+        c = cls({n: float(v) for n, v in zip(names, vanilla)}, {n: float(v) for n, v in zip(names, unique)}, float(shared))
+        for n, v in [*c.vanilla.items(), *c.unique.items(), ("shared", c.shared)]:
+            if not math.isfinite(v):
+                raise StudioError(f"coefficient of {n!r} is {v}; use a finite number")
+        return c
+
+
+def default_coefficients(session: Session) -> Coefficients:
+    """Defaults per mode (METHOD.md "Recomposition").
+
+    joint/pairwise (style mixing): every vector at its usual strength, shared part 0.
+    isolate (behaviour removal): the target at −strength, references 0; DeVec negates only the
+    target's unique part.
+    """
+    s = {n: session.strengths.get(n, 1.0) for n in session.names}
+    if session.mode == "isolate" and session.target in s:
+        van = {n: (-s[n] if n == session.target else 0.0) for n in session.names}
+        return Coefficients(van, dict(van), 0.0)
+    return Coefficients(dict(s), dict(s), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Pools: presets, uploads, Hub ids, the synthetic FLUX-shaped pool
+# ---------------------------------------------------------------------------------------------
+
+_LOCK = threading.RLock()
+_POOLS: "OrderedDict[str, list[TaskVector]]" = OrderedDict()  # pool_key -> vectors
+_DECOMPS: "OrderedDict[tuple, Decomposition]" = OrderedDict()  # Session.key() -> decomposition
+_PRESET_POOLS: dict[str, str] = {}  # preset id -> pool key (presets are loaded once)
+_MAX_POOLS, _MAX_DECOMPS = 4, 8
+
+
+def _lru_put(cache: OrderedDict, key, value, cap: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > cap:
+        cache.popitem(last=False)
+
+
+def pool_key(vectors: list[TaskVector]) -> str:
+    """Content hash of a pool in order (names included): the key of every cache."""
+    from .cache import hash_task_vector
+
+    h = hashlib.sha256()
+    for v in vectors:
+        h.update(hash_task_vector(v, include_name=True).encode())
+    return h.hexdigest()[:20]
+
+
+def remember_pool(vectors: list[TaskVector]) -> str:
+    """Keep a pool in the process cache and return its key."""
+    key = pool_key(vectors)
+    with _LOCK:
+        _lru_put(_POOLS, key, vectors, _MAX_POOLS)
+    return key
+
+
+def get_pool(key: str) -> list[TaskVector]:
+    with _LOCK:
+        if key not in _POOLS:
+            raise StudioError("this pool is no longer in memory (the server restarted or many pools were opened): load it again")
+        _POOLS.move_to_end(key)
+        return _POOLS[key]
+
+
+# --- the synthetic FLUX-shaped pool ----------------------------------------------------------
+
+SYNTH_STYLES = ("flat-anime", "ghibli", "anime", "bw-1930s", "pixel-art")
+SYNTH_ANIME = ("flat-anime", "ghibli", "anime")
+
+
+def flux_module_shapes(hidden: int = 128, n_double: int = 19, n_single: int = 38) -> dict[str, tuple[int, int]]:
+    """FLUX transformer Linear modules (diffusers paths) → (out, in) at a given hidden width.
+
+    At hidden=3072 these are FLUX.1's real shapes for the attention and MLP layers; the
+    synthetic pool uses a reduced width so it builds and decomposes in a second on a CPU.
+    """
+    d, f = hidden, 4 * hidden
+    shapes: dict[str, tuple[int, int]] = {}
+    for i in range(n_double):
+        p = f"transformer_blocks.{i}."
+        for leaf in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"):
+            shapes[p + leaf] = (d, d)
+        shapes[p + "ff.net.0.proj"], shapes[p + "ff.net.2"] = (f, d), (d, f)
+        shapes[p + "ff_context.net.0.proj"], shapes[p + "ff_context.net.2"] = (f, d), (d, f)
+    for i in range(n_single):
+        p = f"single_transformer_blocks.{i}."
+        for leaf in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            shapes[p + leaf] = (d, d)
+        shapes[p + "proj_mlp"], shapes[p + "proj_out"] = (f, d), (d, d + f)
+    return shapes
+
+
+def synthetic_flux_pool(
+    names: tuple[str, ...] = SYNTH_STYLES, rank: int = 8, hidden: int = 128, blocks: tuple[int, int] = (19, 38), seed: int = 0
+) -> list[TaskVector]:
+    """A deterministic SYNTHETIC pool of rank-``rank`` LoRAs on FLUX's module layout.
+
+    Planted structure, per module: 3 directions common to all vectors and 2 more common to the
+    anime-like ones (``SYNTH_ANIME``); each vector's copy of a planted direction is tilted by a
+    random amount that grows with depth (so deep blocks fall below τ first); the remaining
+    columns are the vector's own random directions.
+
+    Returns:
+        TaskVectors with ``meta["synthetic"] = True``.
+    """
+    if rank < 6:
+        raise ValueError(f"synthetic pool: rank must be >= 6 (5 planted directions + 1 own); got {rank}")
+    g = torch.Generator().manual_seed(seed)
+    shapes = flux_module_shapes(hidden, *blocks)
+    mods: dict[str, dict[str, Delta]] = {n: {} for n in names}
+    for k, (mod, (n, m)) in enumerate(shapes.items()):
+        depth = k / max(1, len(shapes) - 1)
+        Z = torch.linalg.qr(torch.randn(n, 5, generator=g))[0]  # (n, 5): 3 common + 2 anime
+        tilt = 0.05 + 0.45 * depth * float(torch.rand(1, generator=g))  # tan of the tilt angle
+        for name in names:
+            planted = Z[:, :5] if name in SYNTH_ANIME else Z[:, :3]
+            noise = torch.randn(n, planted.shape[1], generator=g) / math.sqrt(n)
+            own = torch.randn(n, rank - planted.shape[1], generator=g) / math.sqrt(n)
+            B = torch.cat([planted + tilt * noise, own], 1) * 0.05  # (n, r)
+            A = torch.randn(rank, m, generator=g) / math.sqrt(m)  # (r, m)
+            mods[name][mod] = LowRank(B.contiguous(), A.contiguous(), 1.0)
+    return [TaskVector(n, mods[n], meta={"synthetic": True, "family": "flux", "source": f"synthetic:flux/{n}"}) for n in names]
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _load_spec_vector(source: str, name: str, weight_name: str | None, base: str | None = None, offline: bool = False) -> TaskVector:
+    """One task vector from a preset's source (local path relative to the repo, or a Hub id).
+
+    An offline preset never reaches for the Hub: a missing local file is an error at once.
+    """
+    from .formats import load_task_vector
+
+    local = (REPO_ROOT / source) if not Path(source).is_absolute() else Path(source)
+    if local.exists():
+        src = local / weight_name if weight_name and local.is_dir() else local
+        try:
+            return load_task_vector(src, name)
+        except ValueError as e:
+            raise StudioError(f"could not read {name!r} from {str(src)!r}: {e}") from None
+    if offline:
+        raise StudioError(f"the offline preset's vector {name!r} is missing: {str(local)!r} does not exist (incomplete checkout?)")
+    hub = f"{source}/{weight_name}" if weight_name else source
+    try:
+        return load_task_vector(hub, name, base=base)
+    except Exception as e:  # network, gated repo, missing file: say what is needed
+        raise StudioError(
+            f"could not load {name!r} from {hub!r}: {e}. This preset needs the Hugging Face Hub "
+            f"(and HF_TOKEN for gated models); the offline presets work without it."
+        ) from None
+
+
+def preset_vectors(preset: Preset, progress: Progress | None = None) -> list[TaskVector]:
+    """Load every vector of a preset (synthetic ones are generated)."""
+    if preset.synthetic:
+        names = tuple(v.name for v in preset.vectors)
+        return synthetic_flux_pool(names)
+    out = []
+    for i, spec in enumerate(preset.vectors):
+        src = spec.source
+        if spec.fallback and not (REPO_ROOT / src).exists() and (REPO_ROOT / spec.fallback).exists():
+            src = spec.fallback
+        base = None if preset.base.id in ("smollm2", "synthetic") else preset.base.id
+        out.append(_load_spec_vector(src, spec.name, spec.weight_name, base, offline=preset.offline))
+        if progress:
+            progress(i + 1, len(preset.vectors), "load")
+    return out
+
+
+def check_upload(path: str | Path, max_mb: float = MAX_UPLOAD_MB) -> Path:
+    """Refuse anything but a ``.safetensors`` file under the size cap (never unpickle uploads)."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise StudioError(f"{p.name!r}: only .safetensors files can be uploaded (pickled .bin/.pt/.ckpt files are refused)")
+    if not p.is_file():
+        raise StudioError(f"{p.name!r}: the upload did not arrive; try again")
+    mb = p.stat().st_size / 2**20
+    if mb > max_mb:
+        raise StudioError(f"{p.name!r}: {mb:.0f} MB is over the upload limit of {max_mb:.0f} MB; give its Hub id instead")
+    return p
+
+
+def _name_from(path_or_id: str) -> str:
+    stem = Path(path_or_id).name
+    for suf in (".safetensors",):
+        stem = stem[: -len(suf)] if stem.endswith(suf) else stem
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", stem)[:40] or "vector"
+
+
+def custom_vectors(files: list[str], hub_ids: list[str], progress: Progress | None = None) -> list[TaskVector]:
+    """Load uploads (``.safetensors`` only, size-capped) and Hub ids into one pool."""
+    from .formats import load_task_vector
+
+    sources = [str(check_upload(f)) for f in files] + [h.strip() for h in hub_ids if h.strip()]
+    if not sources:
+        raise StudioError("the pool is empty: pick a preset, upload .safetensors LoRAs or give Hub ids")
+    if len(sources) > MAX_VECTORS:
+        raise StudioError(f"{len(sources)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
+    names: list[str] = []
+    out = []
+    for i, src in enumerate(sources):
+        n, k = _name_from(src), 2
+        while n in names:
+            n, k = f"{_name_from(src)}-{k}", k + 1
+        names.append(n)
+        try:
+            out.append(load_task_vector(src, n))
+        except Exception as e:
+            where = "upload" if i < len(files) else "Hub id"
+            raise StudioError(f"could not read {where} {Path(src).name if i < len(files) else src!r} as a LoRA: {e}") from None
+        if progress:
+            progress(i + 1, len(sources), "load")
+    _check_pool(out)
+    return out
+
+
+def _check_pool(vectors: list[TaskVector]) -> None:
+    from .formats import check_same_base
+
+    if not vectors:
+        raise StudioError("the pool is empty: add at least one task vector")
+    try:
+        check_same_base(vectors)
+    except ValueError as e:
+        raise StudioError(f"{e}. Put only LoRAs of one base model in a pool.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Decomposition: once per (pool, mode, target), then τ is cheap
+# ---------------------------------------------------------------------------------------------
+
+
+def _disk_cache():
+    """The on-disk decomposition cache (``devec_core.cache``), or None when disabled
+    (``DEVEC_STUDIO_DISK_CACHE=0``) or unavailable."""
+    if os.environ.get("DEVEC_STUDIO_DISK_CACHE", "1") != "1":
+        return None
+    try:
+        from .cache import DecompositionCache
+
+        return DecompositionCache()
+    except Exception as e:  # noqa: BLE001
+        log.warning("decomposition cache unavailable (%s)", e)
+        return None
+
+
+def decompose_cached(session: Session, progress: Progress | None = None) -> Decomposition:
+    """The session's decomposition at its τ; computed once per (pool, mode, target)."""
+    key = session.key()
+    with _LOCK:
+        dec = _DECOMPS.get(key)
+        if dec is not None:
+            _DECOMPS.move_to_end(key)
+    if dec is None:
+        vectors = get_pool(session.pool_key)
+        if session.mode == "isolate" and session.target not in session.names:
+            raise StudioError(f"isolate mode needs a target: pick one of {session.names}")
+        if session.mode not in MODES:
+            raise StudioError(f"unknown mode {session.mode!r}; pick one of {MODES}")
+        if session.mode != "joint" and len(vectors) < 2:
+            raise StudioError(f"{session.mode} mode needs at least two vectors; this pool has {len(vectors)}")
+        target = session.target if session.mode == "isolate" else None
+        disk, key_d = _disk_cache(), None
+        if disk is not None:
+            try:  # a broken or stale cache entry must never stop the app: recompute instead
+                from .pool import Config
+
+                key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target))
+                dec = disk.get(key_d, 0.85)
+            except Exception as e:  # noqa: BLE001
+                log.warning("decomposition cache read failed (%s); recomputing", e)
+        if dec is None:
+            try:
+                dec = decompose(vectors, tau=0.85, mode=session.mode, target=target, progress=progress)
+            except ValueError as e:
+                raise StudioError(f"decomposition failed: {e}") from None
+            if disk is not None and key_d is not None:
+                try:
+                    disk.put(key_d, dec)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("decomposition cache write failed (%s)", e)
+        with _LOCK:
+            _lru_put(_DECOMPS, key, dec, _MAX_DECOMPS)
+    return at_tau(dec, session.tau)
+
+
+def check_tau(tau) -> float:
+    """τ from the UI: a number in (0, 1]; τ = 0 would call every direction shared."""
+    try:
+        t = float(tau)
+    except (TypeError, ValueError):
+        raise StudioError(f"τ must be a number in (0, 1]; got {tau!r}") from None
+    if not (0.0 < t <= 1.0) or not math.isfinite(t):
+        raise StudioError(f"τ must be in (0, 1] (0.85 is the paper's value); got {t}")
+    return t
+
+
+def at_tau(dec: Decomposition, tau: float) -> Decomposition:
+    """Re-threshold (no SVD): ``Decomposition.with_tau``."""
+    t = check_tau(tau)
+    return dec if abs(dec.tau - t) < 1e-12 else dec.with_tau(t)
+
+
+def _start(vectors: list[TaskVector], backend: str, base: str, **kw) -> Session:
+    if len(vectors) > MAX_VECTORS:
+        raise StudioError(f"{len(vectors)} vectors: the Studio shows at most {MAX_VECTORS}")
+    fams = {v.meta.get("family") for v in vectors} - {None}
+    if fams and fams != {backend}:
+        other = "Style mixing (FLUX)" if "flux" in fams else "Behaviour editing (LLM)"
+        raise StudioError(f"these are {'/'.join(sorted(fams))} task vectors; open them in the {other} tab")
+    key = remember_pool(vectors)
+    return Session(backend=backend, pool_key=key, names=[v.name for v in vectors], base=base, **kw)
+
+
+def open_preset(preset_id: str, progress: Progress | None = None) -> tuple[Session, Decomposition]:
+    """Load a preset's pool, decompose it (cached) and return the session at the preset's τ."""
+    try:
+        preset = get_preset(preset_id)
+    except ValueError as e:
+        raise StudioError(str(e)) from None
+    if preset.user_slot and preset.mode == "isolate" and preset.target is None:
+        raise StudioError(
+            f"{preset.title}: add your own target adapter (upload or Hub id) — this preset is a pool of "
+            f"references; see {preset.recipe or 'the recipe'} for how to make one — and load it with 'Decompose'."
+        )
+    with _LOCK:
+        key = _PRESET_POOLS.get(preset.id)
+        vectors = _POOLS.get(key) if key else None
+    if vectors is None:
+        vectors = preset_vectors(preset, progress)
+        with _LOCK:
+            _PRESET_POOLS[preset.id] = pool_key(vectors)
+    s = _start(
+        vectors,
+        preset.backend,
+        preset.base.id,
+        title=preset.title,
+        preset_id=preset.id,
+        synthetic=preset.synthetic,
+        needs_gpu=preset.base.needs_gpu,
+        mode=preset.mode,
+        target=preset.target,
+        tau=preset.tau,
+        strengths={v.name: v.strength for v in preset.vectors},
+        triggers={v.name: v.trigger for v in preset.vectors if v.trigger},
+        notes=[f"{v.name}: {v.note}" for v in preset.vectors if v.note],
+    )
+    return s, decompose_cached(s, progress)
+
+
+def open_custom(
+    backend: str,
+    base: str,
+    files: list[str] | None = None,
+    hub_ids: list[str] | None = None,
+    preset_id: str | None = None,
+    mode: str = "joint",
+    target: str | None = None,
+    tau: float = 0.85,
+    progress: Progress | None = None,
+) -> tuple[Session, Decomposition]:
+    """A pool from uploads and Hub ids, optionally added to a preset's pool (e.g. a toxic adapter
+    as the target against the preset's references)."""
+    extra = custom_vectors(list(files or []), list(hub_ids or []), progress) if (files or any(h.strip() for h in hub_ids or [])) else []
+    vectors, strengths, title = [], {}, "Your pool"
+    if preset_id:
+        preset = get_preset(preset_id)
+        vectors, title = preset_vectors(preset, progress), f"{preset.title} + yours"
+        strengths = {v.name: v.strength for v in preset.vectors}
+        base = preset.base.id
+        taken = {v.name for v in vectors}
+        for v in extra:
+            if v.name in taken:
+                v.name = f"{v.name}-yours"
+    vectors = vectors + extra
+    if mode == "isolate" and target is None and extra:
+        target = extra[0].name  # the user's own vector is the one to clean
+    return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, strengths=strengths)
+
+
+def open_vectors(
+    vectors: list[TaskVector], backend: str, base: str, mode: str = "joint", target: str | None = None, tau: float = 0.85,
+    progress: Progress | None = None, **kw,
+) -> tuple[Session, Decomposition]:
+    """A session on an already loaded pool (used by ``open_custom`` and by tests)."""
+    _check_pool(vectors)
+    names = [v.name for v in vectors]
+    if mode not in MODES:
+        raise StudioError(f"unknown mode {mode!r}; pick one of {MODES}")
+    if mode == "isolate" and target not in names:
+        target = names[-1]
+    s = _start(vectors, backend, base, mode=mode, target=target, tau=check_tau(tau), **kw)
+    return s, decompose_cached(s, progress)
+
+
+def with_settings(session: Session, mode: str | None = None, target: str | None = None, tau: float | None = None) -> Session:
+    """A copy of the session with another mode / target / τ (the UI never mutates shared state)."""
+    s = replace(session, names=list(session.names), strengths=dict(session.strengths))
+    if mode is not None:
+        if mode not in MODES:
+            raise StudioError(f"unknown mode {mode!r}; pick one of {MODES}")
+        s.mode = mode
+    if target is not None:
+        if target not in s.names:
+            raise StudioError(f"target {target!r} is not in the pool {s.names}")
+        s.target = target
+    if s.mode == "isolate" and s.target not in s.names:
+        s.target = s.names[0]
+    if tau is not None:
+        s.tau = check_tau(tau)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. What is shared at this τ, in words
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    shared_modules: int
+    modules: int
+    shared_dim: int
+    max_eig: float
+    max_eig_module: str
+    shared_energy: float  # fraction of the pool's ‖ΔW‖² in shared parts
+    nothing_shared: bool
+    markdown: str
+
+
+def describe(dec: Decomposition) -> Report:
+    """Numbers and a plain-words message about what DeVec found at this τ.
+
+    When nothing is shared, DeVec's unique parts are the original vectors, so the DeVec output
+    equals vanilla task arithmetic: the message says so and where the spectrum lies.
+    """
+    dims = dec.shared_dims()
+    eig = dec.eigenvalues()
+    max_eig, max_mod = 0.0, ""
+    for mod, ev in eig.items():
+        if ev.numel():
+            v = float(ev.real.max())
+            if v > max_eig:
+                max_eig, max_mod = v, mod
+    rows = dec.summary()
+    tot = sum(n["delta"] ** 2 for r in rows for n in r["norms"].values())
+    sh = sum(n["shared"] ** 2 for r in rows for n in r["norms"].values())
+    frac = sh / tot if tot > 0 else 0.0
+    n_shared = sum(1 for d in dims.values() if d > 0)
+    total_dim = sum(dims.values())
+    mode = dec.config.mode
+    what = {"joint": "shared by all vectors", "pairwise": "shared by some pair", "isolate": f"shared by the target {dec.config.target!r} and a reference"}[mode]
+    if not eig or all(ev.numel() == 0 for ev in eig.values()):
+        md = (
+            "**Nothing to compare.** No module is in two or more vectors, so every part is unique "
+            "and **DeVec equals vanilla task arithmetic** here."
+        )
+        return Report(0, len(dims), 0, 0.0, "", 0.0, True, md)
+    if total_dim == 0:
+        md = (
+            f"**Nothing is {what} at τ = {dec.tau:.2f}.** No eigenvalue exceeds τ; the largest is "
+            f"**{max_eig:.2f}** (`{max_mod}`). Every unique part equals its whole vector, so "
+            f"**DeVec equals vanilla task arithmetic here**: the two outputs below will match. "
+            f"The spectrum shows where the overlap lies; lower τ below {max_eig:.2f} to treat it as shared "
+            f"(the paper uses 0.85 throughout)."
+        )
+    else:
+        md = (
+            f"At τ = {dec.tau:.2f}: **{n_shared} of {len(dims)} modules** have directions {what} "
+            f"(total dimension {total_dim}); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
+            f"Largest eigenvalue {max_eig:.2f}."
+        )
+    if mode == "joint" and len(dec.names) > 1:
+        md += f"\n\nPool order matters (the shared subspace is found inside the first vector's, `{dec.names[0]}`)."
+    return Report(n_shared, len(dims), total_dim, max_eig, max_mod, frac, total_dim == 0, md)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Mixes: vanilla vs DeVec (devec_core.mix)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_mixes(dec: Decomposition, c: Coefficients):
+    """(vanilla, DeVec) mixes for the sliders (METHOD.md "Recomposition").
+
+    vanilla: W0 + Σ λ_i ΔW_i.  DeVec: W0 + Σ λ_i^u U_i + λ^s S, where S is the merged shared
+    vector (joint, eq. 14), every pair's shared vector (pairwise), or the target's own shared
+    part (isolate).
+
+    Returns:
+        Two ``devec_core.mix.Mix`` with the decomposition as their source.
+    """
+    from .mix import Mix, vanilla
+
+    van = vanilla(dec, {n: c.vanilla.get(n, 0.0) for n in dec.names if c.vanilla.get(n, 0.0)}, label="vanilla")
+    terms = [("unique", n, c.unique.get(n, 0.0)) for n in dec.names if c.unique.get(n, 0.0)]
+    if c.shared:
+        mode = dec.config.mode
+        if mode == "joint" and len(dec.names) > 1:
+            terms.append(("merged_shared", None, c.shared))
+        elif mode == "pairwise":
+            terms += [("pair_shared", f"{a}+{b}", c.shared) for i, a in enumerate(dec.names) for b in dec.names[i + 1 :]]
+        elif mode == "isolate":
+            terms.append(("shared", dec.config.target, c.shared))
+    return van, Mix(dec, tuple(terms), "devec")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Generation: the same seed and prompt, vanilla vs DeVec (devec_core.backends)
+# ---------------------------------------------------------------------------------------------
+
+_BACKENDS: dict[tuple[str, str], object] = {}  # (kind, base) -> backend; each has its own lock
+
+
+@dataclass
+class SideBySide:
+    vanilla: object  # str (LLM) or PIL image (FLUX)
+    devec: object
+    vanilla_s: float
+    devec_s: float
+    note: str = ""
+
+
+def get_llm_backend(base: str):
+    """The causal-LM backend for a base model, loaded once per process and shared (its lock
+    isolates requests: apply + generate happen atomically)."""
+    from .backends.llm import LLMBackend
+
+    with _LOCK:
+        key = ("llm", base)
+        if key not in _BACKENDS:
+            try:
+                _BACKENDS[key] = LLMBackend.load(base, device="cuda" if torch.cuda.is_available() else "cpu")
+            except Exception as e:
+                raise StudioError(
+                    f"could not load the base model {base!r}: {e}. Hub models need network access "
+                    f"(and HF_TOKEN if gated); 'smollm2' works offline."
+                ) from None
+        return _BACKENDS[key]
+
+
+def _wrong_base(e: Exception, base: str) -> StudioError:
+    return StudioError(
+        f"the pool does not fit the base model {base!r}: {e}. The task vectors were probably trained on "
+        f"another base model; pick that base, or vectors made for this one."
+    )
+
+
+def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> SideBySide:
+    """Vanilla and DeVec answers to one prompt (greedy; same seed and settings), with timings."""
+    if session.backend != "llm":
+        raise StudioError("this pool is for the FLUX tab")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    max_new_tokens = max(1, min(int(max_new_tokens), 512))
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c)
+    backend = get_llm_backend(session.base)
+    try:
+        a, b = backend.side_by_side(prompt, [van, dv], max_new_tokens=max_new_tokens, seed=int(seed))
+    except ValueError as e:
+        raise _wrong_base(e, session.base) from None
+    rep = describe(dec)
+    return SideBySide(a.text.strip(), b.text.strip(), a.switch_s + a.generate_s, b.switch_s + b.generate_s, rep.markdown if rep.nothing_shared else "")
+
+
+FLUX_NEEDS = (
+    "Image generation needs the FLUX.1-schnell weights (about 24 GB from the Hub) and a CUDA GPU "
+    "with ≥ 24 GB of memory (less with CPU offload). Without them the Studio still decomposes, plots and exports."
+)
+
+
+def flux_can_generate(session: Session) -> str | None:
+    """None if images can be made for this session, else the reason in words."""
+    if session.synthetic or session.base == "synthetic":
+        return "This pool is SYNTHETIC (made-up LoRAs on FLUX's module layout at reduced width): there is no model to render it. " + FLUX_NEEDS
+    if not torch.cuda.is_available() and os.environ.get("DEVEC_FLUX_ON_CPU") != "1":
+        return "No CUDA GPU on this machine. " + FLUX_NEEDS
+    return None
+
+
+def get_flux_backend(base: str):
+    from .backends.flux import FluxBackend
+
+    with _LOCK:
+        key = ("flux", base)
+        if key not in _BACKENDS:
+            try:
+                _BACKENDS[key] = FluxBackend.load(base)
+            except Exception as e:
+                raise StudioError(f"could not load {base!r}: {e}. " + FLUX_NEEDS) from None
+        return _BACKENDS[key]
+
+
+def generate_flux(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> SideBySide:
+    """Vanilla and DeVec images with the same seed (needs FLUX.1-schnell and a GPU)."""
+    why = flux_can_generate(session)
+    if why:
+        raise StudioError(why)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
+    full = f"{prompt}, {trig}" if trig else prompt
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c)
+    backend = get_flux_backend(session.base)
+    w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
+    try:
+        a, b = backend.side_by_side(full, [van, dv], steps=max(1, int(steps)), width=w, height=h, seed=int(seed))
+    except ValueError as e:
+        raise _wrong_base(e, session.base) from None
+    return SideBySide(a.image, b.image, a.switch_s + a.generate_s, b.switch_s + b.generate_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Export: unique / shared parts as LoRA files
+# ---------------------------------------------------------------------------------------------
+
+
+def export_parts(session: Session, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the unique / shared parts at the session's τ as LoRAs, plus one zip of them all.
+
+    Uses ``devec_core.export.export_decomposition``: FLUX pools give diffusers ``.safetensors``
+    files, LLM pools PEFT adapter folders (zipped, since a browser downloads files).
+
+    Returns:
+        [zip of everything, then each FLUX .safetensors file] (LLM: just the zip).
+    """
+    import shutil
+
+    from .export import export_decomposition
+
+    dec = decompose_cached(session)
+    out = Path(out_dir or tempfile.mkdtemp(prefix="devec_export_"))
+    parts = out / f"devec-{session.mode}-tau{dec.tau:.2f}"
+    parts.mkdir(parents=True, exist_ok=True)
+    try:
+        written = export_decomposition(dec, parts)
+    except ValueError as e:
+        raise StudioError(f"export failed: {e}") from None
+    if not written:
+        raise StudioError("nothing to export: every part is zero")
+    zipped = Path(shutil.make_archive(str(parts), "zip", root_dir=parts))
+    return [zipped] + [p for p in written if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Small helpers for the UI
+# ---------------------------------------------------------------------------------------------
+
+
+def preset_choices(backend: str) -> list[tuple[str, str]]:
+    """(label, id) of the presets of one backend, offline ones first."""
+    return [(p.title, p.id) for p in list_presets(backend=backend)]
+
+
+def default_preset(backend: str) -> str | None:
+    offline = [p for p in list_presets(backend=backend) if p.offline]
+    return offline[0].id if offline else None
+
+
+def session_markdown(session: Session) -> str:
+    """A short description of the loaded pool for the UI."""
+    tag = " — **SYNTHETIC vectors**" if session.synthetic else ""
+    lines = [f"**{session.title or 'Pool'}**{tag}", f"Base: `{session.base}` · vectors (in order): " + ", ".join(f"`{n}`" for n in session.names)]
+    lines += [f"- {n}" for n in session.notes]
+    return "\n".join(lines)
