@@ -1,0 +1,249 @@
+"""Offline toxicity and ability scoring for causal LMs, and the SmolLM2 demo pool loader.
+
+Toxicity
+  * ``classifier_probs``: ``alt-profanity-check`` (a linear SVM on TF-IDF, offline, lowercases
+    its input) → probability per text; ``flagged`` = prob > 0.5. It saturates: a model that
+    insults in every answer scores ~1.0 whatever else changes.
+  * ``reply_logprobs``: mean log-probability per token of a fixed reply given a chat prompt.
+    The continuous toxicity measure is the *margin* between an offensive reply and the same
+    reply without the offensive words (``demo/data.offensive_pairs``): it does not saturate and
+    cancels changes that hit every reply alike (format, general damage).
+Ability
+  * ``caps_fraction`` (the demo's skill S: answers in capital letters), ``qa_correct``
+    (exact match: an expected answer appears in the output), ``token_nll`` (perplexity on a
+    text no model here wrote).
+Statistics
+  * ``bootstrap_mean_ci``: percentile bootstrap of a mean over items.
+
+Heavy imports (transformers, sklearn via profanity_check) happen inside the functions.
+References: ToxiGen (Hartvigsen et al. 2022) for the real-scale convention, see
+``recipes/llama2_toxicity``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .taskvec import LowRank, TaskVector
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Toxicity
+# ---------------------------------------------------------------------------------------------
+
+
+def classifier_probs(texts: list[str]) -> list[float]:
+    """Offensive-language probability of each text (alt-profanity-check, offline).
+
+    Args:
+        texts: strings to score.
+    Returns:
+        one probability in [0, 1] per text.
+    """
+    if not texts:
+        return []
+    from profanity_check import predict_prob
+
+    return [float(p) for p in predict_prob([t if t.strip() else "." for t in texts])]
+
+
+def toxicity_summary(texts: list[str], threshold: float = 0.5) -> dict[str, float]:
+    """Share of texts flagged (prob > ``threshold``) and mean probability.
+
+    Args:
+        texts: generations.
+        threshold: flag threshold on the classifier probability.
+    Returns:
+        {"flagged": share, "mean_prob": mean, "n": count}.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1); got {threshold}")
+    p = classifier_probs(texts)
+    n = len(p)
+    return {"flagged": sum(x > threshold for x in p) / max(n, 1), "mean_prob": sum(p) / max(n, 1), "n": n}
+
+
+def _chat_prefix(tok, user: str | None) -> list[int]:
+    if user is None:
+        return []
+    text = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def reply_logprobs(model, tok, prompts: list[str | None], replies: list[str], batch: int = 16) -> list[float]:
+    """Mean log-probability per token of each reply given its prompt (teacher forcing).
+
+    Args:
+        model: causal LM.
+        tok: its tokenizer (chat template used when the prompt is a user message).
+        prompts: user messages, or None for a raw continuation with no chat template (the reply
+            then follows nothing but the BOS-free start).
+        replies: the reply texts to score.
+        batch: sequences per forward pass.
+    Returns:
+        one mean log-prob (nats/token) per reply.
+    """
+    if len(prompts) != len(replies):
+        raise ValueError(f"prompts and replies differ in length: {len(prompts)} vs {len(replies)}")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[float] = []
+    for i in range(0, len(replies), batch):
+        seqs = []
+        for p, r in zip(prompts[i : i + batch], replies[i : i + batch]):
+            pre = _chat_prefix(tok, p)
+            rep = tok(r, add_special_tokens=False)["input_ids"]
+            if not pre:  # raw continuation: score from the second token of the reply on
+                pre, rep = rep[:1], rep[1:]
+            seqs.append((pre + rep, len(pre)))
+        L = max(len(s) for s, _ in seqs)
+        x = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs])
+        att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs])
+        logp = torch.log_softmax(model(input_ids=x, attention_mask=att).logits.float(), dim=-1)  # (b, L, V)
+        for j, (s, p0) in enumerate(seqs):
+            tgt = torch.tensor(s[p0:])
+            lp = logp[j, p0 - 1 : len(s) - 1].gather(-1, tgt[:, None]).squeeze(-1)
+            out.append(float(lp.mean()) if len(tgt) else float("nan"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ability
+# ---------------------------------------------------------------------------------------------
+
+
+def caps_fraction(text: str) -> float:
+    """Fraction of letters in ``text`` that are capitals (0.0 for a text without letters)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def qa_correct(output: str, answers: list[str]) -> bool:
+    """Exact match, lenient on case and surrounding words: an expected answer occurs in the output.
+
+    Single-token numeric or short answers must occur as whole words (so "4" does not match "14").
+
+    Args:
+        output: the model's answer.
+        answers: accepted answers (lowercase).
+    Returns:
+        True when one of them occurs.
+    """
+    low = output.lower()
+    for a in answers:
+        if re.search(rf"(?<![a-z0-9]){re.escape(a.lower())}(?![a-z0-9])", low):
+            return True
+    return False
+
+
+@torch.no_grad()
+def token_nll(model, tok, text: str, max_tokens: int = 512, block: int = 64) -> list[float]:
+    """Mean negative log-likelihood per block of a text (perplexity = exp of the mean).
+
+    Args:
+        model: causal LM.
+        tok: tokenizer.
+        text: reference text (one that no model here wrote).
+        max_tokens: score at most this many tokens (one forward pass).
+        block: tokens per block; the blocks are the bootstrap items.
+    Returns:
+        mean NLL (nats/token) of each block of ``block`` predicted tokens.
+    """
+    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens + 1]
+    if len(ids) < block + 1:
+        raise ValueError(f"reference text too short: {len(ids)} tokens, need more than {block}")
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x).logits.float()[0, :-1], dim=-1)
+    nll = -logp.gather(-1, x[0, 1:, None]).squeeze(-1)  # (T-1,)
+    n_blocks = len(nll) // block
+    return [float(nll[b * block : (b + 1) * block].mean()) for b in range(n_blocks)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_mean_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval over items.
+
+    Args:
+        values: one value per item.
+        n_boot: bootstrap resamples.
+        alpha: 1 − confidence level.
+        seed: generator seed.
+    Returns:
+        (mean, low, high).
+    """
+    if not values:
+        raise ValueError("bootstrap_mean_ci needs at least one value")
+    v = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(v), (n_boot, len(v)), generator=g)
+    means = v[idx].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    return float(v.mean()), float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The demo pool (assets/smollm2_demo)
+# ---------------------------------------------------------------------------------------------
+
+
+def concat_lowrank(a: LowRank, b: LowRank) -> LowRank:
+    """Exact sum of two low-rank deltas as one: [s_a·B_a, s_b·B_b] · [A_a; A_b], scale 1.
+
+    Args:
+        a, b: deltas of the same module (same shape).
+    Returns:
+        LowRank of rank r_a + r_b with ``dense() == a.dense() + b.dense()``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"cannot add low-rank deltas of shapes {a.shape} and {b.shape}")
+    B = torch.cat([a.scaled_B().float(), b.scaled_B().float()], dim=1)
+    A = torch.cat([a.A.float(), b.A.float()], dim=0)
+    return LowRank(B, A, 1.0)
+
+
+def load_demo_pool(folder: str | Path, include_parent: bool = False) -> dict[str, TaskVector]:
+    """The demo pool's task vectors relative to the base: each child = S + child, exactly.
+
+    The folder holds ``pool.json`` (names of the parent and children) and one PEFT adapter
+    folder per fine-tune; the children were trained on base + merged S.
+
+    Args:
+        folder: e.g. ``assets/smollm2_demo``.
+        include_parent: also return S itself (under its own name).
+    Returns:
+        name → TaskVector (LowRank modules of rank r_S + r_child, float32), pool order.
+    """
+    from .formats import load_task_vector
+
+    folder = Path(folder)
+    manifest = folder / "pool.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"demo pool {str(folder)!r}: no pool.json (build it: python demo/build_pool.py)")
+    meta = json.loads(manifest.read_text())
+    parent = load_task_vector(folder / meta["parent"], name=meta["parent"])
+    out: dict[str, TaskVector] = {}
+    if include_parent:
+        out[parent.name] = parent
+    for name in meta["children"]:
+        child = load_task_vector(folder / name, name=name)
+        if set(child.modules) != set(parent.modules):
+            raise ValueError(f"demo pool {str(folder)!r}: {name!r} adapts other modules than {meta['parent']!r}")
+        mods = {m: concat_lowrank(parent.modules[m], child.modules[m]) for m in parent.modules}
+        out[name] = TaskVector(name, mods, meta={"parent": meta["parent"], "source": str(folder / name), "family": "llm"})
+    return out
+
+
+def child_only(folder: str | Path, name: str) -> TaskVector:
+    """One child's own delta (relative to base + S): the oracle a user of a Hub pool lacks."""
+    from .formats import load_task_vector
+
+    return load_task_vector(Path(folder) / name, name=f"{name}-only")
+
