@@ -77,8 +77,10 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks: same-signature modules stacked on dim 0
+# Blocks: same-signature modules, their small matrices stacked on dim 0
 # ---------------------------------------------------------------------------------------------
+
+SMALL = torch.float64  # every r×r computation runs in float64: cheap, and it spends no precision
 
 
 @dataclass
@@ -86,53 +88,91 @@ class _Spectrum:
     """τ-independent data of one ordered tuple of members (the first is the basis side)."""
 
     order: tuple[int, ...]  # positions within the block's members
-    eigvals: torch.Tensor  # (b, r1) complex
-    eigvecs: torch.Tensor  # (b, r1, r1) complex
-    proj: list[torch.Tensor]  # per position in `order`: Q1ᵀ X_i, (b, r1, r_i) or (b, r1, m)
+    eigvals: torch.Tensor  # (b, p1) complex
+    eigvecs: torch.Tensor  # (b, p1, p1) complex
 
 
 @dataclass
 class _Block:
+    """Modules with the same shapes, kinds and members. Per member (position p in `members`):
+    F[p][b] is the tall factor of module b (a LoRA's B, unscaled, or a dense delta's kept left
+    singular vectors), scale[b, p] its scale, so the basis is Q = scale·F·T[p][b]."""
+
     modules: list[str]
     members: tuple[int, ...]  # vector indices in pool order
     shape: tuple[int, int]
-    X: list[torch.Tensor]  # per member: scaled B (b, n, r) or dense W (b, n, m)
-    A: list[torch.Tensor | None]  # per member: A (b, r, m), None for dense
-    Q: list[torch.Tensor]  # per member: basis (b, n, p)
+    F: list[list[torch.Tensor]]  # per member, per module: (n, p_i), compute dtype
+    A: list[list[torch.Tensor] | None]  # per member, per module: (r, m); None for dense
+    W: list[list[torch.Tensor] | None]  # per member, per module: dense (n, m); None for LoRA
+    scale: torch.Tensor  # (b, k) SMALL
+    G: torch.Tensor  # (b, P, P) SMALL: Grams of the scaled factors [s_1F_1 … s_kF_k]
+    offsets: list[int]  # column offset of each member in G
+    GA: list[torch.Tensor | None]  # per member: A Aᵀ (b, r, r) SMALL; None for dense
+    T: list[torch.Tensor]  # per member: (b, p_i, p_i) SMALL, Q = sF T
     ranks: torch.Tensor  # (b, k)
-    sq_norms: torch.Tensor  # (b, k)
-    grams: list[torch.Tensor | None]  # per member: A Aᵀ, None for dense
+    sq_norms: torch.Tensor  # (b, k) SMALL: ‖ΔW_i‖_F²
     spectra: dict[tuple[int, ...], _Spectrum] = field(default_factory=dict)
+    _proj: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def gram(self, i: int, j: int) -> torch.Tensor:
+        oi, oj = self.offsets[i], self.offsets[j]
+        return self.G[:, oi : oi + self.T[i].shape[-1], oj : oj + self.T[j].shape[-1]]
+
+    def cross(self, i: int, j: int) -> torch.Tensor:
+        """C_ij = Q_iᵀ Q_j = T_iᵀ (s_iF_i)ᵀ(s_jF_j) T_j, (b, p_i, p_j)."""
+        return self.T[i].mT @ self.gram(i, j) @ self.T[j]
+
+    def proj(self, f: int, i: int) -> torch.Tensor:
+        """Q_fᵀ X_i: member i's factor (scaled B, or dense W) in member f's basis, (b, p_f, r|m)."""
+        if (f, i) not in self._proj:
+            if self.W[i] is None:
+                P = self.T[f].mT @ self.gram(f, i)
+            else:
+                FtW = torch.stack([Ff.mT @ Wi for Ff, Wi in zip(self.F[f], self.W[i])]).to(SMALL)
+                P = self.T[f].mT @ (self.scale[:, f, None, None] * FtW)
+            self._proj[(f, i)] = P
+        return self._proj[(f, i)]
 
     def spectrum(self, order: tuple[int, ...], symmetric: bool) -> _Spectrum:
         if order not in self.spectra:
-            Qs = [self.Q[p] for p in order]
-            vals, vecs = D.chain_spectrum(Qs, symmetric=symmetric)
-            Q1t = Qs[0].transpose(-1, -2)
-            self.spectra[order] = _Spectrum(order, vals, vecs, [Q1t @ self.X[p] for p in order])
+            chain = [self.cross(a, b) for a, b in zip(order, order[1:] + order[:1])]
+            vals, vecs = D.chain_spectrum(chain, symmetric=symmetric)
+            self.spectra[order] = _Spectrum(order, vals, vecs)
         return self.spectra[order]
 
-    def shared_sq_norm(self, pos: int, Y: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-        """‖Z Zᵀ ΔW‖_F² = ‖Yᵀ proj · A‖² from r×r products; (b,)."""
-        core = Y.transpose(-1, -2) @ proj  # (b, r1, r) or (b, r1, m)
-        G = self.grams[pos]
-        if G is None:
+    def factor(self, p: int, b: int) -> torch.Tensor:
+        """Member p's own delta factor X for module b: scaled B (n, r) or dense W (n, m)."""
+        return self.W[p][b] if self.W[p] is not None else self.F[p][b] * float(self.scale[b, p])
+
+    def project(self, f: int, Y: torch.Tensor, i: int) -> list[torch.Tensor]:
+        """Z Zᵀ X_i per module with Z = Q_f Y: s_f F_f (T_f Y Yᵀ Q_fᵀ X_i), one GEMM each."""
+        K = self.T[f] @ Y @ (Y.mT @ self.proj(f, i)) * self.scale[:, f, None, None]
+        return [Ff @ k.to(Ff.dtype) for Ff, k in zip(self.F[f], K)]
+
+    def basis(self, p: int, b: int) -> torch.Tensor:
+        """The orthonormal basis Q (n, p_i) of member p for module b (zero columns where cut)."""
+        return self.F[p][b] * float(self.scale[b, p]) @ self.T[p][b].to(self.F[p][b].dtype)
+
+    def shared_sq_norm(self, f: int, Y: torch.Tensor, i: int) -> torch.Tensor:
+        """‖Z Zᵀ ΔW_i‖_F² = ‖Yᵀ Q_fᵀ X_i · A_i‖² from small products; (b,)."""
+        core = Y.mT @ self.proj(f, i)
+        if self.GA[i] is None:
             return core.pow(2).sum((-1, -2))
-        return ((core @ G) * core).sum((-1, -2))
+        return ((core @ self.GA[i]) * core).sum((-1, -2))
 
 
-def _signature(mod: str, deltas: list[tuple[int, Delta]]):
+def _signature(deltas: list[tuple[int, Delta]]):
     return tuple((i, type(d).__name__, tuple(d.shape), getattr(d, "rank", None)) for i, d in deltas)
 
 
 def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: Progress | None) -> list[_Block]:
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
-    order: dict[str, list[tuple[int, Delta]]] = {}
+    present: dict[str, list[tuple[int, Delta]]] = {}
     for i, v in enumerate(vectors):
         for mod, d in v.modules.items():
-            order.setdefault(mod, []).append((i, d))
+            present.setdefault(mod, []).append((i, d))
     groups: dict[tuple, list[str]] = {}
-    for mod, deltas in order.items():
+    for mod, deltas in present.items():
         i0, d0 = deltas[0]
         for i, d in deltas[1:]:
             if tuple(d.shape) != tuple(d0.shape):
@@ -140,42 +180,69 @@ def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: 
                     f"module {mod!r}: shape {tuple(d0.shape)} in {vectors[i0].name!r} but {tuple(d.shape)} "
                     f"in {vectors[i].name!r} (task vectors for different base models?)"
                 )
-        groups.setdefault(_signature(mod, deltas), []).append(mod)
+        groups.setdefault(_signature(deltas), []).append(mod)
 
-    # 2. Stack each group and compute bases
-    blocks, done, total = [], 0, len(order)
+    # 2. Per block: tall factors (no copies where dtype and device match), Grams, bases
+    blocks, done, total = [], 0, len(present)
     for sig, mods in groups.items():
         members = tuple(i for i, *_ in sig)
-        X, A, Q, grams, ranks, norms = [], [], [], [], [], []
+        n, m = sig[0][2]
+        F, A, W, GA, T, scales, sq = [], [], [], [], [], [], []
         for i in members:
-            ds = [vectors[i].modules[m] for m in mods]
+            ds = [vectors[i].modules[mod] for mod in mods]
             if isinstance(ds[0], LowRank):
-                B = torch.stack([d.B.to(dev, dtype) * d.scale for d in ds])
-                Aa = torch.stack([d.A.to(dev, dtype) for d in ds])
-                norms.append(D.sq_norm_lowrank(B, Aa))
-                X.append(B), A.append(Aa), grams.append(Aa @ Aa.transpose(-1, -2))
+                F.append([d.B.to(dev, dtype) for d in ds])
+                A.append([d.A.to(dev, dtype) for d in ds])
+                W.append(None)
+                scales.append(torch.tensor([float(d.scale) for d in ds], dtype=SMALL))
+                GA.append(torch.stack([(a @ a.mT).to(SMALL) for a in A[-1]]).to(dev))
             else:
-                W = torch.stack([d.W.to(dev, dtype) for d in ds])
-                norms.append(W.pow(2).sum((-1, -2)))
-                X.append(W), A.append(None), grams.append(None)
-            # a NaN/Inf anywhere makes the squared norm non-finite: check before any SVD
-            if not torch.isfinite(norms[-1]).all():
-                b = int((~torch.isfinite(norms[-1])).nonzero()[0])
-                raise ValueError(f"task vector {vectors[i].name!r}, module {mods[b]!r}: contains NaN/Inf")
-            if A[-1] is None:
-                q, _ = D.dense_basis(X[-1], rank=cfg.dense_rank, energy=cfg.dense_energy)
+                Ws = [d.W.to(dev, dtype) for d in ds]
+                sq.append((len(F), torch.stack([w.pow(2).sum().to(SMALL) for w in Ws])))
+                _check_finite(sq[-1][1], vectors[i].name, mods)
+                U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in Ws]
+                p = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
+                F.append([u[:, :p].contiguous() for u in U])
+                A.append(None), W.append(Ws), GA.append(None)
+                scales.append(torch.ones(len(mods), dtype=SMALL))
+        scale = torch.stack(scales, -1).to(dev)  # (b, k)
+        widths = [F[p][0].shape[1] for p in range(len(members))]
+        offsets = [sum(widths[:p]) for p in range(len(members))]
+        col_scale = torch.cat([scale[:, p : p + 1].expand(-1, w) for p, w in enumerate(widths)], -1)  # (b, P)
+        # one Gram GEMM per module over the concatenated factors: the only pass over them
+        G = torch.stack([_gram([F[p][b] for p in range(len(members))]) for b in range(len(mods))])
+        G = G * col_scale.unsqueeze(-1) * col_scale.unsqueeze(-2)
+        norms = []
+        for p in range(len(members)):
+            o, w = offsets[p], widths[p]
+            Gpp = G[:, o : o + w, o : o + w]
+            if GA[p] is None:
+                norms.append(dict(sq)[p])
+                keep = Gpp.diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
+                T.append(torch.diag_embed(keep.to(SMALL)))
             else:
-                q, _ = D.lora_basis(X[-1], A[-1])
-            Q.append(q)
-            ranks.append((q.abs().sum(-2) > 0).sum(-1))
-        norms_t = torch.stack(norms, -1)
-        blocks.append(
-            _Block(mods, members, tuple(sig[0][2]), X, A, Q, torch.stack(ranks, -1), norms_t, grams)
-        )
+                norms.append(D.sq_norm_from_grams(Gpp, GA[p]))
+                _check_finite(norms[-1], vectors[members[p]].name, mods)  # before any eigh
+                T.append(D.lowrank_basis(Gpp, GA[p], D.rank_rtol(n, m, dtype))[0])
+        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
+        blocks.append(_Block(mods, members, (n, m), F, A, W, scale, G, offsets, GA, T, ranks, torch.stack(norms, -1)))
         done += len(mods)
         if progress:
             progress(done, total, "bases")
     return blocks
+
+
+def _gram(Fs: list[torch.Tensor]) -> torch.Tensor:
+    """[F_1 … F_k]ᵀ [F_1 … F_k] in float64 (GEMM in the factors' dtype)."""
+    Fc = torch.cat(Fs, 1) if len(Fs) > 1 else Fs[0]
+    return (Fc.mT @ Fc).to(SMALL)
+
+
+def _check_finite(sq_norms: torch.Tensor, name: str, mods: list[str]) -> None:
+    """A NaN/Inf anywhere in a delta makes its squared norm non-finite."""
+    bad = ~torch.isfinite(sq_norms)
+    if bad.any():
+        raise ValueError(f"task vector {name!r}, module {mods[int(bad.nonzero()[0])]!r}: contains NaN/Inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,54 +337,63 @@ class Decomposition:
             self._sel[key] = D.select_shared(sp.eigvals, sp.eigvecs, self.tau)
         return self._sel[key]
 
-    def _removed_basis(self, bi: int, pos: int):
-        """Basis (in the coordinates of member `pos`'s Q) of what is removed from it, or None."""
+    def _removed(self, bi: int, pos: int) -> tuple[int, torch.Tensor] | None:
+        """(f, Y): what is removed from member `pos` is spanned by Z = Q_f Y; None if nothing.
+
+        joint: the common subspace, in the first member's basis (f = 0), for every member.
+        pairwise / isolate: the union of member pos's pair subspaces, in its own basis (f = pos).
+        """
         blk, mode = self.blocks[bi], self.config.mode
         if len(blk.members) < 2:
             return None
         if mode == "joint":
-            return self._select(bi, tuple(range(len(blk.members))))[0] if pos == 0 else None
+            return 0, self._select(bi, tuple(range(len(blk.members))))[0]
         if mode == "isolate" and pos != self._target_pos(blk):
             return None
         Ys = [self._select(bi, order)[0] for order in self._orders(blk) if order[0] == pos]
-        if not Ys:
-            return None
-        return _orthonormal_union(Ys, self.tau)
+        return (pos, D.union_basis(Ys, self.tau)) if Ys else None
 
-    # --- parts, per block -------------------------------------------------------------------
-    def _block_shared_X(self, bi: int, pos: int) -> torch.Tensor:
-        """Z Zᵀ X for member `pos` of block `bi` (X = scaled B or dense W), (b, n, r|m)."""
-        blk, mode = self.blocks[bi], self.config.mode
-        X = blk.X[pos]
-        if len(blk.members) < 2:
-            return torch.zeros_like(X)
-        if mode == "isolate" and self.config.isolate_order == "sequential":
-            return X - self._sequential_unique(bi)[pos] if pos == self._target_pos(blk) else torch.zeros_like(X)
-        if mode == "joint":
-            Y, _ = self._select(bi, tuple(range(len(blk.members))))
-            sp = blk.spectrum(tuple(range(len(blk.members))), self.config.symmetric)
-            return blk.Q[0] @ (Y @ (Y.transpose(-1, -2) @ sp.proj[pos]))
-        Y = self._removed_basis(bi, pos)
-        if Y is None:
-            return torch.zeros_like(X)
-        return D.project_factor(blk.Q[pos], Y, X)
+    @property
+    def _sequential(self) -> bool:
+        return self.config.mode == "isolate" and self.config.isolate_order == "sequential"
 
-    def _sequential_unique(self, bi: int) -> dict[int, torch.Tensor]:
-        """Isolate, sequential: remove what the remainder shares with ref 1, then ref 2, ..."""
+    def _shared_X(self, bi: int, pos: int) -> list[torch.Tensor | None]:
+        """Z Zᵀ X for member `pos` of block `bi`, per module (None: nothing removed)."""
+        blk = self.blocks[bi]
+        if self._sequential:
+            if pos != self._target_pos(blk) or len(blk.members) < 2:
+                return [None] * len(blk.modules)
+            return self._sequential_shared(bi)
+        removed = self._removed(bi, pos)
+        if removed is None:
+            return [None] * len(blk.modules)
+        f, Y = removed
+        return blk.project(f, Y, pos)
+
+    def _sequential_shared(self, bi: int) -> list[torch.Tensor]:
+        """Isolate, sequential: remove what the remainder shares with ref 1, then ref 2, ...
+        Recomputes the remainder's basis for every reference (per module; the slow option)."""
         key = (bi, "sequential")
         if key not in self._sel:
-            blk = self.blocks[bi]
+            blk, cfg = self.blocks[bi], self.config
             t = self._target_pos(blk)
-            R = blk.X[t]
-            for p in self._ref_positions(blk):
-                if blk.A[t] is None:
-                    Qr, _ = D.dense_basis(R, rank=self.config.dense_rank, energy=self.config.dense_energy)
-                else:
-                    Qr, _ = D.lora_basis(R, blk.A[t])
-                vals, vecs = D.chain_spectrum([Qr, blk.Q[p]], symmetric=self.config.symmetric)
-                Y, _ = D.select_shared(vals, vecs, self.tau)
-                R = R - D.project_factor(Qr, Y, R)
-            self._sel[key] = {t: R}
+            out = []
+            for b in range(len(blk.modules)):
+                X = blk.factor(t, b)
+                R = X
+                for p in self._ref_positions(blk):
+                    Qp = blk.basis(p, b).to(SMALL)
+                    if blk.A[t] is None:
+                        Qr = D.dense_basis(R.to(SMALL), rank=cfg.dense_rank, energy=cfg.dense_energy)[0]
+                    else:
+                        Rs, As = R.to(SMALL), blk.A[t][b].to(SMALL)
+                        Qr = Rs @ D.lowrank_basis(Rs.mT @ Rs, As @ As.mT, D.rank_rtol(*blk.shape, R.dtype))[0]
+                    C = Qr.mT @ Qp
+                    vals, vecs = D.chain_spectrum([C, C.mT], symmetric=cfg.symmetric)
+                    Y, _ = D.select_shared(vals, vecs, self.tau)
+                    R = R - (Qr @ (Y @ (Y.mT @ (Qr.mT @ R.to(SMALL))))).to(R.dtype)
+                out.append(X - R)
+            self._sel[key] = out
         return self._sel[key]
 
     # --- public: components ------------------------------------------------------------------
@@ -329,10 +405,16 @@ class Decomposition:
         A LoRA's unique/shared parts are LoRAs of its rank with the same A; dense stays dense.
         """
         if kind == "merged_shared":
-            return self._merged_shared()
+            if self.config.mode != "joint":
+                raise ValueError(f"merged_shared is defined in joint mode; this decomposition is {self.config.mode!r}")
+            return self._eq14_all(lambda blk: tuple(range(len(blk.members))) if len(blk.members) > 1 else None)
         if kind == "pair_shared":
+            if self.config.mode != "pairwise":
+                raise ValueError(f"pair_shared is defined in pairwise mode; this decomposition is {self.config.mode!r}")
             a, b = _split_pair(name, self.names)
-            return self._pair_shared(a, b)
+            return self._eq14_all(
+                lambda blk: (blk.members.index(a), blk.members.index(b)) if a in blk.members and b in blk.members else None
+            )
         if kind not in ("delta", "unique", "shared"):
             raise ValueError(f"Unknown component kind {kind!r}; expected delta, unique, shared, merged_shared, pair_shared")
         if name not in self.names:
@@ -343,55 +425,42 @@ class Decomposition:
             if i not in blk.members:
                 continue
             pos = blk.members.index(i)
-            X = blk.X[pos]
-            if kind == "delta":
-                part = X
-            else:
-                S = self._block_shared_X(bi, pos)
-                part = S if kind == "shared" else X - S
+            shared = self._shared_X(bi, pos) if kind != "delta" else [None] * len(blk.modules)
             for b, mod in enumerate(blk.modules):
-                out[mod] = _as_delta(part[b], None if blk.A[pos] is None else blk.A[pos][b])
+                X, S = blk.factor(pos, b), shared[b]
+                if kind == "shared":
+                    part = S if S is not None else torch.zeros_like(X)
+                else:
+                    part = X if S is None else X - S
+                out[mod] = _as_delta(part, None if blk.A[pos] is None else blk.A[pos][b])
         return out
 
-    def _merged_shared(self) -> dict[str, Delta]:
-        if self.config.mode != "joint":
-            raise ValueError(f"merged_shared is defined in joint mode; this decomposition is {self.config.mode!r}")
+    def _eq14_all(self, order_of) -> dict[str, Delta]:
         out: dict[str, Delta] = {}
         for bi, blk in enumerate(self.blocks):
-            k = len(blk.members)
-            if k < 2:
-                continue
-            order = tuple(range(k))
-            out.update(self._eq14(bi, order))
-        return out
-
-    def _pair_shared(self, a: int, b: int) -> dict[str, Delta]:
-        if self.config.mode != "pairwise":
-            raise ValueError(f"pair_shared is defined in pairwise mode; this decomposition is {self.config.mode!r}")
-        out: dict[str, Delta] = {}
-        for bi, blk in enumerate(self.blocks):
-            if a in blk.members and b in blk.members:
-                out.update(self._eq14(bi, (blk.members.index(a), blk.members.index(b))))
+            order = order_of(blk)
+            if order is not None:
+                out.update(self._eq14(bi, order))
         return out
 
     def _eq14(self, bi: int, order: tuple[int, ...]) -> dict[str, Delta]:
-        """S = Z [Σ w_i Yᵀ Q1ᵀ X_i A_i / Σ w_i] as a LowRank of rank s per module (eq. 14)."""
+        """S = Z [Σ w_i Zᵀ ΔW_i / Σ w_i], Z = Q_f Y, as a LowRank of rank s per module (eq. 14)."""
         blk = self.blocks[bi]
+        f = order[0]
         Y, dims = self._select(bi, order)
-        sp = blk.spectrum(order, self.config.symmetric)
-        sq = torch.stack([blk.shared_sq_norm(p, Y, sp.proj[j]) for j, p in enumerate(order)], -1)
+        sq = torch.stack([blk.shared_sq_norm(f, Y, p) for p in order], -1)
         w = D.merge_weights(sq)  # (b, k)
-        core = 0
-        for j, p in enumerate(order):
-            c = Y.transpose(-1, -2) @ sp.proj[j]  # (b, r1, r|m): Zᵀ X_i
-            if blk.A[p] is not None:
-                c = c @ blk.A[p]
-            core = core + w[:, j, None, None] * c  # (b, r1, m)
-        Z = blk.Q[order[0]] @ Y  # (b, n, r1); nonzero columns first
+        Zsmall = blk.T[f] @ Y * blk.scale[:, f, None, None]  # Z = F_f · Zsmall
         out = {}
         for b, mod in enumerate(blk.modules):
             s = int(dims[b])
-            out[mod] = LowRank(Z[b, :, :s].cpu().contiguous(), core[b, :s].cpu().contiguous())
+            Ff = blk.F[f][b]
+            core = torch.zeros(s, blk.shape[1], dtype=Ff.dtype, device=Ff.device)
+            for j, p in enumerate(order):
+                c = (Y[b].mT @ blk.proj(f, p)[b])[:s].to(Ff.dtype)  # Zᵀ X_p, (s, r|m)
+                core = core + float(w[b, j]) * (c if blk.A[p] is None else c @ blk.A[p][b])
+            Z = Ff @ Zsmall[b, :, :s].to(Ff.dtype)
+            out[mod] = LowRank(Z.cpu().contiguous(), core.cpu().contiguous())
         return out
 
     # --- public: numbers --------------------------------------------------------------------
@@ -400,18 +469,16 @@ class Decomposition:
         dimension removed from the first vector / the target."""
         out = {}
         for bi, blk in enumerate(self.blocks):
-            if self.config.mode == "isolate" and self.config.isolate_order == "sequential":
-                t = self._target_pos(blk)
+            pos = self._target_pos(blk) if self.config.mode == "isolate" else 0
+            if pos is None or len(blk.members) < 2:
                 dims = [0] * len(blk.modules)
-                if t is not None and len(blk.members) > 1:
-                    S = self._block_shared_X(bi, t)
-                    A = blk.A[t]
-                    Qs, _ = D.lora_basis(S, A) if A is not None else D.dense_basis(S)
-                    dims = (Qs.abs().sum(-2) > 0).sum(-1).tolist()
+            elif self._sequential:
+                dims = []
+                for S in self._sequential_shared(bi):
+                    dims.append(int(torch.linalg.matrix_rank(S.to(SMALL), rtol=1e-6)) if S.abs().max() > 0 else 0)
             else:
-                pos = self._target_pos(blk) if self.config.mode == "isolate" else 0
-                Y = self._removed_basis(bi, pos) if pos is not None else None
-                dims = [0] * len(blk.modules) if Y is None else (Y.abs().sum(-2) > 0).sum(-1).tolist()
+                Y = self._removed(bi, pos)[1]
+                dims = (Y.abs().sum(-2) > 0).sum(-1).tolist()
             out.update(zip(blk.modules, dims))
         return out
 
@@ -419,26 +486,27 @@ class Decomposition:
         """Orthonormal basis Z (n, s) of the subspace removed for ``module``: the joint shared
         subspace (joint), the union removed from the target (isolate, union order) or from the
         first vector of the pool (pairwise)."""
+        if self._sequential:
+            raise ValueError("shared_basis is not kept for isolate_order='sequential'")
         for bi, blk in enumerate(self.blocks):
             if module in blk.modules:
                 b = blk.modules.index(module)
-                if self.config.mode == "isolate" and self.config.isolate_order == "sequential":
-                    raise ValueError("shared_basis is not kept for isolate_order='sequential'")
                 pos = self._target_pos(blk) if self.config.mode == "isolate" else 0
-                Y = None if pos is None else self._removed_basis(bi, pos)
-                if Y is None:
-                    return torch.zeros(blk.shape[0], 0, dtype=blk.X[0].dtype)
-                Z = blk.Q[pos][b] @ Y[b]
-                return Z[:, Y[b].abs().sum(0) > 0].cpu()
+                removed = None if pos is None else self._removed(bi, pos)
+                if removed is None:
+                    return torch.zeros(blk.shape[0], 0, dtype=blk.F[0][b].dtype)
+                f, Y = removed
+                Yb = Y[b][:, Y[b].abs().sum(0) > 0]
+                return (blk.basis(f, b) @ Yb.to(blk.F[f][b].dtype)).cpu()
         raise KeyError(f"module {module!r} is not in this pool")
 
     def eigenvalues(self) -> dict[str, torch.Tensor]:
         """All eigenvalues (complex) per module, of the joint tuple or of each pair (concatenated)."""
         out = {}
         for blk in self.blocks:
-            sps = [blk.spectra[o] for o in self._orders(blk) if o in blk.spectra]
+            sps = [blk.spectrum(o, self.config.symmetric) for o in self._orders(blk)]
             for b, mod in enumerate(blk.modules):
-                out[mod] = torch.cat([sp.eigvals[b] for sp in sps]).cpu() if sps else torch.zeros(0, dtype=torch.complex64)
+                out[mod] = torch.cat([sp.eigvals[b] for sp in sps]).cpu() if sps else torch.zeros(0, dtype=torch.complex128)
         return out
 
     def summary(self) -> list[dict]:
@@ -446,9 +514,7 @@ class Decomposition:
         dims, eig = self.shared_dims(), self.eigenvalues()
         rows = []
         for bi, blk in enumerate(self.blocks):
-            shared_sq = torch.stack(
-                [self._block_shared_X_sq(bi, p) for p in range(len(blk.members))], -1
-            )  # (b, k)
+            shared_sq = torch.stack([self._shared_sq(bi, p) for p in range(len(blk.members))], -1)  # (b, k)
             for b, mod in enumerate(blk.modules):
                 ev = eig[mod]
                 norms = {}
@@ -473,33 +539,25 @@ class Decomposition:
                 )
         return rows
 
-    def _block_shared_X_sq(self, bi: int, pos: int) -> torch.Tensor:
-        """‖S_i‖_F² per module of a block, (b,), from small products where possible."""
+    def _shared_sq(self, bi: int, pos: int) -> torch.Tensor:
+        """‖S_i‖_F² per module of a block, (b,), from small products (sequential: from the parts)."""
         blk = self.blocks[bi]
-        if len(blk.members) < 2:
-            return torch.zeros(len(blk.modules), device=blk.X[0].device, dtype=blk.X[0].dtype)
-        if self.config.mode == "joint":
-            order = tuple(range(len(blk.members)))
-            Y, _ = self._select(bi, order)
-            return blk.shared_sq_norm(pos, Y, blk.spectrum(order, self.config.symmetric).proj[pos])
-        S = self._block_shared_X(bi, pos)
-        return S.pow(2).sum((-1, -2)) if blk.A[pos] is None else D.sq_norm_lowrank(S, blk.A[pos])
-
-
-def _orthonormal_union(Ys: list[torch.Tensor], tau: float) -> torch.Tensor:
-    """Orthonormal basis of the union of several (b, r, r) shared bases (zero columns = cut).
-
-    The union is the eigenspace of Σ_j Z_j Z_jᵀ with eigenvalue ≥ τ (the squared singular values
-    of [Y_1 … Y_J]). A direction inside any one shared subspace has eigenvalue ≥ 1; what a plain
-    span adds besides is the small tilt between the pairs' copies of the *same* directions
-    (eigenvalues ~0.01). Measured on planted data (4 vectors, 3 shared directions, tilt 0.05–0.2,
-    10 seeds): the plain span removed 9 dimensions every time, this rule exactly the 3 planted.
-    """
-    if len(Ys) == 1:
-        return Ys[0]
-    U, sv, _ = torch.linalg.svd(torch.cat(Ys, -1), full_matrices=False)
-    keep = sv**2 > tau - D.selection_tolerance(sv.dtype)
-    return (U * keep.unsqueeze(-2))[..., : Ys[0].shape[-1]]
+        if self._sequential:
+            out = []
+            for b, S in enumerate(self._shared_X(bi, pos)):
+                if S is None:
+                    out.append(0.0)
+                elif blk.A[pos] is None:
+                    out.append(float(S.to(SMALL).pow(2).sum()))
+                else:
+                    S, A = S.to(SMALL), blk.A[pos][b].to(SMALL)
+                    out.append(float(D.sq_norm_from_grams(S.mT @ S, A @ A.mT)))
+            return torch.tensor(out, dtype=SMALL)
+        removed = self._removed(bi, pos)
+        if removed is None:
+            return torch.zeros(len(blk.modules), dtype=SMALL, device=blk.G.device)
+        f, Y = removed
+        return blk.shared_sq_norm(f, Y, pos)
 
 
 def _as_delta(X: torch.Tensor, A: torch.Tensor | None) -> Delta:

@@ -199,8 +199,8 @@ def test_symmetric_variant_equals_chain_for_two_vectors():
 def test_principal_angle_alternative_matches_projection_method(seed):
     pool = planted(2, seed=seed, noise=0.4, r=8, s=4)
     dec = decompose(pool, tau=0.85, **F64)
-    Q1 = dec.blocks[0].Q[0][0]
-    Q2 = dec.blocks[0].Q[1][0]
+    Q1 = dec.blocks[0].basis(0, 0)
+    Q2 = dec.blocks[0].basis(1, 0)
     p, q, bis, cos2 = D.principal_vectors(Q1, Q2, 0.85)
     Z = dec.shared_basis("mod")
     assert p.shape[1] == Z.shape[1]  # same number of directions selected at the same τ
