@@ -16,6 +16,8 @@ Public API:
     Mix(source, terms, label="")           frozen; terms = ((Component, float), ...); accepts
                                            tuples ("unique", "a", 1.0) / (("unique","a"), 1.0) too
     Mix.base(source=None)                  the empty mix (the base model)
+    mix.to_spec() / Mix.from_spec(source, spec)   plain data {"label", "terms": [["unique:a", 1.0]]}
+    mix.describe() -> "label: 1·unique:a + 0.5·unique:b"
     vanilla(source, weights, label="vanilla")          deltas only: {name: λ}
     devec(source, unique, shared=0.0, pairs=None, label="devec")
                                            {name: λ_u} on unique parts, + λ_s · merged_shared,
@@ -129,6 +131,25 @@ class Mix:
         for c, lam in self.terms:
             acc[c] = acc.get(c, 0.0) + lam
         return {c: acc[c] for c in sorted(acc) if acc[c] != 0.0}
+
+    def to_spec(self) -> dict:
+        """Plain data (JSON/YAML-safe): ``{"label": ..., "terms": [["unique:a", 1.0], ...]}``."""
+        return {"label": self.label, "terms": [[str(c), lam] for c, lam in self.terms]}
+
+    @classmethod
+    def from_spec(cls, source: Any, spec: dict) -> "Mix":
+        """Inverse of ``to_spec``, bound to ``source``.
+
+        Args:
+            source: a Decomposition or VectorPool.
+            spec: ``{"label": str, "terms": [[ "kind:name", coefficient ], ...]}``.
+
+        Returns:
+            The mix.
+        """
+        if not isinstance(spec, dict) or not isinstance(spec.get("terms", []), list):
+            raise ValueError(f"mix spec must be a dict with a 'terms' list; got {spec!r}")
+        return cls(source, tuple(tuple(t) for t in spec.get("terms", [])), str(spec.get("label", "")))
 
     def describe(self) -> str:
         """``"label: 1·unique:a + 0.5·unique:b"``."""
@@ -245,6 +266,7 @@ class WeightEditor:
         self._parts: dict[tuple, dict[str, _Part]] = {}  # component key -> module -> part
         self._extras_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._kinds: dict[str, str] = {}  # param path -> "weight" | "extra"
+        self._stack: dict[str, tuple] = {}  # weight path -> (component keys, Bc, Ac, column→term)
         self._counter = itertools.count(1)
         self._recent: dict[int, None] = {}  # source serials, least recently used first
         self.max_sources = 4  # sources whose resolved parts stay cached
@@ -271,6 +293,7 @@ class WeightEditor:
             del self._recent[old]
             for k in [k for k in self._parts if k[0] == old]:
                 del self._parts[k], self._extras_cache[k]
+            self._stack.clear()
         key = (serial, comp.kind, comp.name or "")
         if key not in self._parts:
             parts = {}
@@ -357,29 +380,39 @@ class WeightEditor:
             keep = p.detach().to("cpu", copy=True) if self.originals_device == "cpu" else p.detach().clone()
             self._orig[path] = keep
 
+    def _stacked(self, path: str, lows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B_1 | … | B_k], [A_1; …; A_k] and each column's term index, cached per module for its
+        set of components: a switch that only changes coefficients re-uses them (constant op count)."""
+        keys = tuple(part.key for _, part in lows)
+        hit = self._stack.get(path)
+        if hit is None or hit[0] != keys:
+            Bc = torch.cat([part.B for _, part in lows], 1)  # (n, Σr)
+            Ac = torch.cat([part.A for _, part in lows], 0)  # (Σr, m)
+            col = torch.cat([torch.full((part.B.shape[1],), i, dtype=torch.long) for i, (_, part) in enumerate(lows)])
+            hit = self._stack[path] = (keys, Bc, Ac, col.to(Bc.device))
+        return hit[1], hit[2], hit[3]
+
     def _fused(self, path: str, p: torch.Tensor, terms: list, kind: str) -> torch.Tensor:
-        """W0 + Σ terms in fp32 on the compute device, checked, cast to p.dtype; not written."""
+        """W0 + Σ terms in fp32 on the compute device, cast to p.dtype and checked; not written."""
         dev = self.compute_device or p.device
         W = self._orig[path].to(dev, torch.float32, copy=True)
         if kind == "weight":
             lows = [(lam, part) for lam, part in terms if part.W is None]
             if lows:
-                Bc = torch.cat([part.B * lam for lam, part in lows], 1)  # (n, Σr)
-                Ac = torch.cat([part.A for _, part in lows], 0)  # (Σr, m)
-                W.addmm_(Bc, Ac)
+                Bc, Ac, col = self._stacked(path, lows)
+                lam = torch.tensor([x for x, _ in lows], dtype=torch.float32, device=Bc.device)[col]  # (Σr,)
+                W.addmm_((Bc * lam).to(dev), Ac.to(dev))  # one matmul of rank Σr
             for lam, part in terms:
                 if part.W is not None:
-                    W.add_(part.W, alpha=lam)
+                    W.add_(part.W.to(dev), alpha=lam)
         else:
             for lam, _, t in terms:
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"parameter {path!r}: extra shape {tuple(t.shape)} does not match {tuple(p.shape)}")
                 W.add_(t.to(dev), alpha=lam)
-        if not torch.isfinite(W).all():
-            raise ValueError(f"{path!r}: the mixed weight has NaN/Inf (float32); refusing to write it")
-        out = W.to(p.dtype)
+        out = W.to(p.dtype)  # NaN/Inf in float32 stay NaN/Inf; overflow of a narrower dtype shows here
         if not torch.isfinite(out).all():
-            raise ValueError(f"{path!r}: the mixed weight overflows {p.dtype}; refusing to write it")
+            raise ValueError(f"{path!r}: the mixed weight has NaN/Inf in {p.dtype}; refusing to write it")
         return out
 
     def _write(self, path: str, terms: list, kind: str) -> None:
@@ -471,4 +504,5 @@ class WeightEditor:
     def clear_cache(self) -> None:
         """Drop resolved components (call after a source's contents change in place)."""
         self._parts.clear()
+        self._stack.clear()
         self._extras_cache.clear()

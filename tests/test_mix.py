@@ -69,6 +69,9 @@ def test_mix_terms_normalise_and_sum():
     with pytest.raises(ValueError, match="coefficient is nan"):
         Mix(pool, [("delta", "a", float("nan"))])
     assert "0.5·delta:b" in vanilla(pool, {"b": 0.5}).describe()
+    spec = m.to_spec()
+    assert spec["terms"][0] == ["delta:a", 1.0]
+    assert Mix.from_spec(pool, spec) == m
 
 
 # --- fusing ------------------------------------------------------------------------------------
