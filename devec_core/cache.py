@@ -110,6 +110,7 @@ def hash_source(path: str | os.PathLike, memo: dict | None = None) -> str:
 
 
 def _schema() -> list:
+    """Field names of the engine's internal dataclasses: part of the key (a change → a miss)."""
     from .pool import _Block, _Spectrum
 
     return [[f.name for f in dataclasses.fields(_Block)], [f.name for f in dataclasses.fields(_Spectrum)]]
@@ -141,49 +142,75 @@ def make_key(inputs: list[str], config) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Decomposition → (manifest dict, flat tensors)."""
-    T: dict[str, torch.Tensor] = {}
+class _Encoder:
+    """Nested engine state (dataclasses, lists, tuples, dicts, tensors, scalars) → JSON + tensors.
 
-    def put(name: str, t: torch.Tensor | None) -> bool:
-        if t is None:
-            return False
+    Generic over the engine's dataclasses (``pool._Block``, ``pool._Spectrum``), so it follows
+    their fields instead of copying their layout. Aliased tensors are stored once; complex
+    tensors as (…, 2) real views (safetensors has no complex128).
+    """
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._seen: dict[tuple, str] = {}
+        self._storages: set[int] = set()
+
+    def tensor(self, t: torch.Tensor) -> dict:
         t = t.detach().cpu()
-        if t.is_complex():  # safetensors has no complex128: store (…, 2) real views
-            T[name + ".re_im"] = torch.view_as_real(t.resolve_conj()).contiguous()
-        else:
-            T[name] = t.contiguous()
-        return True
+        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        if sig in self._seen:
+            return {"t": self._seen[sig]}
+        name = f"t{len(self.tensors)}"
+        self._seen[sig] = name
+        ptr = t.untyped_storage().data_ptr()
+        view = t.untyped_storage().nbytes() != t.numel() * t.element_size() or ptr in self._storages
+        self._storages.add(ptr)
+        if t.is_complex():
+            t = torch.view_as_real(t.resolve_conj())
+            self.tensors[name] = t.clone(memory_format=torch.contiguous_format) if view else t.contiguous()
+            return {"t": name, "complex": True}
+        self.tensors[name] = t.clone(memory_format=torch.contiguous_format) if view or not t.is_contiguous() else t
+        return {"t": name}
 
-    blocks = []
-    for bi, b in enumerate(dec.blocks):
-        k = len(b.members)
-        entry = {
-            "modules": list(b.modules),
-            "members": list(b.members),
-            "shape": list(b.shape),
-            "A": [put(f"b{bi}.A.{p}", b.A[p]) for p in range(k)],
-            "grams": [put(f"b{bi}.G.{p}", b.grams[p]) for p in range(k)],
-            "spectra": [],
-        }
-        for p in range(k):
-            put(f"b{bi}.X.{p}", b.X[p])
-            put(f"b{bi}.Q.{p}", b.Q[p])
-        put(f"b{bi}.ranks", b.ranks)
-        put(f"b{bi}.sq_norms", b.sq_norms)
-        for si, (order, sp) in enumerate(b.spectra.items()):
-            put(f"b{bi}.s{si}.eigvals", sp.eigvals)
-            put(f"b{bi}.s{si}.eigvecs", sp.eigvecs)
-            for j, pr in enumerate(sp.proj):
-                put(f"b{bi}.s{si}.proj.{j}", pr)
-            entry["spectra"].append({"order": list(order), "nproj": len(sp.proj)})
-        blocks.append(entry)
-    vectors = []
-    for vi, v in enumerate(dec.vectors):
-        keys = sorted(v.extras)
-        for ei, key in enumerate(keys):
-            put(f"v{vi}.e{ei}", v.extras[key])
-        vectors.append({"name": v.name, "extras": keys, "meta": _jsonable(v.meta)})
+    def __call__(self, x):
+        if isinstance(x, torch.Tensor):
+            return self.tensor(x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {"dc": type(x).__name__, "f": {f.name: self(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, tuple):
+            return {"tuple": [self(v) for v in x]}
+        if isinstance(x, list):
+            return [self(v) for v in x]
+        if isinstance(x, dict):
+            return {"dict": [[self(k), self(v)] for k, v in x.items()]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cache: cannot store a {type(x).__name__}")
+
+
+def _decode(x, T: dict[str, torch.Tensor], classes: dict, dev):
+    if isinstance(x, list):
+        return [_decode(v, T, classes, dev) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if "t" in x:
+        t = T[x["t"]]
+        return (torch.view_as_complex(t) if x.get("complex") else t).to(dev)
+    if "tuple" in x:
+        return tuple(_decode(v, T, classes, dev) for v in x["tuple"])
+    if "dict" in x:
+        return {_decode(k, T, classes, dev): _decode(v, T, classes, dev) for k, v in x["dict"]}
+    if "dc" in x:
+        cls = classes[x["dc"]]  # only the engine's own dataclasses: nothing else is constructed
+        return cls(**{k: _decode(v, T, classes, dev) for k, v in x["f"].items()})
+    raise ValueError(f"cache: unknown entry node {sorted(x)}")
+
+
+def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Decomposition → (manifest dict, flat tensors): its blocks (τ-independent), vectors' extras/meta."""
+    enc = _Encoder()
+    blocks = enc(list(dec.blocks))
+    vectors = [{"name": v.name, "extras": enc(dict(v.extras)), "meta": _jsonable(v.meta)} for v in dec.vectors]
     manifest = {
         "cache_format": CACHE_FORMAT,
         "schema": _schema(),
@@ -192,7 +219,7 @@ def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
         "blocks": blocks,
         "vectors": vectors,
     }
-    return manifest, T
+    return manifest, enc.tensors
 
 
 def _jsonable(obj):
@@ -210,38 +237,14 @@ def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float):
         cfg_d["references"] = tuple(cfg_d["references"])
     cfg = Config(**cfg_d)
     dev = cfg.torch_device()
-
-    def g(name: str) -> torch.Tensor:
-        if name + ".re_im" in T:
-            return torch.view_as_complex(T[name + ".re_im"]).to(dev)
-        return T[name].to(dev)
-
-    blocks = []
-    for bi, e in enumerate(manifest["blocks"]):
-        k = len(e["members"])
-        blk = _Block(
-            modules=list(e["modules"]),
-            members=tuple(e["members"]),
-            shape=tuple(e["shape"]),
-            X=[g(f"b{bi}.X.{p}") for p in range(k)],
-            A=[g(f"b{bi}.A.{p}") if e["A"][p] else None for p in range(k)],
-            Q=[g(f"b{bi}.Q.{p}") for p in range(k)],
-            ranks=g(f"b{bi}.ranks"),
-            sq_norms=g(f"b{bi}.sq_norms"),
-            grams=[g(f"b{bi}.G.{p}") if e["grams"][p] else None for p in range(k)],
-        )
-        for si, s in enumerate(e["spectra"]):
-            order = tuple(s["order"])
-            blk.spectra[order] = _Spectrum(
-                order, g(f"b{bi}.s{si}.eigvals"), g(f"b{bi}.s{si}.eigvecs"), [g(f"b{bi}.s{si}.proj.{j}") for j in range(s["nproj"])]
-            )
-        blocks.append(blk)
-    vectors = []
-    for vi, v in enumerate(manifest["vectors"]):
-        extras = {key: T[f"v{vi}.e{ei}"] for ei, key in enumerate(v["extras"])}
-        vectors.append(TaskVector(v["name"], {}, extras, {**v["meta"], "from_cache": True}))
+    classes = {"_Block": _Block, "_Spectrum": _Spectrum}
+    blocks = _decode(manifest["blocks"], T, classes, dev)
+    vectors = [
+        TaskVector(v["name"], {}, _decode(v["extras"], T, classes, torch.device("cpu")), {**v["meta"], "from_cache": True})
+        for v in manifest["vectors"]
+    ]
     dec = Decomposition(manifest["names"], cfg, blocks, tau, vectors)
-    for v in vectors:  # the deltas, as views of the stored factors (scale folded into B)
+    for v in vectors:  # the deltas, as the engine holds them (scale folded into B)
         v.modules = dec.component("delta", v.name)
     return dec
 

@@ -44,7 +44,8 @@ def to_lowrank(d: Delta, rank: int | None = None, energy: float | None = 0.99) -
         B = d.scaled_B()
         if d.rank == 0 or not torch.any(B) or not torch.any(d.A):
             return None
-        return LowRank(B.contiguous(), d.A.contiguous(), 1.0)
+        # own storage: kohya's split q/k/v share one A, and safetensors refuses shared tensors
+        return LowRank(B.clone(memory_format=torch.contiguous_format), d.A.clone(memory_format=torch.contiguous_format), 1.0)
     W = d.W.float() if d.W.dtype not in (torch.float32, torch.float64) else d.W
     if not torch.any(W):
         return None
