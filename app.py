@@ -96,12 +96,16 @@ def _pool_outputs(session: studio.Session, dec):
             rows.append(gr.Row(visible=False))
             vans.append(gr.Slider(value=0.0, visible=False))
             unis.append(gr.Slider(value=0.0, visible=False))
-    target = gr.Dropdown(choices=session.names, value=session.target, visible=session.mode == "isolate")
+    iso = session.mode == "isolate"
+    target = gr.Dropdown(choices=session.names, value=session.target, visible=iso)
+    others = [n for n in session.names if n != session.target]
+    refs = gr.CheckboxGroup(choices=others, value=list(session.effective_references() or others), visible=iso)
     return [
         session,
         studio.session_markdown(session),
         gr.Radio(value=session.mode),
         target,
+        refs,
         gr.Slider(value=session.tau),
         rep.markdown,
         *rows,
@@ -150,8 +154,11 @@ def make_on_custom(backend):
 
 
 @_ui_errors
-def on_config(session, mode, target, tau, progress=gr.Progress()):
-    session = studio.with_settings(_need(session), mode=mode, target=target if mode == "isolate" else None, tau=tau)
+def on_config(session, mode, target, references, tau, progress=gr.Progress()):
+    session = _need(session)
+    if mode == "isolate" and target != session.target:
+        references = None  # a new target: every other vector is a reference again
+    session = studio.with_settings(session, mode=mode, target=target if mode == "isolate" else None, tau=tau, references=references)
     dec = studio.decompose_cached(session, _progress_cb(progress))
     return _pool_outputs(session, dec)
 
@@ -235,7 +242,8 @@ def build_tab(backend: str, prefix: str):
                 add_to = gr.Checkbox(label="Add to the preset's pool (e.g. your toxic adapter as target against its references)", value=False)
                 load = gr.Button("Decompose my pool", variant="secondary")
             mode = gr.Radio(list(studio.MODES), value="joint", label="Mode", info="joint: style mixing · pairwise: merging · isolate: remove a behaviour")
-            target = gr.Dropdown(choices=[], label="Target (isolate): the vector to clean; the others are references", visible=False)
+            target = gr.Dropdown(choices=[], label="Target (isolate): the vector to clean", visible=False, elem_id=f"{prefix}-target")
+            refs = gr.CheckboxGroup(choices=[], label="References (isolate): what the target shares with these is removed", visible=False)
             info = gr.Markdown()
         with gr.Column(scale=2):
             gr.Markdown("### 2 · Threshold and coefficients")
@@ -297,13 +305,14 @@ def build_tab(backend: str, prefix: str):
             exp_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
 
     # --- events ---
-    pool_outs = [state, info, mode, target, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm]
+    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm]
     tau_outs = [state, report, p_spec, p_dims, p_norm]
     coef_in = [*vans, *unis, shared]
     preset.input(on_preset, [preset], pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2)
     load.click(make_on_custom(backend), [files, hub, base, add_to, preset, mode, tau], pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1)
-    mode.input(on_config, [state, mode, target, tau], pool_outs, api_name=f"{prefix}_mode", concurrency_limit=2)
-    target.input(on_config, [state, mode, target, tau], pool_outs, api_name=False, concurrency_limit=2)
+    mode.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=f"{prefix}_mode", concurrency_limit=2)
+    target.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=False, concurrency_limit=2)
+    refs.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=False, concurrency_limit=2)
     tau.release(on_tau, [state, tau], tau_outs, api_name=f"{prefix}_tau", concurrency_limit=4)
     defaults.click(on_defaults, [state], coef_in, api_name=False)
     gen_fn = on_generate_llm if backend == "llm" else on_generate_flux

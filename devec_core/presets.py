@@ -10,6 +10,7 @@ Sources of a vector (``VectorSpec.source``):
   "owner/repo"             a Hub repository (``weight_name`` picks the file inside it)
   "path/to/file_or_dir"    a local file or PEFT folder, relative to the repository root
   "synthetic:<pool>/<name>" a deterministic synthetic vector made by ``devec_core.studio``
+  "demo:<folder>/<name>"   a child of the SmolLM2 demo pool (``devec_core.toxicity.load_demo_pool``)
 """
 
 from __future__ import annotations

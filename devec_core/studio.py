@@ -69,13 +69,22 @@ class Session:
     needs_gpu: bool = False
     mode: str = "joint"
     target: str | None = None
+    references: tuple[str, ...] | None = None  # isolate: None = every other vector
     tau: float = 0.85
     strengths: dict[str, float] = field(default_factory=dict)
     triggers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def key(self) -> tuple:
-        return (self.pool_key, self.mode, self.target if self.mode == "isolate" else None)
+        iso = self.mode == "isolate"
+        return (self.pool_key, self.mode, self.target if iso else None, self.references if iso else None)
+
+    def effective_references(self) -> tuple[str, ...] | None:
+        """isolate: the references that take part (None = every vector but the target)."""
+        if self.mode != "isolate" or self.references is None:
+            return None
+        refs = tuple(r for r in self.references if r in self.names and r != self.target)
+        return refs or None
 
 
 @dataclass
@@ -227,6 +236,19 @@ def _load_spec_vector(source: str, name: str, weight_name: str | None, base: str
     """
     from .formats import load_task_vector
 
+    if source.startswith("demo:"):  # a child of the SmolLM2 demo pool: S + child, exactly
+        from .toxicity import load_demo_pool
+
+        folder, _, child = source[len("demo:") :].rpartition("/")
+        try:
+            pool = load_demo_pool(REPO_ROOT / folder)
+        except (OSError, ValueError) as e:
+            raise StudioError(f"could not read the demo pool {folder!r}: {e}") from None
+        if child not in pool:
+            raise StudioError(f"the demo pool {folder!r} has no vector {child!r}; it has {list(pool)}")
+        v = pool[child]
+        v.name = name
+        return v
     local = (REPO_ROOT / source) if not Path(source).is_absolute() else Path(source)
     if local.exists():
         src = local / weight_name if weight_name and local.is_dir() else local
@@ -356,18 +378,19 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
         if session.mode != "joint" and len(vectors) < 2:
             raise StudioError(f"{session.mode} mode needs at least two vectors; this pool has {len(vectors)}")
         target = session.target if session.mode == "isolate" else None
+        refs = session.effective_references()
         disk, key_d = _disk_cache(), None
         if disk is not None:
             try:  # a broken or stale cache entry must never stop the app: recompute instead
                 from .pool import Config
 
-                key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target))
+                key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs))
                 dec = disk.get(key_d, 0.85)
             except Exception as e:  # noqa: BLE001
                 log.warning("decomposition cache read failed (%s); recomputing", e)
         if dec is None:
             try:
-                dec = decompose(vectors, tau=0.85, mode=session.mode, target=target, progress=progress)
+                dec = decompose(vectors, tau=0.85, mode=session.mode, target=target, references=refs, progress=progress)
             except ValueError as e:
                 raise StudioError(f"decomposition failed: {e}") from None
             if disk is not None and key_d is not None:
@@ -489,9 +512,16 @@ def open_vectors(
     return s, decompose_cached(s, progress)
 
 
-def with_settings(session: Session, mode: str | None = None, target: str | None = None, tau: float | None = None) -> Session:
-    """A copy of the session with another mode / target / τ (the UI never mutates shared state)."""
+def with_settings(
+    session: Session, mode: str | None = None, target: str | None = None, tau: float | None = None, references: list[str] | None = None
+) -> Session:
+    """A copy of the session with another mode / target / references / τ (never mutates the input)."""
     s = replace(session, names=list(session.names), strengths=dict(session.strengths))
+    if references is not None:
+        bad = [r for r in references if r not in s.names]
+        if bad:
+            raise StudioError(f"references {bad} are not in the pool {s.names}")
+        s.references = tuple(references)
     if mode is not None:
         if mode not in MODES:
             raise StudioError(f"unknown mode {mode!r}; pick one of {MODES}")
