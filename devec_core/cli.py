@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
-    from .formats import _default_name, resolve_source
+    from .formats import default_name, resolve_source
 
     if names_arg:
         names = [n.strip() for n in names_arg.split(",")]
@@ -104,7 +104,7 @@ def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
         return names
     names: list[str] = []
     for s in inputs:
-        n = _default_name(resolve_source(s))
+        n = default_name(s, resolve_source(s))
         k, cand = 2, n
         while cand in names:
             cand, k = f"{n}-{k}", k + 1

@@ -199,6 +199,15 @@ def sniff(path: Path) -> Sniffed:
     return Sniffed("checkpoint", path, None, path.parent)
 
 
+def default_name(source: str | os.PathLike, path: Path | None = None) -> str:
+    """A vector's default name: the file or folder name; for a Hub id, its file or repo name."""
+    s = str(source)
+    if path is not None and not Path(os.path.expanduser(s)).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+(/.+)?", s):
+        parts = s.split("/")
+        return _default_name(Path(parts[-1])) if len(parts) > 2 else parts[1]
+    return _default_name(path if path is not None else Path(s))
+
+
 def _default_name(path: Path) -> str:
     p = path
     if p.is_file() and (p.name in _LORA_FILE_NAMES or p.name in _CKPT_FILE_NAMES):
@@ -661,7 +670,7 @@ def load_task_vector(
     """
     path = resolve_source(source, revision=revision)
     s = sniff(path)
-    name = name or _default_name(path)
+    name = name or default_name(source, path)
     if s.kind == "lora":
         tv = load_lora(s.path, s.config, name=name, base=base, allow_pickle=allow_pickle, dtype=dtype)
     else:
@@ -713,8 +722,8 @@ def load_pool(
         seen[key] = str(s)
     if names is None:
         names = []
-        for p in paths:
-            n = _default_name(p)
+        for src, p in zip(sources, paths):
+            n = default_name(src, p)
             k, cand = 2, n
             while cand in names:
                 cand, k = f"{n}-{k}", k + 1

@@ -328,3 +328,34 @@ def test_missing_path_and_offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FormatError, match="someone/some-lora.*Hub could not provide it"):
         load_task_vector("someone/some-lora")
+
+
+def _fake_hub_cache(root, repo_id, files: dict):
+    """A Hub cache folder as huggingface_hub lays it out (refs/main → snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, write in files.items():
+        write(snap / name)
+    return snap
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(tmp_path, monkeypatch, tiny_flux, tiny_llm):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    flux_sd = random_flux_lora(tiny_flux.transformer, rank=4, seed=1)
+    _fake_hub_cache(tmp_path / "hub", "someone/flux-style", {"style.safetensors": lambda p: save_file(flux_sd, str(p))})
+    tv = load_task_vector("someone/flux-style/style.safetensors")
+    assert tv.meta["family"] == "flux" and tv.name == "style" and tv.meta["input"] == "someone/flux-style/style.safetensors"
+    src = _peft_folder(tmp_path / "src", random_llama_lora(tiny_llm[0], seed=1), r=4, lora_alpha=8)
+    _fake_hub_cache(tmp_path / "hub", "someone/llm-adapter", {
+        n: (lambda p, n=n: p.write_bytes((src / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")
+    })
+    tv = load_task_vector("someone/llm-adapter")
+    assert tv.meta["format"] == "peft" and tv.name == "llm-adapter"
+    assert tv.modules["model.layers.0.self_attn.q_proj"].scale == 2.0

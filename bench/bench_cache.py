@@ -1,0 +1,171 @@
+"""Benchmark the decomposition cache: a second ``decompose`` at another τ, against recomputing.
+
+    python bench/bench_cache.py                       # 4 rank-16 LoRAs, FLUX.1 real shapes, all blocks
+    python bench/bench_cache.py --blocks 4 --loras 3  # a quicker subset (4 double + 8 single blocks)
+    python bench/bench_cache.py --rounds 3 --threads 2
+
+Inputs: diffusers-format FLUX LoRAs with FLUX.1's real module shapes (taken from the real
+transformer built on the ``meta`` device, no weights), random values, written to a temp folder.
+What the CLI does on each path (``devec_core.cli.run_decompose`` minus the export):
+  cold        hash files → miss → load + decompose (τ=0.85) → store entry
+  warm (hit)  hash files (memoised) → read entry → Decomposition at τ=0.5 (no load, no SVD)
+  baseline    no cache: load + decompose at τ=0.5 (what every run costs without the cache)
+  alt design  "store the normalised inputs, recompute": read the pool from one safetensors of
+              normalised factors + decompose (the other candidate for what an entry holds)
+Also: the first touch of the parts (``component("unique")`` for every vector) on both paths,
+entry size vs input size. Medians over rounds; numbers for the README, no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from devec_core import LowRank, TaskVector, decompose  # noqa: E402
+from devec_core.cache import DecompositionCache, cached_decompose  # noqa: E402
+from devec_core.formats import load_pool  # noqa: E402
+from devec_core.pool import Config  # noqa: E402
+
+
+def flux_shapes(blocks: int | None) -> dict[str, tuple[int, int]]:
+    """Block Linear shapes of the real FLUX.1 transformer (meta device: no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        tr = FluxTransformer2DModel(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                    guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+    out = {}
+    for n, m in tr.named_modules():
+        if not isinstance(m, torch.nn.Linear) or not n.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            continue
+        idx = int(n.split(".")[1])
+        if blocks is not None and idx >= (blocks if n.startswith("transformer_blocks.") else 2 * blocks):
+            continue
+        out[n] = (m.out_features, m.in_features)
+    return out
+
+
+def write_loras(folder: Path, shapes: dict, k: int, rank: int) -> list[Path]:
+    paths = []
+    for i in range(k):
+        g = torch.Generator().manual_seed(i)
+        shared = {}
+        sd = {}
+        for mod, (n, m) in shapes.items():
+            if mod not in shared:
+                shared[mod] = torch.randn(n, 2, generator=torch.Generator().manual_seed(hash(mod) % 2**31)) * 0.01
+            B = torch.randn(n, rank, generator=g) * 0.01
+            B[:, :2] = shared[mod]  # two planted shared directions per module
+            sd[f"transformer.{mod}.lora_A.weight"] = torch.randn(rank, m, generator=g) / m**0.5
+            sd[f"transformer.{mod}.lora_B.weight"] = B
+        p = folder / f"style{i}.safetensors"
+        save_file(sd, str(p))
+        paths.append(p)
+    return paths
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def touch_parts(dec) -> None:
+    for n in dec.names:
+        dec.component("unique", n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=None, help="double blocks kept (single: 2×); default all 19 + 38")
+    ap.add_argument("--loras", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    shapes = flux_shapes(args.blocks)
+    paths = write_loras(tmp, shapes, args.loras, args.rank)
+    names = [p.stem for p in paths]
+    in_mb = sum(p.stat().st_size for p in paths) / 2**20
+    cfg = Config()
+    print(f"# {args.loras} rank-{args.rank} FLUX LoRAs, {len(shapes)} modules at real shapes, {in_mb:.0f} MiB of inputs, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds")
+
+    # the alternative design's entry: the normalised pool in one safetensors
+    vecs = load_pool(paths, names)
+    alt = tmp / "alt.safetensors"
+    save_file({f"{v.name}|{m}|{p}": (d.B * d.scale if p == "B" else d.A).contiguous()
+               for v in vecs for m, d in v.modules.items() for p in ("B", "A")}, str(alt))
+    del vecs
+
+    def load_alt():
+        T = load_file(str(alt))
+        out = {n: {} for n in names}
+        for key, t in T.items():
+            n, m, p = key.split("|")
+            out[n].setdefault(m, {})[p] = t
+        return [TaskVector(n, {m: LowRank(d["B"], d["A"]) for m, d in out[n].items()}) for n in names]
+
+    rows = {k: [] for k in ("cold", "cold: hash", "cold: load", "cold: decompose", "cold: store", "warm (hit)", "warm: hash",
+                            "warm: read", "baseline", "baseline: load", "baseline: decompose", "alt design", "parts after hit",
+                            "parts after recompute")}
+    entry_mb = 0.0
+    for r in range(args.rounds):
+        cache = DecompositionCache(tmp / f"cache{r}")
+        t_hash, key = timed(lambda: cache.key_for_sources(paths, names, cfg, {"base": None, "allow_pickle": False}))
+        t_load, vecs = timed(lambda: load_pool(paths, names))
+        t_dec, dec = timed(lambda: decompose(vecs, tau=0.85))
+        t_put, _ = timed(lambda: cache.put(key, dec))
+        rows["cold"].append(t_hash + t_load + t_dec + t_put)
+        for k, v in (("cold: hash", t_hash), ("cold: load", t_load), ("cold: decompose", t_dec), ("cold: store", t_put)):
+            rows[k].append(v)
+        entry_mb = cache.entries()[0][1] / 2**20
+        del dec, vecs
+
+        t_h2, key2 = timed(lambda: cache.key_for_sources(paths, names, cfg, {"base": None, "allow_pickle": False}))
+        t_get, hit = timed(lambda: cache.get(key2, 0.5))
+        assert hit is not None
+        rows["warm (hit)"].append(t_h2 + t_get)
+        rows["warm: hash"].append(t_h2)
+        rows["warm: read"].append(t_get)
+        rows["parts after hit"].append(timed(lambda: touch_parts(hit))[0])
+        del hit
+
+        t_l, vecs = timed(lambda: load_pool(paths, names))
+        t_d, dec = timed(lambda: decompose(vecs, tau=0.5))
+        rows["baseline"].append(t_l + t_d)
+        rows["baseline: load"].append(t_l)
+        rows["baseline: decompose"].append(t_d)
+        rows["parts after recompute"].append(timed(lambda: touch_parts(dec))[0])
+        del dec, vecs
+
+        rows["alt design"].append(timed(lambda: decompose(load_alt(), tau=0.5))[0])
+
+    base = statistics.median(rows["baseline"])
+    print("\n| path (second run at another τ unless cold) | median s | vs baseline |")
+    print("|---|---:|---:|")
+    for k, v in rows.items():
+        med = statistics.median(v)
+        print(f"| {k} | {med:.3f} | {base / med:.1f}× |" if not k.startswith(("cold:", "warm:", "baseline:")) else f"| {k} | {med:.3f} | |")
+    print(f"\ncache entry {entry_mb:.0f} MiB for {in_mb:.0f} MiB of inputs; kept {sum(len(rows[k]) for k in ['cold'])} entries in {tmp}")
+
+
+if __name__ == "__main__":
+    main()
