@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--energy", type=float, help="dense deltas: keep this energy fraction (default 0.9)")
     d.add_argument("--export-energy", type=float, default=0.99, help="dense parts → LoRA: energy kept (default 0.99)")
     d.add_argument("--base", help="base model (path or Hub id) for DoRA adapters and full checkpoints")
+    d.add_argument("--compress", action="store_true",
+                   help="full checkpoints: cut each dense delta to LoRA factors (--rank / --energy) as it is read, "
+                        "so memory holds factors, not dense deltas")
     d.add_argument("--names", help="comma-separated names, one per input (default: file names)")
     d.add_argument("--format", choices=("diffusers", "peft"), help="export layout (default: the inputs' family)")
     d.add_argument("--symmetric", action="store_true", help="symmetric spectrum variant")
@@ -172,6 +175,7 @@ def run_decompose(args) -> int:
     )
     cfg = Config(**options)
     cfg.validate(names)
+    compress = (args.rank, args.energy if args.energy is not None else args.export_energy) if args.compress else None
     bars = _Bars(enabled=not args.quiet)
     msgs: list[str] = []
     report_msg = lambda m: (msgs.append(m), print(f"note: {m}", file=sys.stderr))  # noqa: E731
@@ -180,14 +184,14 @@ def run_decompose(args) -> int:
     cache = None if args.no_cache else DecompositionCache(args.cache_dir, report=report_msg)
     key = dec = None
     if cache is not None:
-        load_opts = {"base": args.base, "allow_pickle": args.allow_pickle}
+        load_opts = {"base": args.base, "allow_pickle": args.allow_pickle, "compress": compress}
         key = cache.key_for_sources(paths, names, cfg, load_opts)
         dec = cache.get(key, args.tau)
     hit = dec is not None
 
     # 3. Load and decompose
     if dec is None:
-        vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars)
+        vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress)
         for v, s in zip(vectors, inputs):
             v.meta["input"] = s
         bars.close()

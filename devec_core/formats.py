@@ -542,16 +542,21 @@ def iter_checkpoint_deltas(
 def load_checkpoint_deltas(
     sources: list[Path], base: str | os.PathLike, names: list[str], *, allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32, progress: Callable[[int, int, str], None] | None = None,
+    compress: tuple[int | None, float | None] | None = None,
 ) -> list[TaskVector]:
     """Full fine-tuned checkpoints → task vectors (fine-tuned − base), streamed module by module.
 
     2-D ``*.weight`` parameters become ``Dense`` modules named by their module path; other
     floating parameters (biases, norms) go to ``extras``. Unchanged parameters are dropped.
+    With ``compress=(rank, energy)`` each dense delta is cut by SVD to LoRA factors as soon as
+    it is read (``export.to_lowrank``), so the pool holds factors, not dense deltas (big models;
+    the residual beyond the cut is dropped, so unique parts are of the cut delta).
 
     Args:
         sources: the fine-tuned checkpoints (file, folder, or index.json), all of one base.
         base: the base checkpoint (path or Hub id).
         names: one name per source.
+        compress: None (keep exact dense deltas) or (rank, energy) for the cut.
     Returns:
         One TaskVector per source.
     """
@@ -571,7 +576,15 @@ def load_checkpoint_deltas(
             if d is None or not torch.any(d):
                 continue
             if d.ndim == 2 and key.endswith(".weight"):
-                v.modules[_module_of(key)] = Dense(d)
+                if compress is None:
+                    v.modules[_module_of(key)] = Dense(d)
+                else:
+                    from .export import to_lowrank
+
+                    lr = to_lowrank(Dense(d), rank=compress[0], energy=compress[1])
+                    if lr is not None:
+                        v.modules[_module_of(key)] = lr
+                del d
             else:
                 v.extras[key] = d
         if progress:
@@ -702,10 +715,12 @@ def load_pool(
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int, str], None] | None = None,
+    compress: tuple[int | None, float | None] | None = None,
 ) -> list[TaskVector]:
     """Load several task vectors of one base: checks the pool is non-empty and free of duplicates.
 
-    Full checkpoints are streamed together (one parameter × k in memory at a time).
+    Full checkpoints are streamed together (one parameter × k in memory at a time); with
+    ``compress=(rank, energy)`` their dense deltas are cut to LoRA factors as they are read.
     Names default to file/folder names, made unique with a numeric suffix.
 
     Returns:
@@ -737,7 +752,8 @@ def load_pool(
         if base is None:
             raise FormatError(f"{str(sources[ckpt[0]])!r}: a full checkpoint, not a LoRA; pass base=... / --base MODEL")
         loaded = load_checkpoint_deltas(
-            [sniffs[i].path for i in ckpt], base, [names[i] for i in ckpt], allow_pickle=allow_pickle, dtype=dtype, progress=progress
+            [sniffs[i].path for i in ckpt], base, [names[i] for i in ckpt], allow_pickle=allow_pickle, dtype=dtype,
+            progress=progress, compress=compress,
         )
         for i, v in zip(ckpt, loaded):
             v.meta["input"] = str(sources[i])

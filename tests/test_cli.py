@@ -118,6 +118,11 @@ def test_full_checkpoints_with_base(tmp_path, cache_dir, capsys):
     code, _, err = _run(args + ["--base", str(tmp_path / "base")], capsys)
     assert code == 0, err
     assert (tmp_path / "o" / "unique-ft1" / "adapter_config.json").exists()
+    code, _, err = _run(args[:4] + [str(tmp_path / "oc"), "--quiet", "--rank", "4", "--compress", "--base", str(tmp_path / "base")],
+                        capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "oc" / "report.json").read_text())
+    assert max(max(r["ranks"]) for r in rep["modules"]) <= 4  # factors, cut as read
     code, _, err = _run(["decompose", str(tmp_path / "ft1"), "--out", str(tmp_path / "o2"), "--quiet"], capsys)
     # a lone checkpoint without --base is refused, naming the input
     assert code == 1 and "--base" in err and not (tmp_path / "o2").exists()
