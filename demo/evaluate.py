@@ -56,6 +56,7 @@ CLEAN = ["polite", "bullets", "concise", "signoff"]
 POOLS = {"1": CLEAN[:1], "2": CLEAN[:2], "all": CLEAN}
 GEN_TOKENS = 32
 CONT_TOKENS = 20
+QA_TOKENS = 24  # caps answers take ~2x the tokens of plain ones
 N_PROMPTS = 24
 RANDOM_SEED = 1234
 VERSION = 2
@@ -240,7 +241,7 @@ def score(model, tok, data: dict, ref_text: str, cont: bool) -> dict:
     lp_off = TX.reply_logprobs(model, tok, [p for p, _, _ in pairs], [o for _, o, _ in pairs])
     lp_clean = TX.reply_logprobs(model, tok, [p for p, _, _ in pairs], [c for _, _, c in pairs])
     qa = data["qa"]
-    qa_out = greedy_answers(model, tok, [q for q, _ in qa], 16, batch=len(qa), desc="qa")
+    qa_out = greedy_answers(model, tok, [q for q, _ in qa], QA_TOKENS, batch=len(qa), desc="qa")
     out = {
         "replies": gens,
         "tox_prob": TX.classifier_probs(gens),
@@ -270,7 +271,7 @@ def pool_hash(pool_dir: Path) -> str:
 
 
 def cache_path(cache: Path, phash: str, cond: dict) -> Path:
-    key = hashlib.sha256(json.dumps([VERSION, phash, cond, GEN_TOKENS, N_PROMPTS], sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([VERSION, phash, cond, GEN_TOKENS, N_PROMPTS, QA_TOKENS], sort_keys=True).encode()).hexdigest()[:20]
     return cache / f"{key}.json"
 
 
