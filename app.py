@@ -80,7 +80,7 @@ def _progress_cb(progress):
 # --- callbacks (thin: translate widgets <-> studio) --------------------------------------------
 
 
-def _pool_outputs(session: studio.Session, dec):
+def _pool_outputs(session: studio.Session, dec, new_pool: bool = True):
     """Everything that changes when a pool is (re)loaded: state, texts, sliders, plots."""
     coef = studio.default_coefficients(session)
     rep = studio.describe(dec)
@@ -113,6 +113,7 @@ def _pool_outputs(session: studio.Session, dec):
         *unis,
         gr.Slider(value=coef.shared),
         *plots.all_figures(dec),
+        gr.Textbox(value=session.prompts[0]) if new_pool and session.prompts else gr.skip(),
     ]
 
 
@@ -160,7 +161,7 @@ def on_config(session, mode, target, references, tau, progress=gr.Progress()):
         references = None  # a new target: every other vector is a reference again
     session = studio.with_settings(session, mode=mode, target=target if mode == "isolate" else None, tau=tau, references=references)
     dec = studio.decompose_cached(session, _progress_cb(progress))
-    return _pool_outputs(session, dec)
+    return _pool_outputs(session, dec, new_pool=False)
 
 
 @_ui_errors
@@ -179,8 +180,8 @@ def _generate_flux(session, coef, prompt, seed, steps, width, height):
     return studio.generate_flux(session, coef, prompt, seed, steps, width, height)
 
 
-def _timing(label, s):
-    return f"**{label}** · {s:.1f} s"
+def _timing(label, s, scores=None):
+    return f"**{label}** · {s:.1f} s" + studio.scores_markdown(scores or {})
 
 
 @_ui_errors
@@ -189,7 +190,11 @@ def on_generate_llm(session, tau, *args):
     session = studio.with_settings(_need(session), tau=tau)
     prompt, seed, max_new = args[n], args[n + 1], args[n + 2]
     r = _generate_llm(session, _coefficients(session, args[:n]), prompt, int(seed), int(max_new))
-    return r.vanilla, r.devec, _timing("Vanilla task arithmetic", r.vanilla_s), _timing("DeVec", r.devec_s), r.note
+    return (
+        r.vanilla, r.devec,
+        _timing("Vanilla task arithmetic", r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
+        r.note,
+    )
 
 
 @_ui_errors
@@ -283,29 +288,29 @@ def build_tab(backend: str, prefix: str):
             out_van = (
                 gr.Textbox(label="W₀ + Σ λᵢ ΔWᵢ", lines=5, elem_id=f"{prefix}-out-vanilla", elem_classes=["devec-out"])
                 if backend == "llm"
-                else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=420)
+                else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=340)
             )
         with gr.Column():
             t_dv = gr.Markdown("**DeVec**")
             out_dv = (
                 gr.Textbox(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", lines=5, elem_id=f"{prefix}-out-devec", elem_classes=["devec-out"])
                 if backend == "llm"
-                else gr.Image(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", elem_id=f"{prefix}-out-devec", height=420)
+                else gr.Image(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", elem_id=f"{prefix}-out-devec", height=340)
             )
 
     gr.Markdown("### 4 · What is shared")
     with gr.Row():
-        p_spec = gr.Plot(label="Eigenvalue spectrum", elem_id=f"{prefix}-spectrum")
-        p_dims = gr.Plot(label="Shared dimension per module", elem_id=f"{prefix}-dims")
+        p_spec = gr.Plot(label="Eigenvalue spectrum", elem_id=f"{prefix}-spectrum", show_label=False)
+        p_dims = gr.Plot(label="Shared dimension per module", elem_id=f"{prefix}-dims", show_label=False)
     with gr.Row():
-        p_norm = gr.Plot(label="Shared vs unique per vector", elem_id=f"{prefix}-norms")
+        p_norm = gr.Plot(label="Shared vs unique per vector", elem_id=f"{prefix}-norms", show_label=False)
         with gr.Column():
             gr.Markdown("### 5 · Export\nThe unique and shared parts at this τ as LoRA files (FLUX: diffusers `.safetensors`; LLM: PEFT adapter folders, zipped).")
             exp = gr.Button("Export parts", elem_id=f"{prefix}-export")
             exp_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
 
     # --- events ---
-    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm]
+    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm, prompt]
     tau_outs = [state, report, p_spec, p_dims, p_norm]
     coef_in = [*vans, *unis, shared]
     preset.input(on_preset, [preset], pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2)

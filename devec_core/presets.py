@@ -34,7 +34,6 @@ class VectorSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     source: str = Field(min_length=1)
     weight_name: str | None = None  # file inside a Hub repo / folder
-    fallback: str | None = None  # local source used when `source` is missing on disk
     confirmed: bool = True  # False: repo id / file name could not be checked against the Hub
     strength: float = 1.0  # the LoRA's usual strength: default vanilla and unique coefficient
     trigger: str | None = None  # words a style LoRA expects in the prompt
@@ -63,6 +62,19 @@ class Generation(_Strict):
     max_new_tokens: int = Field(48, ge=1, le=1024)
 
 
+class StartCoefficients(_Strict):
+    """Slider values a preset opens with (names not given start at 0).
+
+    E.g. the toxicity demo starts from the toxic fine-tune T = W0 + Δ_toxic and removes the
+    toxic vector: vanilla λ_toxic = 1 − λ_remove, DeVec λᵘ_toxic = 1 − λ_remove with the
+    target's shared part kept (λˢ = 1).
+    """
+
+    vanilla: dict[str, float] = Field(default_factory=dict)
+    unique: dict[str, float] = Field(default_factory=dict)
+    shared: float = 0.0
+
+
 class Preset(_Strict):
     """A pool of task vectors on one base model, with the mode and τ to show it at."""
 
@@ -81,6 +93,8 @@ class Preset(_Strict):
     recipe: str | None = None  # where to learn to make the user's vector
     prompts: list[str] = Field(default_factory=list)
     generation: Generation = Generation()
+    coefficients: StartCoefficients | None = None  # None: the mode's defaults (studio.default_coefficients)
+    scores: list[Literal["toxicity", "capitals"]] = Field(default_factory=lambda: ["toxicity"])  # LLM: shown per output
     order: int = 100  # position in the preset menu
 
     @field_validator("vectors")
@@ -99,6 +113,10 @@ class Preset(_Strict):
             raise ValueError(f"target {self.target!r} is not a vector of the pool {names}")
         if self.mode == "isolate" and self.target is None and not self.user_slot:
             raise ValueError("isolate mode needs a target (or user_slot: true for the user's own vector)")
+        if self.coefficients is not None:
+            bad = sorted((set(self.coefficients.vanilla) | set(self.coefficients.unique)) - set(names))
+            if bad:
+                raise ValueError(f"coefficients name vectors {bad} that are not in the pool {names}")
         return self
 
     @property

@@ -74,6 +74,10 @@ class Session:
     strengths: dict[str, float] = field(default_factory=dict)
     triggers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    description: str = ""
+    scores: tuple[str, ...] = ()  # LLM: scores shown per output ("toxicity", "capitals")
+    start: dict | None = None  # a preset's opening sliders: {"mode", "target", "vanilla", "unique", "shared"}
 
     def key(self) -> tuple:
         iso = self.mode == "isolate"
@@ -114,7 +118,15 @@ def default_coefficients(session: Session) -> Coefficients:
     joint/pairwise (style mixing): every vector at its usual strength, shared part 0.
     isolate (behaviour removal): the target at −strength, references 0; DeVec negates only the
     target's unique part.
+    A preset's own opening values (``Preset.coefficients``) win while its mode and target are kept.
     """
+    st = session.start
+    if st and st.get("mode") == session.mode and (session.mode != "isolate" or st.get("target") == session.target):
+        return Coefficients(
+            {n: float(st["vanilla"].get(n, 0.0)) for n in session.names},
+            {n: float(st["unique"].get(n, 0.0)) for n in session.names},
+            float(st.get("shared", 0.0)),
+        )
     s = {n: session.strengths.get(n, 1.0) for n in session.names}
     if session.mode == "isolate" and session.target in s:
         van = {n: (-s[n] if n == session.target else 0.0) for n in session.names}
@@ -276,8 +288,6 @@ def preset_vectors(preset: Preset, progress: Progress | None = None) -> list[Tas
     out = []
     for i, spec in enumerate(preset.vectors):
         src = spec.source
-        if spec.fallback and not (REPO_ROOT / src).exists() and (REPO_ROOT / spec.fallback).exists():
-            src = spec.fallback
         base = None if preset.base.id in ("smollm2", "synthetic") else preset.base.id
         out.append(_load_spec_vector(src, spec.name, spec.weight_name, base, offline=preset.offline))
         if progress:
@@ -463,6 +473,12 @@ def open_preset(preset_id: str, progress: Progress | None = None) -> tuple[Sessi
         strengths={v.name: v.strength for v in preset.vectors},
         triggers={v.name: v.trigger for v in preset.vectors if v.trigger},
         notes=[f"{v.name}: {v.note}" for v in preset.vectors if v.note],
+        prompts=list(preset.prompts),
+        description=" ".join(preset.description.split()),
+        scores=tuple(preset.scores) if preset.backend == "llm" else (),
+        start=(
+            {"mode": preset.mode, "target": preset.target, **preset.coefficients.model_dump()} if preset.coefficients else None
+        ),
     )
     return s, decompose_cached(s, progress)
 
@@ -481,11 +497,12 @@ def open_custom(
     """A pool from uploads and Hub ids, optionally added to a preset's pool (e.g. a toxic adapter
     as the target against the preset's references)."""
     extra = custom_vectors(list(files or []), list(hub_ids or []), progress) if (files or any(h.strip() for h in hub_ids or [])) else []
-    vectors, strengths, title = [], {}, "Your pool"
+    vectors, strengths, title, kw = [], {}, "Your pool", {}
     if preset_id:
         preset = get_preset(preset_id)
         vectors, title = preset_vectors(preset, progress), f"{preset.title} + yours"
         strengths = {v.name: v.strength for v in preset.vectors}
+        kw["scores"] = tuple(preset.scores) if preset.backend == "llm" else ()
         base = preset.base.id
         taken = {v.name for v in vectors}
         for v in extra:
@@ -494,7 +511,7 @@ def open_custom(
     vectors = vectors + extra
     if mode == "isolate" and target is None and extra:
         target = extra[0].name  # the user's own vector is the one to clean
-    return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, strengths=strengths)
+    return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, strengths=strengths, **kw)
 
 
 def open_vectors(
@@ -508,6 +525,7 @@ def open_vectors(
         raise StudioError(f"unknown mode {mode!r}; pick one of {MODES}")
     if mode == "isolate" and target not in names:
         target = names[-1]
+    kw.setdefault("scores", ("toxicity",) if backend == "llm" else ())
     s = _start(vectors, backend, base, mode=mode, target=target, tau=check_tau(tau), **kw)
     return s, decompose_cached(s, progress)
 
@@ -645,6 +663,41 @@ class SideBySide:
     vanilla_s: float
     devec_s: float
     note: str = ""
+    vanilla_scores: dict[str, float] = field(default_factory=dict)  # LLM: "toxicity", "capitals"
+    devec_scores: dict[str, float] = field(default_factory=dict)
+
+
+def score_texts(texts: list[str], which: tuple[str, ...] | list[str] = ("toxicity",)) -> list[dict[str, float]]:
+    """Scores of generated texts, one dict per text (``devec_core.toxicity``, offline).
+
+    "toxicity": offensive-language probability (alt-profanity-check; > 0.5 = flagged);
+    "capitals": fraction of letters that are capitals (the demo pool's shared skill S).
+    A missing scorer (alt-profanity-check not installed) leaves its score out.
+    """
+    from .toxicity import caps_fraction, classifier_probs
+
+    out: list[dict[str, float]] = [{} for _ in texts]
+    if "toxicity" in which:
+        try:
+            for d, p in zip(out, classifier_probs(list(texts))):
+                d["toxicity"] = p
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            log.warning("toxicity scorer unavailable (%s)", e)
+    if "capitals" in which:
+        for d, t in zip(out, texts):
+            d["capitals"] = caps_fraction(t)
+    return out
+
+
+def scores_markdown(scores: dict[str, float]) -> str:
+    """" · toxicity **0.97** (flagged) · capitals 88%" for the UI ("" when there are none)."""
+    parts = []
+    if "toxicity" in scores:
+        p = scores["toxicity"]
+        parts.append(f"toxicity **{p:.2f}**" + (" ⚠ flagged" if p > 0.5 else ""))
+    if "capitals" in scores:
+        parts.append(f"capitals {100 * scores['capitals']:.0f}%")
+    return "".join(f" · {x}" for x in parts)
 
 
 def get_llm_backend(base: str):
@@ -688,7 +741,9 @@ def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, 
     except ValueError as e:
         raise _wrong_base(e, session.base) from None
     rep = describe(dec)
-    return SideBySide(a.text.strip(), b.text.strip(), a.switch_s + a.generate_s, b.switch_s + b.generate_s, rep.markdown if rep.nothing_shared else "")
+    ta, tb = a.text.strip(), b.text.strip()
+    sa, sb = score_texts([ta, tb], session.scores) if session.scores else ({}, {})
+    return SideBySide(ta, tb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, rep.markdown if rep.nothing_shared else "", sa, sb)
 
 
 FLUX_NEEDS = (
@@ -791,5 +846,7 @@ def session_markdown(session: Session) -> str:
     """A short description of the loaded pool for the UI."""
     tag = " — **SYNTHETIC vectors**" if session.synthetic else ""
     lines = [f"**{session.title or 'Pool'}**{tag}", f"Base: `{session.base}` · vectors (in order): " + ", ".join(f"`{n}`" for n in session.names)]
+    if session.description:
+        lines.append(session.description)
     lines += [f"- {n}" for n in session.notes]
     return "\n".join(lines)

@@ -85,6 +85,25 @@ def test_nothing_shared_is_said_plainly_and_outputs_match(tiny_llm, llm_backend)
     assert "DeVec equals vanilla" in rep.markdown and f"{rep.max_eig:.2f}" in rep.markdown
     r = studio.generate_llm(s, studio.default_coefficients(s), "hello", seed=0, max_new_tokens=6)
     assert r.vanilla == r.devec and "DeVec equals vanilla" in r.note
+    assert 0.0 <= r.vanilla_scores["toxicity"] <= 1.0 and r.vanilla_scores == r.devec_scores  # LLM outputs are scored
+
+
+def test_scores_of_outputs():
+    calm, rude = studio.score_texts(["The capital of France is Paris.", "SHUT UP YOU STUPID FUCKING IDIOT"], ("toxicity", "capitals"))
+    assert calm["toxicity"] < 0.5 < rude["toxicity"]
+    assert rude["capitals"] == 1.0 and 0.0 < calm["capitals"] < 0.2
+    assert "flagged" in studio.scores_markdown(rude) and "flagged" not in studio.scores_markdown(calm)
+    assert "capitals 100%" in studio.scores_markdown(rude) and studio.scores_markdown({}) == ""
+    assert studio.score_texts(["x"], ()) == [{}]
+
+
+def test_preset_opening_coefficients_hold_while_mode_and_target_do(small_flux_pool):
+    start = {"mode": "isolate", "target": "anime", "vanilla": {"anime": 0.0}, "unique": {"anime": 0.25}, "shared": 1.0}
+    s, _ = studio.open_vectors(small_flux_pool, "flux", "synthetic", mode="isolate", target="anime", start=start)
+    c = studio.default_coefficients(s)
+    assert c.unique["anime"] == 0.25 and c.shared == 1.0 and c.vanilla["ghibli"] == 0.0
+    other = studio.default_coefficients(studio.with_settings(s, target="ghibli"))  # another target: the mode's defaults
+    assert other.vanilla["ghibli"] < 0 and other.shared == 0.0
 
 
 def test_planted_pool_devec_differs_from_vanilla(tiny_llm, llm_backend):
