@@ -14,6 +14,13 @@ What the CLI does on each path (``devec_core.cli.run_decompose`` minus the expor
               normalised factors + decompose (the other candidate for what an entry holds)
 Also: the first touch of the parts (``component("unique")`` for every vector) on both paths,
 entry size vs input size. Medians over rounds; numbers for the README, no assertions.
+
+    python bench/bench_cache.py --stream-memory       # the full-checkpoint reader's peak memory
+
+The I/O bench's second section: peak RSS of reading a base + 2 fine-tuned synthetic checkpoints
+(24 × 2048² float32 each, 384 MiB per checkpoint), each variant in a fresh process: streamed
+deltas dropped at once (the reader alone), streamed with ``compress`` (pool holds factors),
+streamed keeping dense deltas (what ``load_pool`` does by default), against loading whole files.
 """
 
 from __future__ import annotations
@@ -88,6 +95,42 @@ def touch_parts(dec) -> None:
         dec.component("unique", n)
 
 
+_STREAM_VARIANTS = {
+    "stream, drop each delta": "from devec_core.formats import CheckpointReader, iter_checkpoint_deltas\n"
+    "for _ in iter_checkpoint_deltas([CheckpointReader(Path(D,'ft1.safetensors')), CheckpointReader(Path(D,'ft2.safetensors'))],"
+    " CheckpointReader(Path(D,'base.safetensors'))): pass",
+    "stream + compress (rank 8)": "from devec_core.formats import load_pool\n"
+    "load_pool([Path(D,'ft1.safetensors'), Path(D,'ft2.safetensors')], base=Path(D,'base.safetensors'), compress=(8, None))",
+    "stream, keep dense deltas": "from devec_core.formats import load_pool\n"
+    "load_pool([Path(D,'ft1.safetensors'), Path(D,'ft2.safetensors')], base=Path(D,'base.safetensors'))",
+    "baseline: whole files": "from safetensors.torch import load_file\n"
+    "b = load_file(str(Path(D,'base.safetensors')))\n"
+    "ds = [{k: v - b[k] for k, v in load_file(str(Path(D, f))).items()} for f in ('ft1.safetensors', 'ft2.safetensors')]",
+}
+
+
+def stream_memory() -> None:
+    import subprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_stream_"))
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.proj.weight": torch.randn(2048, 2048, generator=g) for i in range(24)}
+    save_file(base, str(tmp / "base.safetensors"))
+    for j in (1, 2):
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp / f"ft{j}.safetensors"))
+    del base
+    root = str(Path(__file__).resolve().parent.parent)
+    print("| variant (3 × 384 MiB checkpoints, 16 MiB per parameter) | peak RSS − RSS after imports, MiB |")
+    print("|---|---:|")
+    for label, code in _STREAM_VARIANTS.items():
+        prog = (f"import sys, resource; sys.path.insert(0, {root!r}); from pathlib import Path; import torch; D = {str(tmp)!r}\n"
+                "import devec_core.formats, devec_core.export\n"
+                "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code + "\n"
+                "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True).stdout.split()[-1]
+        print(f"| {label} | {float(out):.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=None, help="double blocks kept (single: 2×); default all 19 + 38")
@@ -95,7 +138,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stream-memory", action="store_true", help="only the checkpoint reader's memory section")
     args = ap.parse_args()
+    if args.stream_memory:
+        return stream_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 

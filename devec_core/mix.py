@@ -377,7 +377,13 @@ class WeightEditor:
     # -- writing --------------------------------------------------------------------------
     def _save_original(self, path: str, p: torch.Tensor) -> None:
         if path not in self._orig:
-            keep = p.detach().to("cpu", copy=True) if self.originals_device == "cpu" else p.detach().clone()
+            if self.originals_device == "same":
+                keep = p.detach().clone()
+            else:
+                keep = p.detach().to("cpu", copy=True)
+                dev = self.compute_device or p.device
+                if dev.type == "cuda":  # pinned host memory: faster copies back to the GPU
+                    keep = keep.pin_memory()
             self._orig[path] = keep
 
     def _stacked(self, path: str, lows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
