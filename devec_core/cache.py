@@ -9,7 +9,7 @@ What an entry stores: the τ-independent tensors of the decomposition (per block
 modules: the factors X (scaled B or dense W), A, bases Q, ranks, norms, Gram matrices, and the
 spectra: eigenvalues, eigenvectors, projections), plus each vector's extras and metadata. A hit
 rebuilds the ``Decomposition`` from them with no SVD or eigendecomposition; the alternative
-(store the inputs, recompute) was measured slower: see /work/notes/io.md and bench/bench_cache.py.
+(store the inputs, recompute) was measured slower: see README "Benchmarks" and bench/bench_cache.py.
 
 Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
 folder and renamed into place (atomic); ``manifest.json`` records the tensor file's size and

