@@ -260,6 +260,7 @@ class WeightEditor:
         self.compute_device = None if compute_device is None else torch.device(compute_device)
         self.originals_device = originals_device
         self._orig: dict[str, torch.Tensor] = {}  # param path -> original tensor
+        self._amax: dict[str, float] = {}  # param path -> max |original| (fp32 weights: the one-pass bound)
         self._record: dict[str, tuple] = {}  # param path -> ((key, coef), ...) now fused
         self._serials: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, int]] = {}  # for sources that are not weak-referenceable
@@ -385,6 +386,8 @@ class WeightEditor:
                 if dev.type == "cuda":  # pinned host memory: faster copies back to the GPU
                     keep = keep.pin_memory()
             self._orig[path] = keep
+            if keep.dtype == torch.float32:
+                self._amax[path] = float(keep.abs().max()) if keep.numel() else 0.0
 
     def _stacked(self, path: str, lows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B_1 | … | B_k], [A_1; …; A_k] and each column's term index, cached per module for its
@@ -421,12 +424,36 @@ class WeightEditor:
             raise ValueError(f"{path!r}: the mixed weight has NaN/Inf in {p.dtype}; refusing to write it")
         return out
 
+    def _one_pass(self, path: str, p: torch.Tensor, terms: list) -> bool:
+        """p = W0 + (B·λ)A written by one addmm straight into p: one read of W0, one write of p,
+        no temporaries of p's size. Only for float32 weights whose original sits on the compute
+        device, with LoRA terms only. Finiteness by a bound instead of a scan: |(BλA)_ij| ≤
+        max_i ‖(Bλ)_i‖ · max_j ‖A_:j‖ (Cauchy–Schwarz), so max|W0| + that bound below float32's
+        range means the result is finite (parts were checked finite when resolved); otherwise the
+        general path runs and scans. Returns False when it does not apply (nothing written)."""
+        orig = self._orig[path]
+        dev = self.compute_device or p.device
+        if p.dtype != torch.float32 or orig.dtype != torch.float32 or orig.device != p.device or torch.device(dev) != p.device:
+            return False
+        if any(part.W is not None for _, part in terms):
+            return False
+        Bc, Ac, col = self._stacked(path, terms)
+        lam = torch.tensor([x for x, _ in terms], dtype=torch.float32, device=Bc.device)[col]
+        Bl = Bc * lam
+        bound = self._amax.get(path, float("inf")) + float(Bl.norm(dim=1).max()) * float(Ac.norm(dim=0).max())
+        if not bound < torch.finfo(torch.float32).max / 4:  # also False for NaN
+            return False
+        torch.addmm(orig, Bl, Ac, out=p.data)
+        return True
+
     def _write(self, path: str, terms: list, kind: str) -> None:
         p = self._param(path) if kind == "extra" else self._weight(path[: -len(".weight")])
         self._save_original(path, p)
         self._kinds[path] = kind
         with torch.no_grad():
-            if terms:
+            if terms and kind == "weight" and self._one_pass(path, p, terms):
+                pass
+            elif terms:
                 p.copy_(self._fused(path, p, terms, kind).to(p.device))
             else:
                 p.copy_(self._orig[path].to(p.device))
@@ -502,6 +529,7 @@ class WeightEditor:
                 p.copy_(orig.to(p.device))
                 n += 1
         self._orig.clear()
+        self._amax.clear()
         self._record.clear()
         self._kinds.clear()
         self.current = None

@@ -161,11 +161,12 @@ def test_low_precision_accumulates_in_float32():
     assert torch.equal(net.head.weight, want)
 
 
-def test_non_finite_results_are_refused_and_rolled_back():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: the one-pass path's bound
+def test_non_finite_results_are_refused_and_rolled_back(dtype):
     big = TaskVector("big", {"blocks.0.q": LowRank(torch.ones(6, 1), torch.ones(1, 8)),
                              "head": LowRank(torch.full((4, 1), 1e30), torch.full((1, 8), 1e30))})
     ok = lora_vec("ok", 1)
-    net = Net(torch.bfloat16)
+    net = Net(dtype)
     ed = WeightEditor(net)
     ed.apply(vanilla(VectorPool([ok]), {"ok": 1.0}))
     before = snapshot(net)
