@@ -61,9 +61,10 @@ def random_pool(modules, k: int, rank: int = 16, shared: int = 4, seed: int = 0)
     return [TaskVector(f"lora{i}", v) for i, v in enumerate(vecs)]
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls (after one warm-up)."""
-    fn()
+def timed(fn, repeat: int, warmup: bool = True) -> float:
+    """Median seconds of `repeat` calls (after one warm-up unless told otherwise)."""
+    if warmup:
+        fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -93,7 +94,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="literal reference at n=1536 (extrapolated), 2 repeats")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--pool-only", action="store_true", help="skip the per-module table (the literal method takes minutes)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     lit_n = 1536 if args.quick else 3072
@@ -105,10 +110,10 @@ def main():
     print("| shape (out×in) | k | fast (ms) | literal (s) | literal is | speed-up |")
     print("|---|---|---|---|---|---|")
     lit_at = {}
-    for k in (2, 3, 4):
+    for k in (2, 3, 4) if not args.pool_only else ():
         ref = random_pool([("m", lit_n, lit_n)], k, seed=k)
-        lit_at[k] = timed(lambda: literal_module(ref), 1)
-    for n, m in FLUX_SHAPES:
+        lit_at[k] = timed(lambda: literal_module(ref), 1, warmup=False)  # minutes per call: no warm-up
+    for n, m in FLUX_SHAPES if not args.pool_only else ():
         for k in (2, 3, 4):
             pool = random_pool([("m", n, m)], k, seed=k)
             fast = timed(lambda: fast_module(pool), repeat)
@@ -129,7 +134,7 @@ def main():
     retau = timed(lambda: dec.with_tau(next(taus)).shared_dims(), 10)
     summ = timed(lambda: dec.with_tau(next(taus)).summary(), 3)
     parts = timed(lambda: [dec.component("unique", v.name) for v in pool], 1)
-    lit_pool = sum(lit_at[4] * (n / lit_n) ** 3 for _, n, _ in mods)
+    lit_pool = sum(lit_at[4] * (n / lit_n) ** 3 for _, n, _ in mods) if lit_at else float("nan")
     dims = dec.shared_dims()
     print(f"\n## Whole FLUX.1 pool: {len(mods)} Linear modules, 4 random rank-16 LoRAs "
           f"({factor_gib:.2f} GiB of fp32 factors in memory), {len(dec.blocks)} stacked blocks")

@@ -52,7 +52,7 @@ def isolate(target: torch.Tensor, refs: list[torch.Tensor], tau: float, **cut) -
     """Union of the pair shared subspaces (target, ref_j), projected out of the target once.
 
     The union keeps the eigenvectors of Σ_j Z_j Z_jᵀ with eigenvalue above τ (see
-    devec_core.pool._orthonormal_union for why not the plain span)."""
+    devec_core.algorithm.union_basis for why not the plain span)."""
     Zs = [shared_basis([target, R], tau, **cut)[0] for R in refs]
     span = torch.cat(Zs, 1)
     if span.shape[1] == 0:
