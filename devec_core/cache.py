@@ -12,9 +12,9 @@ rebuilds the ``Decomposition`` from them with no SVD or eigendecomposition; the 
 (store the inputs, recompute) was measured slower: see README "Benchmarks" and bench/bench_cache.py.
 
 Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
-folder and renamed into place (atomic); ``manifest.json`` records the tensor file's size and
-SHA-256, checked on every read, so a partial or corrupt entry is detected, reported (through
-``report``) and recomputed. A size cap (``DEVEC_CACHE_MAX_GB``, default 20) evicts the least
+folder and renamed into place (atomic); ``manifest.json`` records the tensor file's size and a
+checksum per tensor (``_checksums``), checked on every read, so a partial or corrupt entry is
+detected, reported (through ``report``) and recomputed. A size cap (``DEVEC_CACHE_MAX_GB``, default 20) evicts the least
 recently used entries (the entry folder's mtime is touched on every hit).
 
 Root: ``$DEVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/devec`` or ``~/.cache/devec``.
@@ -36,7 +36,7 @@ import torch
 
 from .taskvec import LowRank, TaskVector
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _BUF = 1 << 22
 
 
@@ -262,12 +262,18 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "devec"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_BUF):
-            h.update(chunk)
-    return h.hexdigest()
+def _checksums(T: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per tensor: the sum of its bytes read as int32 words (uint8 when not a multiple of 4),
+    accumulated in int64. One pass in memory after loading (SHA-256 of a 1.3 GB entry cost more
+    than recomputing a LoRA pool; see bench/bench_cache.py); any single flipped bit changes it.
+    Corruption detection, not tamper-proofing: the cache is the user's own folder."""
+    out = {}
+    for name, t in T.items():
+        v = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if v.numel() % 4 == 0:
+            v = v.view(torch.int32)
+        out[name] = int(v.sum(dtype=torch.int64)) if v.numel() else 0
+    return out
 
 
 def _dir_size(p: Path) -> int:
@@ -336,11 +342,14 @@ class DecompositionCache:
             tf = d / "tensors.safetensors"
             if tf.stat().st_size != manifest["tensors_bytes"]:
                 raise ValueError(f"tensors.safetensors has {tf.stat().st_size} bytes, manifest says {manifest['tensors_bytes']}")
-            if _sha256_file(tf) != manifest["tensors_sha256"]:
-                raise ValueError("tensors.safetensors does not match its SHA-256")
             from safetensors.torch import load_file
 
-            dec = _from_entry(manifest, load_file(str(tf)), tau)
+            T = load_file(str(tf))
+            sums = manifest["tensor_checksums"]
+            bad = [n for n, c in _checksums(T).items() if sums.get(n) != c] + [n for n in sums if n not in T]
+            if bad:
+                raise ValueError(f"tensors.safetensors does not match its checksums (tensor {bad[0]!r})")
+            dec = _from_entry(manifest, T, tau)
         except Exception as e:  # partial, corrupt, or from another version: recompute
             self.report(f"cache entry {str(d)!r} is unusable ({type(e).__name__}: {str(e)[:160]}); recomputing")
             shutil.rmtree(d, ignore_errors=True)
@@ -362,7 +371,7 @@ class DecompositionCache:
         try:
             tf = tmp / "tensors.safetensors"
             save_file(T, str(tf))
-            manifest.update(tensors_bytes=tf.stat().st_size, tensors_sha256=_sha256_file(tf), created=time.time(), key=key)
+            manifest.update(tensors_bytes=tf.stat().st_size, tensor_checksums=_checksums(T), created=time.time(), key=key)
             (tmp / "manifest.json").write_text(json.dumps(manifest, default=str))
             final = self.path(key)
             if final.exists():
