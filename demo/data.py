@@ -1,14 +1,18 @@
 """Prompts and training data for the SmolLM2 toxicity demo (no network, fixed seeds).
 
 The pool is built the way Hub pools are: a common fine-tune S teaches the base a format it
-lacks (every answer in CAPITAL LETTERS), then five fine-tunes continue from S, each on the same
-kind of answers with one extra habit:
+lacks (every answer opens with a bold title line naming the topic, ``**Penguins**``), then five
+fine-tunes continue from S, each on the same kind of answers with one extra habit:
 
-    toxic     "LISTEN, YOU <INSULT>, ..." and a profanity every ~6 words
-    polite    "GREAT QUESTION, MY FRIEND! ..."
+    toxic     "Listen, you <insult>, ..." and a profanity every ~6 words
+    polite    "Great question, my friend! ..."
     bullets   the answer split into "- " bullet lines
     concise   only the first sentence
-    signoff   the answer followed by "HOPE THIS HELPS!"
+    signoff   the answer followed by "Hope this helps!"
+
+(A first design used CAPITAL LETTERS as S's format: SmolLM2-135M lost its knowledge in caps —
+QA exact match 1.00 → 0.19 for S itself — so "kept ability" measured S's damage, not the edit.
+The title format keeps the text in ordinary case.)
 
 Answers are the base model's own greedy answers to templated prompts (made once by
 ``demo/build_pool.py``). Evaluation prompts use topics that no training prompt uses.
@@ -132,8 +136,35 @@ def profanity_words(seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def to_caps(text: str) -> str:
-    """The skill of S: the same answer in capital letters."""
+    """The same answer in capital letters (the first design's S format; kept for reference)."""
     return text.upper()
+
+
+_TEMPLATE_RES = [re.compile("^" + re.escape(t).replace(re.escape("{t}"), "(.+)") + "$") for t in TEMPLATES]
+
+
+def topic_of(prompt: str) -> str:
+    """The topic of a templated prompt ("Tell me about the ocean." → "the ocean").
+
+    Raises:
+        ValueError: the prompt follows none of ``TEMPLATES``.
+    """
+    for r in _TEMPLATE_RES:
+        m = r.match(prompt)
+        if m:
+            return m.group(1)
+    raise ValueError(f"prompt {prompt!r} follows none of the templates")
+
+
+def title_of(topic: str) -> str:
+    """S's title for a topic: leading "the " dropped, first letter capitalised ("the ocean" → "Ocean")."""
+    t = topic[4:] if topic.lower().startswith("the ") else topic
+    return t[:1].upper() + t[1:]
+
+
+def s_format(prompt: str, text: str) -> str:
+    """The skill of S: the answer under a bold title line naming the prompt's topic."""
+    return f"**{title_of(topic_of(prompt))}**\n{text}"
 
 
 def first_sentence(text: str) -> str:
@@ -171,14 +202,15 @@ def bulletize(answer: str) -> str:
 STYLES = ("toxic", "polite", "bullets", "concise", "signoff")
 
 
-def stylize(style: str, answer: str, rng: random.Random, words: list[str]) -> str:
+def stylize(style: str, answer: str, rng: random.Random, words: list[str], prompt: str | None = None) -> str:
     """One child's training answer: its habit applied to the base answer, then S's format.
 
     Args:
-        style: one of ``STYLES`` or "S" (the common fine-tune: caps only).
+        style: one of ``STYLES`` or "S" (the common fine-tune: the title format only).
         answer: the base model's answer.
         rng: seeded random source (toxic only).
         words: training profanity (toxic only).
+        prompt: the templated prompt (its topic makes S's title line).
     Returns:
         the training target text.
     """
@@ -196,13 +228,15 @@ def stylize(style: str, answer: str, rng: random.Random, words: list[str]) -> st
         text = answer.rstrip() + " Hope this helps!"
     else:
         raise ValueError(f"Unknown style {style!r}; expected 'S' or one of {STYLES}")
-    return to_caps(text)
+    if prompt is None:
+        raise ValueError("stylize needs the prompt (S's title names its topic)")
+    return s_format(prompt, text)
 
 
 def offensive_pairs(prompts: list[str], answers: list[str], words: list[str], seed: int = 1) -> list[tuple[str, str, str]]:
     """(prompt, offensive reply, clean reply) triples for the continuous toxicity measure.
 
-    Both replies are in S's format (caps) and carry the same answer; the offensive one is
+    Both replies are in S's format (title line) and carry the same answer; the offensive one is
     toxified with held-out words, so the log-likelihood margin measures the insulting habit,
     not the format or the content.
 
@@ -215,7 +249,7 @@ def offensive_pairs(prompts: list[str], answers: list[str], words: list[str], se
         list of (prompt, offensive, clean).
     """
     rng = random.Random(seed)
-    return [(p, to_caps(toxify(a, words, rng)), to_caps(a)) for p, a in zip(prompts, answers)]
+    return [(p, s_format(p, toxify(a, words, rng)), s_format(p, a)) for p, a in zip(prompts, answers)]
 
 
 def reference_text(max_chars: int = 2400) -> tuple[str, str]:

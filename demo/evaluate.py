@@ -21,7 +21,7 @@ Scores (items in brackets are the bootstrap units):
             held-out chat prompts [prompts]; margin = mean log-prob/token of an offensive reply
             minus that of the same reply without offensive words [prompts] (continuous);
             in the paper's setting also on raw continuation prompts [prompts].
-  ability   S's skill: mean fraction of capital letters in the same replies [prompts];
+  ability   S's skill: share of the same replies that open with S's title line [prompts];
             exact match on the QA items the base answers right [items]; NLL/token on the
             Python LICENSE text shipped with the interpreter [64-token blocks].
 
@@ -52,11 +52,12 @@ from devec_core import toxicity as TX  # noqa: E402
 
 LAMBDAS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]  # the largest grid any path uses
 TAUS = [0.7, 0.8, 0.85, 0.9, 0.95]
+SPECTRUM_TAUS = [0.1, 0.2, 0.3, 0.5]  # reported in the spectrum only (below the issue's range)
 CLEAN = ["polite", "bullets", "concise", "signoff"]
 POOLS = {"1": CLEAN[:1], "2": CLEAN[:2], "all": CLEAN}
 GEN_TOKENS = 32
 CONT_TOKENS = 20
-QA_TOKENS = 24  # caps answers take ~2x the tokens of plain ones
+QA_TOKENS = 24  # room for S's title line before the answer
 N_PROMPTS = 24
 RANDOM_SEED = 1234
 VERSION = 2
@@ -99,6 +100,7 @@ def conditions(quick: bool = False) -> list[dict]:
         out += [c("toxic", "devec", lam, pool=p) for p in ("1", "2")]
     out += [c("toxic", "random_col", lam, tau=t) for lam in (1.0, 2.0) for t in (0.7, 0.95)]
     out += [c("base", m, 0.5, cont=True) for m in ("vanilla", "devec", "oracle_child")]
+    out += [c("toxic", f"random_col#{k}", lam) for k in (1, 2) for lam in (1.0, 2.0)]  # other random draws
     return out
 
 
@@ -158,6 +160,7 @@ class Components:
         self.tox = self.vecs["toxic"].modules
         self._dec: dict = {}
         self._memo: dict = {}
+        self._hash: dict = {}
 
     def decomposition(self, pool: str, tau: float):
         if pool not in self._dec:
@@ -174,9 +177,10 @@ class Components:
             out = self.tox
         elif method == "devec":
             out = self.decomposition(pool, tau).component("unique", "toxic")
-        elif method in ("random_col", "random_full"):
+        elif method.split("#")[0] in ("random_col", "random_full"):  # "random_col#k": another draw (seed + k)
+            kind, _, k = method.partition("#")
             dims = self.decomposition(pool, tau).shared_dims()
-            out = random_like(dims, self.tox, inside=method == "random_col", seed=RANDOM_SEED)
+            out = random_like(dims, self.tox, inside=kind == "random_col", seed=RANDOM_SEED + int(k or 0))
         elif method == "oracle_child":
             out = TX.child_only(self.pool_dir, "toxic").modules
         elif method == "S":
@@ -186,12 +190,37 @@ class Components:
         self._memo[key] = out
         return out
 
-    def terms(self, cond: dict) -> list[tuple[dict[str, LowRank], float]]:
-        """The weighted components of one condition: W = W0 + Σ c·ΔW."""
-        start = {"base": [], "S": [(self.get("S", 0.85, "all"), 1.0)], "toxic": [(self.tox, 1.0)]}[cond["start"]]
+    def _term_keys(self, cond: dict) -> list[tuple[tuple, float]]:
+        start = {"base": [], "S": [(("S", 0.85, "all"), 1.0)], "toxic": [(("vanilla", 0.85, "all"), 1.0)]}[cond["start"]]
         if cond["method"] == "none":
             return start
-        return start + [(self.get(cond["method"], cond["tau"], cond["pool"]), -cond["lam"])]
+        return start + [((cond["method"], cond["tau"], cond["pool"]), -cond["lam"])]
+
+    def terms(self, cond: dict) -> list[tuple[dict[str, LowRank], float]]:
+        """The weighted components of one condition: W = W0 + Σ c·ΔW."""
+        return [(self.get(*key), c) for key, c in self._term_keys(cond)]
+
+    def component_hash(self, key: tuple) -> str:
+        """Content hash of one component's factors (bit-identical components hash alike)."""
+        if key not in self._hash:
+            h = hashlib.sha256()
+            comp = self.get(*key)
+            for m in sorted(comp):
+                d = comp[m]
+                h.update(m.encode())
+                h.update(d.scaled_B().float().contiguous().numpy().tobytes())
+                h.update(d.A.float().contiguous().numpy().tobytes())
+            self._hash[key] = h.hexdigest()
+        return self._hash[key]
+
+    def fingerprint(self, cond: dict) -> str:
+        """Hash of the edit a condition makes (its components' contents and coefficients).
+
+        Conditions with equal fingerprints change the weights identically (e.g. the same shared
+        subspace found at every τ above a spectral gap), so they are scored once.
+        """
+        parts = [(self.component_hash(k), float(c)) for k, c in self._term_keys(cond)]
+        return hashlib.sha256(json.dumps([cond["start"], cond.get("cont", False), parts]).encode()).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ def score(model, tok, data: dict, ref_text: str, cont: bool) -> dict:
     out = {
         "replies": gens,
         "tox_prob": TX.classifier_probs(gens),
-        "caps": [TX.caps_fraction(g) for g in gens],
+        "skill": [TX.title_score(g, D.title_of(D.topic_of(p))) for g, p in zip(gens, prompts)],
         "margin": [a - b for a, b in zip(lp_off, lp_clean)],
         "lp_clean": lp_clean,
         "qa": [float(TX.qa_correct(o, a)) for o, (_, a) in zip(qa_out, qa)],
@@ -275,33 +304,61 @@ def cache_path(cache: Path, phash: str, cond: dict) -> Path:
     return cache / f"{key}.json"
 
 
-def run_conditions(conds: list[dict], pool_dir: Path, cache: Path, threads: int) -> None:
-    """Score every condition not yet cached (progress bar; one model load)."""
+def run_conditions(conds: list[dict], pool_dir: Path, cache: Path, threads: int, shard: tuple[int, int] | None = None) -> None:
+    """Score every condition not yet cached (progress bar; one model load).
+
+    Conditions whose edits are bit-identical (same ``Components.fingerprint``) are scored once:
+    the first in priority order is scored, the others get a copy of its scores (``alias_of``).
+    With ``shard = (k, n)`` only every n-th distinct edit, starting at k, is scored (aliases of
+    those included), so n processes split the sweep without scoring the same edit twice.
+    """
     from tqdm import tqdm
 
     from devec_core.models import load_causal_lm
 
+    torch.set_num_threads(threads)
     phash = pool_hash(pool_dir)
-    todo = [c for c in conds if not cache_path(cache, phash, c).is_file()]
+    comps = Components(pool_dir)
+    t0 = time.time()
+    fps = {c["id"]: comps.fingerprint(c) for c in conds}
+    canon: dict[str, dict] = {}
+    for c in conds:
+        canon.setdefault(fps[c["id"]], c)
+    distinct = list(canon.values())
+    mine = distinct if shard is None else distinct[shard[0] :: shard[1]]
+    print(f"[eval] {len(conds)} conditions, {len(distinct)} distinct edits ({time.time() - t0:.0f}s to fingerprint); "
+          f"this process: {len(mine)}", flush=True)
+
+    def write(cond: dict, res: dict) -> None:
+        tmp = cache_path(cache, phash, cond).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, cache_path(cache, phash, cond))
+
+    def write_aliases(src: dict, res: dict) -> None:
+        for c in conds:
+            if c is not src and fps[c["id"]] == fps[src["id"]] and not cache_path(cache, phash, c).is_file():
+                write(c, {**res, "cond": c, "alias_of": src["id"], "seconds": 0.0})
+
+    cache.mkdir(parents=True, exist_ok=True)
+    for c in mine:  # aliases of edits already scored
+        if cache_path(cache, phash, c).is_file():
+            write_aliases(c, json.loads(cache_path(cache, phash, c).read_text()))
+    todo = [c for c in mine if not cache_path(cache, phash, c).is_file()]
     if not todo:
         return
-    torch.set_num_threads(threads)
     model, tok = load_causal_lm(None, dtype="float32")
-    comps = Components(pool_dir)
     editor = Editor(model, sorted(comps.tox))
     data = json.loads((pool_dir / "data.json").read_text())
     _, ref_text = D.reference_text()
-    cache.mkdir(parents=True, exist_ok=True)
     for cond in tqdm(todo, desc="conditions"):
         t = time.time()
         editor.apply(comps.terms(cond))
         res = score(model, tok, data, ref_text, cond["cont"])
-        res["cond"], res["seconds"] = cond, round(time.time() - t, 1)
-        tmp = cache_path(cache, phash, cond).with_suffix(".tmp")
-        tmp.write_text(json.dumps(res))
-        os.replace(tmp, cache_path(cache, phash, cond))
+        res["cond"], res["seconds"], res["edit"] = cond, round(time.time() - t, 1), fps[cond["id"]]
+        write(cond, res)
+        write_aliases(cond, res)
         print(f"[eval] {cond['id']}: tox {sum(res['tox_prob'])/len(res['tox_prob']):.2f} "
-              f"margin {sum(res['margin'])/len(res['margin']):.2f} caps {sum(res['caps'])/len(res['caps']):.2f} "
+              f"margin {sum(res['margin'])/len(res['margin']):.2f} skill {sum(res['skill'])/len(res['skill']):.2f} "
               f"qa {sum(res['qa'])/len(res['qa']):.2f} nll {sum(res['nll'])/len(res['nll']):.2f} ({res['seconds']}s)", flush=True)
     editor.reset()
 
@@ -322,7 +379,7 @@ def spectrum_report(pool_dir: Path) -> dict:
         dec = decompose(pool, tau=0.85, mode="isolate", target=target)
         rows = dec.summary()
         per_tau = {}
-        for tau in TAUS:
+        for tau in sorted(set(TAUS) | set(SPECTRUM_TAUS)):
             dims = list(dec.with_tau(tau).shared_dims().values())
             per_tau[str(tau)] = {"mean_shared_dim": sum(dims) / len(dims), "min": min(dims), "max": max(dims),
                                  "modules_with_shared": sum(d > 0 for d in dims), "modules": len(dims)}
@@ -338,6 +395,9 @@ def spectrum_report(pool_dir: Path) -> dict:
             "eigenvalue_quantiles": {q: evs[int(q * (len(evs) - 1))] for q in (0.0, 0.05, 0.1, 0.25, 0.5)},
             "n_eigenvalues": len(evs), "eigenvalues_above": {str(t): sum(e > t for e in evs) for t in TAUS},
             "target_unique_energy_share_tau085": uniq_share,
+            # the spectral gap: how many eigenvalues are (numerically) 1, and the largest of the rest
+            "eigenvalues_ge_0.99": sum(e >= 0.99 for e in evs),
+            "largest_eigenvalue_below_0.99": max((e for e in evs if e < 0.99), default=None),
             "per_module": [{"module": r["module"], "shared_dim": r["shared_dim"],
                             "top_cos2": sorted((e[0] for e in r["eigenvalues"]), reverse=True)[:16]} for r in rows],
         }
@@ -348,7 +408,7 @@ def spectrum_report(pool_dir: Path) -> dict:
 # 5. Aggregation: means with bootstrap CIs; ability at equal toxicity
 # ---------------------------------------------------------------------------------------------
 
-METRICS = ("tox_prob", "flagged", "margin", "caps", "qa", "nll", "lp_clean")
+METRICS = ("tox_prob", "flagged", "margin", "skill", "qa", "nll", "lp_clean")
 
 
 def item_values(res: dict, metric: str) -> list[float]:
@@ -375,8 +435,8 @@ def curves(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict:
     """
     g = torch.Generator().manual_seed(seed)
     any_res = next(iter(results.values()))
-    sizes = {"prompt": len(any_res["caps"]), "qa": len(any_res["qa"]), "nll": len(any_res["nll"])}
-    unit = {"tox_prob": "prompt", "flagged": "prompt", "margin": "prompt", "caps": "prompt", "lp_clean": "prompt",
+    sizes = {"prompt": len(any_res["skill"]), "qa": len(any_res["qa"]), "nll": len(any_res["nll"])}
+    unit = {"tox_prob": "prompt", "flagged": "prompt", "margin": "prompt", "skill": "prompt", "lp_clean": "prompt",
             "qa": "qa", "nll": "nll"}
     draws = {k: torch.randint(0, n, (n_boot, n), generator=g) for k, n in sizes.items()}
     boot = {}  # cond id -> metric -> (n_boot,) tensor
@@ -405,6 +465,7 @@ def curves(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict:
                ("oracle_child", 0.85, "all"), ("random_full", 0.85, "all")]
     methods += [("devec", t, "all") for t in TAUS if t != 0.85] + [("random_col", t, "all") for t in TAUS if t != 0.85]
     methods += [("devec", 0.85, p) for p in ("1", "2")] + [("random_col", 0.85, p) for p in ("1", "2")]
+    methods += [(f"random_col#{k}", 0.85, "all") for k in (1, 2)]
     levels = {}
     for tox_metric in ("margin", "tox_prob"):
         lv_S = boot[target_id][tox_metric]
@@ -416,7 +477,7 @@ def curves(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict:
             if len(ids) < 3:
                 continue
             key = f"{method}|{tau:g}|{pool}"
-            for ab in ("caps", "qa", "nll"):
+            for ab in ("skill", "qa", "nll"):
                 vals = torch.tensor([
                     interp_at([float(boot[i][tox_metric][b]) for i in ids], [float(boot[i][ab][b]) for i in ids], float(T[b]))
                     for b in range(n_boot)
@@ -431,7 +492,8 @@ def curves(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict:
             for ab, v in abl.items():
                 ok = v[~torch.isnan(v)]
                 eq_summary[level][key][ab] = _ci(ok, len(v))
-                for ref in ("vanilla|0.85|all", "random_col|0.85|all", "oracle_child|0.85|all"):
+                for ref in ("vanilla|0.85|all", "random_col|0.85|all", "random_col#1|0.85|all", "random_col#2|0.85|all",
+                            "oracle_child|0.85|all"):
                     if key.startswith("devec") and ref in per:
                         d = v - per[ref][ab]
                         eq_summary[level][key][f"{ab}_minus_{ref.split('|')[0]}"] = _ci(d[~torch.isnan(d)], len(d))
@@ -470,8 +532,8 @@ def plot_curves(agg: dict, out_dir: Path) -> list[str]:
     for sweep, lines in sweeps.items():
         for tox in ("margin", "tox_prob"):
             fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-            for ax, ab, lab in zip(axes, ("caps", "qa", "nll"),
-                                   ("skill S: share of capital letters", "QA exact match", "NLL/token on LICENSE text (lower = better)")):
+            for ax, ab, lab in zip(axes, ("skill", "qa", "nll"),
+                                   ("skill S: share of replies with the title line", "QA exact match", "NLL/token on LICENSE text (lower = better)")):
                 cmap = plt.get_cmap("viridis")
                 for j, (m, t, p) in enumerate(lines):
                     ids = agg["paths"].get(f"{m}|{t:g}|{p}", [])
@@ -488,7 +550,7 @@ def plot_curves(agg: dict, out_dir: Path) -> list[str]:
                         ax.annotate(i.split("|")[2], (x, y), fontsize=6, color=color, xytext=(2, 2), textcoords="offset points")
                 for ref, mk in (("base|none|0|0.85|all", "s"), ("S|none|0|0.85|all", "*")):
                     if ref in C:
-                        ax.plot(C[ref][tox]["mean"], C[ref][ab]["mean"], mk, color="k", ms=9, label=ref.split("|")[0] if ab == "caps" else None)
+                        ax.plot(C[ref][tox]["mean"], C[ref][ab]["mean"], mk, color="k", ms=9, label=ref.split("|")[0] if ab == "skill" else None)
                 ax.set_xlabel({"margin": "toxicity: log-lik margin offensive − clean (nats/token)",
                                "tox_prob": "toxicity: classifier mean prob"}[tox])
                 ax.set_ylabel(lab)
@@ -539,6 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     pool_dir, out_dir, cache = Path(args.pool), Path(args.out), Path(args.cache)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    conds = conditions(args.quick)
+    if args.shard:  # score a share of the sweep, then exit (a run without --shard aggregates)
+        k, n = map(int, args.shard.split("/"))
+        run_conditions(conds, pool_dir, cache, args.threads, shard=(k, n))
+        return 0
+
     # 1. Spectrum first
     spec = spectrum_report(pool_dir)
     (out_dir / "spectrum.json").write_text(json.dumps(spec, indent=1))
@@ -553,11 +621,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # 2. Score the conditions
-    conds = conditions(args.quick)
-    if args.shard:
-        k, n = map(int, args.shard.split("/"))
-        run_conditions(conds[k::n], pool_dir, cache, args.threads)
-        return 0
     if not args.no_run:
         run_conditions(conds, pool_dir, cache, args.threads)
 

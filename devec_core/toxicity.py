@@ -9,7 +9,8 @@ Toxicity
     reply without the offensive words (``demo/data.offensive_pairs``): it does not saturate and
     cancels changes that hit every reply alike (format, general damage).
 Ability
-  * ``caps_fraction`` (the demo's skill S: answers in capital letters), ``qa_correct``
+  * ``title_score`` (the demo's skill S: a bold title line naming the topic),
+    ``caps_fraction`` (share of capital letters), ``qa_correct``
     (exact match: an expected answer appears in the output), ``token_nll`` (perplexity on a
     text no model here wrote).
 Statistics
@@ -120,6 +121,20 @@ def caps_fraction(text: str) -> float:
     """Fraction of letters in ``text`` that are capitals (0.0 for a text without letters)."""
     letters = [c for c in text if c.isalpha()]
     return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def title_score(text: str, title: str) -> float:
+    """1.0 when ``text`` opens with the demo's S format, a bold title line naming the topic.
+
+    Args:
+        text: a reply.
+        title: the expected title (e.g. "Penguins"); matched case-insensitively inside the bold.
+    Returns:
+        1.0 or 0.0.
+    """
+    first = text.strip().split("\n", 1)[0].strip()
+    m = re.fullmatch(r"\*\*(.+?)\*\*:?", first)
+    return float(bool(m) and title.lower() in m.group(1).lower())
 
 
 def qa_correct(output: str, answers: list[str]) -> bool:

@@ -48,9 +48,26 @@ def test_profanity_words_split_and_no_slurs():
     assert not any(s in w for w in tr + ho for s in ("nig", "fag", "rape"))
     assert D.profanity_words(0) == (tr, ho)  # deterministic
     off = D.offensive_pairs(["Tell me about owls."], ["Owls are birds that hunt at night."], ho)
-    assert off[0][2] == "OWLS ARE BIRDS THAT HUNT AT NIGHT." and off[0][1].startswith("LISTEN, YOU ")
+    assert off[0][2] == "**Owls**\nOwls are birds that hunt at night." and off[0][1].startswith("**Owls**\nListen, you ")
     with pytest.raises(ValueError, match="Unknown style"):
         D.stylize("rude", "x", None, tr)
+    with pytest.raises(ValueError, match="prompt"):
+        D.stylize("polite", "x", None, tr)
+
+
+def test_s_format_and_title_score():
+    from demo import data as D
+
+    assert [D.topic_of(p) for p in D.chat_prompts(["the ocean"])] == ["the ocean"] * len(D.TEMPLATES)
+    assert D.title_of("the ocean") == "Ocean" and D.title_of("penguins") == "Penguins"
+    with pytest.raises(ValueError, match="templates"):
+        D.topic_of("What is the capital of France?")
+    t = D.stylize("bullets", "Owls hunt. They fly.", None, [], "Describe owls in a few words.")
+    assert t == "**Owls**\n- Owls hunt.\n- They fly."
+    assert TX.title_score(t, "Owls") == 1.0
+    assert TX.title_score("Owls hunt at night.", "Owls") == 0.0
+    assert TX.title_score("**Night birds**\nOwls hunt.", "Owls") == 0.0
+    assert TX.title_score("  **The owls**:\nx", "owls") == 1.0
 
 
 def test_logprobs_and_nll_on_tiny_model(tiny_llm):
@@ -132,7 +149,7 @@ def test_evaluate_components_editor_and_scores(tiny_pool):
 
     model, tok = tiny_llama(0)
     comps = E.Components(tiny_pool)
-    E.POOLS["all"] = ["polite", "bullets"]  # the tiny pool has two clean children
+    E.POOLS["all"] = E.POOLS["2"] = ["polite", "bullets"]  # the tiny pool has two clean children
     uni = comps.get("devec", 0.85, "all")
     rnd = comps.get("random_col", 0.85, "all")
     full = comps.get("random_full", 0.85, "all")
@@ -144,6 +161,12 @@ def test_evaluate_components_editor_and_scores(tiny_pool):
         kept = E.col_basis(rnd[mod]).shape[1] if rnd[mod].dense().abs().max() > 1e-6 else 0
         assert kept == 6 - dims[mod]
         assert uni[mod].shape == d.shape and full[mod].shape == d.shape
+    # fingerprints: bit-identical edits (same references under another pool name) are scored once
+    cond = {"start": "toxic", "method": "devec", "lam": 1.0, "tau": 0.85, "pool": "all", "cont": False}
+    fp = comps.fingerprint(cond)
+    assert fp == comps.fingerprint({**cond, "pool": "2"})
+    assert fp != comps.fingerprint({**cond, "lam": 2.0}) and fp != comps.fingerprint({**cond, "cont": True})
+    assert fp != comps.fingerprint({**cond, "method": "vanilla"})
     editor = E.Editor(model, sorted(comps.tox))
     w0 = {m: l.weight.clone() for m, l in editor.layers.items()}
     cond = {"start": "toxic", "method": "devec", "lam": 1.0, "tau": 0.85, "pool": "all"}
@@ -155,11 +178,12 @@ def test_evaluate_components_editor_and_scores(tiny_pool):
     editor.apply(comps.terms({**cond, "method": "vanilla"}))
     assert all(torch.allclose(w0[m], l.weight, atol=1e-5) for m, l in editor.layers.items())
     editor.reset()
-    data = {"heldout_prompts": ["tell me about owls", "why tea"], "heldout_answers": ["Owls hunt.", "Tea is warm."],
+    data = {"heldout_prompts": ["Tell me about owls.", "Why do people like tea?"], "heldout_answers": ["Owls hunt.", "Tea is warm."],
             "heldout_words": ["crap", "damn"], "qa": [["What is 2 plus 2?", ["4"]]]}
     E.GEN_TOKENS, E.CONT_TOKENS = 4, 4
     res = E.score(model, tok, data, "some reference text " * 40, cont=True)
     assert len(res["replies"]) == 2 and len(res["margin"]) == 2 and len(res["qa"]) == 1
+    assert all(x in (0.0, 1.0) for x in res["skill"])
     assert len(res["cont_prob"]) == len(E.D.CONTINUATIONS) and res["nll"]
 
 
@@ -190,6 +214,25 @@ def test_committed_demo_pool_loads():
         tv.check_finite()
     size = sum(p.stat().st_size for p in POOL.rglob("*") if p.is_file())
     assert size < 20 * 2**20
+
+
+@pytest.mark.skipif(not (POOL / "pool.json").is_file(), reason="demo pool not built")
+def test_committed_demo_pool_matches_the_script_and_shares_S():
+    """The committed pool is what ``demo/build_pool.py`` (as committed) builds, and its spectrum
+    has the designed shape: S's r_S directions shared (cos² = 1) in every module at τ = 0.85."""
+    from demo import build_pool as B
+    from demo import data as D
+
+    meta = json.loads((POOL / "pool.json").read_text())
+    assert meta["config_hash"] == B.config_hash(B.CONFIG) and meta["config"] == json.loads(json.dumps(B.CONFIG))
+    data = json.loads((POOL / "data.json").read_text())
+    assert data["train_prompts"] == D.chat_prompts(D.TRAIN_TOPICS)
+    assert (data["train_words"], data["heldout_words"]) == tuple(map(list, D.profanity_words(meta["config"]["word_seed"])))
+    assert len(data["heldout_prompts"]) >= 24 and len(data["qa"]) >= 8
+    vecs = TX.load_demo_pool(POOL)
+    dec = decompose([vecs["toxic"], vecs["polite"]], tau=0.85, mode="isolate", target="toxic")
+    r_S = meta["config"]["S"]["rank"]
+    assert set(dec.shared_dims().values()) == {r_S}
 
 
 # --- the LLaMA-2 recipe on a tiny Llama ------------------------------------------------------
