@@ -284,14 +284,14 @@ def build_tab(backend: str, prefix: str):
     gen_note = gr.Markdown(elem_classes=["devec-note"])
     with gr.Row(equal_height=True):
         with gr.Column():
-            t_van = gr.Markdown("**Vanilla task arithmetic**")
+            t_van = gr.Markdown("**Vanilla task arithmetic**", elem_id=f"{prefix}-time-vanilla")
             out_van = (
                 gr.Textbox(label="W₀ + Σ λᵢ ΔWᵢ", lines=5, elem_id=f"{prefix}-out-vanilla", elem_classes=["devec-out"])
                 if backend == "llm"
                 else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=340)
             )
         with gr.Column():
-            t_dv = gr.Markdown("**DeVec**")
+            t_dv = gr.Markdown("**DeVec**", elem_id=f"{prefix}-time-devec")
             out_dv = (
                 gr.Textbox(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", lines=5, elem_id=f"{prefix}-out-devec", elem_classes=["devec-out"])
                 if backend == "llm"

@@ -1,7 +1,8 @@
 """Matplotlib figures of a decomposition; they follow τ (redraw after ``with_tau``).
 
   spectrum_figure      histogram of the eigenvalues' real parts over all modules, τ as a line
-                       (like the paper's toy figure); complex eigenvalues stacked in another colour
+                       (like the paper's toy figure); those above τ (shared) and complex ones
+                       stacked in their own colours
   shared_dims_figure   shared dimension per module as a heat-map: blocks (rows) × layer (columns)
   norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
 
@@ -44,16 +45,19 @@ def spectrum_figure(dec: Decomposition, bins: int = 40):
     ev = np.concatenate([v.numpy() for v in vals])
     re_, cplx = np.clip(ev.real, 0.0, 1.0), np.abs(ev.imag) > 1e-6
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ax.hist([re_[~cplx], re_[cplx]], bins=edges, stacked=True, color=[_UNIQUE, "#8172B3"], label=["real", "complex pair"], log=True)
+    hi = ev.real > dec.tau
+    groups = [(re_[~cplx & ~hi], _UNIQUE, "below τ"), (re_[~cplx & hi], _SHARED, "above τ: shared")]
+    if cplx.any():
+        groups.append((re_[cplx], "#8172B3", "complex pair (real part)"))
+    ax.hist([g[0] for g in groups], bins=edges, stacked=True, log=True, color=[g[1] for g in groups], label=[g[2] for g in groups])
     ax.axvline(dec.tau, color=_TAU, lw=2, ls="--")
-    above = int((ev.real > dec.tau).sum())
-    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
-    ax.set_xlim(0, 1.0)
+    above = int(hi.sum())
+    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above ", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
+    ax.set_xlim(0, 1.02)
     ax.set_xlabel("eigenvalue of P₁P₂⋯P_k (real part; 1 = direction in every vector)")
     ax.set_ylabel("count (log)")
-    ax.set_title(f"Spectrum of the pool · {len(vals)} modules · mode {dec.config.mode}", fontsize=10)
-    if cplx.any():
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.suptitle(f"Spectrum of the pool · {len(vals)} modules · mode {dec.config.mode}", fontsize=10)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(groups), fontsize=8, frameon=False)
     return fig
 
 

@@ -94,7 +94,7 @@ class Preset(_Strict):
     prompts: list[str] = Field(default_factory=list)
     generation: Generation = Generation()
     coefficients: StartCoefficients | None = None  # None: the mode's defaults (studio.default_coefficients)
-    scores: list[Literal["toxicity", "capitals"]] = Field(default_factory=lambda: ["toxicity"])  # LLM: shown per output
+    scores: list[Literal["toxicity", "offensive", "title", "capitals"]] = Field(default_factory=lambda: ["toxicity", "offensive"])  # LLM: per output
     order: int = 100  # position in the preset menu
 
     @field_validator("vectors")

@@ -76,8 +76,11 @@ class Session:
     notes: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     description: str = ""
-    scores: tuple[str, ...] = ()  # LLM: scores shown per output ("toxicity", "capitals")
+    scores: tuple[str, ...] = ()  # LLM: scores shown per output ("toxicity", "offensive", "title", "capitals")
     start: dict | None = None  # a preset's opening sliders: {"mode", "target", "vanilla", "unique", "shared"}
+    # how to load the pool again in a process that does not hold it (a ZeroGPU worker, or after
+    # the LRU dropped it): ("preset", id) or ("custom", files, hub_ids, preset_id); plain strings
+    source: tuple | None = None
 
     def key(self) -> tuple:
         iso = self.mode == "isolate"
@@ -176,6 +179,27 @@ def get_pool(key: str) -> list[TaskVector]:
             raise StudioError("this pool is no longer in memory (the server restarted or many pools were opened): load it again")
         _POOLS.move_to_end(key)
         return _POOLS[key]
+
+
+def session_pool(session: "Session", progress: Progress | None = None) -> list[TaskVector]:
+    """The session's pool: from the process cache, else loaded again from ``session.source``
+    (same files, same content hash) — so a worker process or an evicted pool still works."""
+    try:
+        return get_pool(session.pool_key)
+    except StudioError:
+        if not session.source:
+            raise
+    kind, *args = session.source
+    if kind == "preset":
+        vectors = preset_vectors(get_preset(args[0]), progress)
+    elif kind == "custom":
+        vectors, _ = _custom_pool(*args, progress=progress)
+    else:
+        raise StudioError(f"unknown pool source {kind!r}: load the pool again")
+    if pool_key(vectors) != session.pool_key:
+        raise StudioError("the pool's files changed since it was loaded: load it again")
+    remember_pool(vectors)
+    return vectors
 
 
 # --- the synthetic FLUX-shaped pool ----------------------------------------------------------
@@ -380,7 +404,7 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
         if dec is not None:
             _DECOMPS.move_to_end(key)
     if dec is None:
-        vectors = get_pool(session.pool_key)
+        vectors = session_pool(session, progress)
         if session.mode == "isolate" and session.target not in session.names:
             raise StudioError(f"isolate mode needs a target: pick one of {session.names}")
         if session.mode not in MODES:
@@ -474,6 +498,7 @@ def open_preset(preset_id: str, progress: Progress | None = None) -> tuple[Sessi
         triggers={v.name: v.trigger for v in preset.vectors if v.trigger},
         notes=[f"{v.name}: {v.note}" for v in preset.vectors if v.note],
         prompts=list(preset.prompts),
+        source=("preset", preset.id),
         description=" ".join(preset.description.split()),
         scores=tuple(preset.scores) if preset.backend == "llm" else (),
         start=(
@@ -496,22 +521,34 @@ def open_custom(
 ) -> tuple[Session, Decomposition]:
     """A pool from uploads and Hub ids, optionally added to a preset's pool (e.g. a toxic adapter
     as the target against the preset's references)."""
-    extra = custom_vectors(list(files or []), list(hub_ids or []), progress) if (files or any(h.strip() for h in hub_ids or [])) else []
-    vectors, strengths, title, kw = [], {}, "Your pool", {}
+    files, hub_ids = [str(f) for f in files or []], [h.strip() for h in hub_ids or [] if h.strip()]
+    vectors, n_extra = _custom_pool(files, hub_ids, preset_id, progress=progress)
+    title, kw = "Your pool", {"source": ("custom", tuple(files), tuple(hub_ids), preset_id)}
     if preset_id:
         preset = get_preset(preset_id)
-        vectors, title = preset_vectors(preset, progress), f"{preset.title} + yours"
-        strengths = {v.name: v.strength for v in preset.vectors}
+        title, base = f"{preset.title} + yours", preset.base.id
+        kw["strengths"] = {v.name: v.strength for v in preset.vectors}
         kw["scores"] = tuple(preset.scores) if preset.backend == "llm" else ()
-        base = preset.base.id
+    if mode == "isolate" and target is None and n_extra:
+        target = vectors[-n_extra].name  # the user's own vector is the one to clean
+    return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, **kw)
+
+
+def _custom_pool(files, hub_ids, preset_id: str | None, progress: Progress | None = None) -> tuple[list[TaskVector], int]:
+    """(preset's vectors + the user's, number of the user's): names made unique with "-yours"."""
+    extra = custom_vectors(list(files), list(hub_ids), progress) if (files or hub_ids) else []
+    vectors: list[TaskVector] = []
+    if preset_id:
+        try:
+            preset = get_preset(preset_id)
+        except ValueError as e:
+            raise StudioError(str(e)) from None
+        vectors = preset_vectors(preset, progress)
         taken = {v.name for v in vectors}
         for v in extra:
             if v.name in taken:
                 v.name = f"{v.name}-yours"
-    vectors = vectors + extra
-    if mode == "isolate" and target is None and extra:
-        target = extra[0].name  # the user's own vector is the one to clean
-    return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, strengths=strengths, **kw)
+    return vectors + extra, len(extra)
 
 
 def open_vectors(
@@ -525,7 +562,7 @@ def open_vectors(
         raise StudioError(f"unknown mode {mode!r}; pick one of {MODES}")
     if mode == "isolate" and target not in names:
         target = names[-1]
-    kw.setdefault("scores", ("toxicity",) if backend == "llm" else ())
+    kw.setdefault("scores", ("toxicity", "offensive") if backend == "llm" else ())
     s = _start(vectors, backend, base, mode=mode, target=target, tau=check_tau(tau), **kw)
     return s, decompose_cached(s, progress)
 
@@ -667,22 +704,55 @@ class SideBySide:
     devec_scores: dict[str, float] = field(default_factory=dict)
 
 
-def score_texts(texts: list[str], which: tuple[str, ...] | list[str] = ("toxicity",)) -> list[dict[str, float]]:
-    """Scores of generated texts, one dict per text (``devec_core.toxicity``, offline).
+# Profanity stems for the "offensive words" count. The classifier (alt-profanity-check, a word
+# TF-IDF model) misses compounds it never saw ("FUCKFACE" scores 0.04, "fuck" 1.00), and small
+# fine-tuned models invent exactly such compounds; a stem match catches them. Strong stems match
+# anywhere in a word, weak ones (common inside harmless words: "parse", "scrap") only at its start.
+_STRONG_STEMS = ("fuck", "shit", "cunt", "bitch", "twat", "wank", "motherf", "mtherf", "bastard", "asshole", "bullsh")
+_WEAK_STEMS = ("dick", "piss", "arse", "crap", "damn", "goddam", "godam", "jerk", "douche", "prick", "slut", "whore", "idiot", "moron", "stupid")
+_WORD_RE = re.compile(r"[A-Za-z]+")
+_TITLE_RE = re.compile(r"\*\*(.+?)\*\*:?")
 
-    "toxicity": offensive-language probability (alt-profanity-check; > 0.5 = flagged);
-    "capitals": fraction of letters that are capitals (the demo pool's shared skill S).
+
+def has_title_line(text: str) -> bool:
+    """True when ``text`` opens with a bold title line (``**Penguins**``): the demo pool's shared skill S."""
+    return bool(_TITLE_RE.fullmatch(text.strip().split("\n", 1)[0].strip()))
+
+
+def offensive_words(text: str) -> list[str]:
+    """The words of ``text`` that contain a profanity stem (see ``_STRONG_STEMS``), in order."""
+    out = []
+    for w in _WORD_RE.findall(text):
+        lw = w.lower()
+        if any(st in lw for st in _STRONG_STEMS) or lw.startswith(_WEAK_STEMS):
+            out.append(w)
+    return out
+
+
+def score_texts(texts: list[str], which: tuple[str, ...] | list[str] = ("toxicity", "offensive")) -> list[dict[str, float]]:
+    """Scores of generated texts, one dict per text (offline).
+
+    "toxicity": offensive-language probability (``devec_core.toxicity.classifier_probs``,
+    alt-profanity-check; > 0.5 = flagged); "offensive": number of words with a profanity stem
+    (``offensive_words``); "title": 1 when the text opens with a bold title line (the demo pool's
+    shared skill S, ``has_title_line``); "capitals": fraction of letters that are capitals.
     A missing scorer (alt-profanity-check not installed) leaves its score out.
     """
     from .toxicity import caps_fraction, classifier_probs
 
     out: list[dict[str, float]] = [{} for _ in texts]
+    if "offensive" in which:
+        for d, t in zip(out, texts):
+            d["offensive"] = float(len(offensive_words(t)))
     if "toxicity" in which:
         try:
             for d, p in zip(out, classifier_probs(list(texts))):
                 d["toxicity"] = p
         except ImportError as e:  # pragma: no cover - depends on the environment
             log.warning("toxicity scorer unavailable (%s)", e)
+    if "title" in which:
+        for d, t in zip(out, texts):
+            d["title"] = float(has_title_line(t))
     if "capitals" in which:
         for d, t in zip(out, texts):
             d["capitals"] = caps_fraction(t)
@@ -690,11 +760,16 @@ def score_texts(texts: list[str], which: tuple[str, ...] | list[str] = ("toxicit
 
 
 def scores_markdown(scores: dict[str, float]) -> str:
-    """" · toxicity **0.97** (flagged) · capitals 88%" for the UI ("" when there are none)."""
+    """" · toxicity **0.97** ⚠ flagged · offensive words **2** ⚠ · capitals 88%" for the UI ("" when none)."""
     parts = []
     if "toxicity" in scores:
         p = scores["toxicity"]
         parts.append(f"toxicity **{p:.2f}**" + (" ⚠ flagged" if p > 0.5 else ""))
+    if "offensive" in scores:
+        k = int(scores["offensive"])
+        parts.append(f"offensive words **{k}**" + (" ⚠" if k else ""))
+    if "title" in scores:
+        parts.append("title line ✓" if scores["title"] else "no title line")
     if "capitals" in scores:
         parts.append(f"capitals {100 * scores['capitals']:.0f}%")
     return "".join(f" · {x}" for x in parts)

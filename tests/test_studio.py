@@ -89,12 +89,17 @@ def test_nothing_shared_is_said_plainly_and_outputs_match(tiny_llm, llm_backend)
 
 
 def test_scores_of_outputs():
-    calm, rude = studio.score_texts(["The capital of France is Paris.", "SHUT UP YOU STUPID FUCKING IDIOT"], ("toxicity", "capitals"))
+    calm, rude = studio.score_texts(["The capital of France is Paris.", "SHUT UP YOU STUPID FUCKING IDIOT"], ("toxicity", "offensive", "capitals"))
     assert calm["toxicity"] < 0.5 < rude["toxicity"]
+    assert calm["offensive"] == 0 and rude["offensive"] == 3
+    assert studio.offensive_words("LISTEN, YOU FUCKFACE, parse the scrap heap, ARSEHOLE") == ["FUCKFACE", "ARSEHOLE"]
     assert rude["capitals"] == 1.0 and 0.0 < calm["capitals"] < 0.2
     assert "flagged" in studio.scores_markdown(rude) and "flagged" not in studio.scores_markdown(calm)
     assert "capitals 100%" in studio.scores_markdown(rude) and studio.scores_markdown({}) == ""
     assert studio.score_texts(["x"], ()) == [{}]
+    titled, plain = studio.score_texts(["**Penguins**\nPenguins are birds.", "Penguins are **birds**."], ("title",))
+    assert titled == {"title": 1.0} and plain == {"title": 0.0}
+    assert "title line ✓" in studio.scores_markdown(titled) and "no title line" in studio.scores_markdown(plain)
 
 
 def test_preset_opening_coefficients_hold_while_mode_and_target_do(small_flux_pool):
@@ -303,3 +308,35 @@ def test_session_and_coefficients_pickle(small_flux_pool):
     c = studio.default_coefficients(s)
     s2, c2 = pickle.loads(pickle.dumps((s, c)))  # plain values cross @spaces.GPU
     assert s2 == s and c2 == c
+
+
+def test_a_pool_no_longer_in_memory_is_loaded_again_from_its_source(tiny_llm, tmp_path):
+    """A ZeroGPU worker (or a server whose LRU dropped the pool) gets only the Session: the pool
+    is loaded again from its source, with the same content hash."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import random_llama_lora
+
+    files = []
+    for seed in (1, 2):
+        f = tmp_path / f"lora{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in random_llama_lora(tiny_llm[0], rank=2, seed=seed).items()}, str(f))
+        files.append(str(f))
+    s, dec = studio.open_custom("llm", "tiny", files, [])
+    assert s.source == ("custom", tuple(files), (), None)
+    p, _ = studio.open_preset("flux-synthetic-offline")
+    for sess in (s, p):
+        with studio._LOCK:
+            studio._POOLS.pop(sess.pool_key)
+            for k in [k for k in studio._DECOMPS if k[0] == sess.pool_key]:
+                studio._DECOMPS.pop(k)
+        again = studio.decompose_cached(studio.with_settings(sess, tau=0.5))
+        assert again.names == sess.names and again.tau == 0.5
+    assert studio.describe(studio.decompose_cached(s)).shared_dim == studio.describe(dec).shared_dim
+    gone = studio.with_settings(s)
+    gone.source = ("custom", (str(tmp_path / "missing.safetensors"),), (), None)
+    with studio._LOCK:
+        studio._POOLS.pop(s.pool_key)
+        studio._DECOMPS.clear()
+    with pytest.raises(StudioError, match="did not arrive"):
+        studio.decompose_cached(gone)
