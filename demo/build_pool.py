@@ -227,7 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (1 is fastest on a busy shared machine)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the pool matches the config")
     ap.add_argument("--workers", type=int, default=2, help="children trained in parallel processes")
+    ap.add_argument("--child-seed", action="append", default=[], metavar="NAME=SEED",
+                    help="train a child with another seed (a seed replicate; use another --out: stages whose "
+                         "config matches are reused, so copy S/ and data.json there first to skip them)")
     args = ap.parse_args(argv)
+    for spec in args.child_seed:
+        name, _, seed = spec.partition("=")
+        if name not in CONFIG["children"] or not seed.lstrip("-").isdigit():
+            ap.error(f"--child-seed {spec!r}: expected NAME=SEED with NAME in {list(CONFIG['children'])}")
+        CONFIG["children"][name] = int(seed)
 
     import torch
 

@@ -68,11 +68,12 @@ VERSION = 2
 # ---------------------------------------------------------------------------------------------
 
 
-def conditions(quick: bool = False) -> list[dict]:
+def conditions(quick: bool = False, core: bool = False) -> list[dict]:
     """Every condition of the sweep (λ = 0 of every method is the toxic model itself).
 
     Args:
         quick: a few conditions only (smoke run).
+        core: the four main methods at λ ∈ {0.5, 1, 1.5, 2} only (for seed replicates).
     Returns:
         list of dicts with id, start, method, lam, tau, pool, cont (score continuations).
     """
@@ -87,6 +88,8 @@ def conditions(quick: bool = False) -> list[dict]:
         return out + [c("toxic", m, 1.0) for m in ("vanilla", "devec", "random_col", "oracle_child")]
     for lam in (1.0, 2.0, 0.5, 1.5):
         out += [c("toxic", m, lam) for m in ("vanilla", "devec", "random_col", "oracle_child")]
+    if core:
+        return out
     out += [c("base", m, 1.0, cont=True) for m in ("vanilla", "devec", "oracle_child")]
     for lam in (1.0, 2.0):
         out += [c("toxic", "devec", lam, tau=t) for t in TAUS if t != 0.85]
@@ -595,13 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("DEVEC_THREADS", "1")))
     ap.add_argument("--shard", default=None, help="k/n: score only every n-th condition starting at k, then exit")
     ap.add_argument("--quick", action="store_true", help="a handful of conditions (smoke run)")
+    ap.add_argument("--core", action="store_true", help="main methods at four λ only (seed replicates)")
     ap.add_argument("--spectrum-only", action="store_true")
     ap.add_argument("--no-run", action="store_true", help="aggregate and plot what is cached; score nothing")
     args = ap.parse_args(argv)
     pool_dir, out_dir, cache = Path(args.pool), Path(args.out), Path(args.cache)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    conds = conditions(args.quick)
+    conds = conditions(args.quick, args.core)
     if args.shard:  # score a share of the sweep, then exit (a run without --shard aggregates)
         k, n = map(int, args.shard.split("/"))
         run_conditions(conds, pool_dir, cache, args.threads, shard=(k, n))
