@@ -118,7 +118,10 @@ def _pool_outputs(session: studio.Session, dec, new_pool: bool = True):
 
 
 def _tau_outputs(session, dec):
-    return [session, studio.describe(dec).markdown, *plots.all_figures(dec)]
+    # τ goes back into its slider: Gradio 6.31 otherwise puts the slider's previous value back when
+    # the next event starts after τ was typed or moved with the keyboard (the report said one τ,
+    # generation used another)
+    return [session, session.tau, studio.describe(dec).markdown, *plots.all_figures(dec)]
 
 
 def _coefficients(session, values):
@@ -311,7 +314,7 @@ def build_tab(backend: str, prefix: str):
 
     # --- events ---
     pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm, prompt]
-    tau_outs = [state, report, p_spec, p_dims, p_norm]
+    tau_outs = [state, tau, report, p_spec, p_dims, p_norm]
     coef_in = [*vans, *unis, shared]
     preset.input(on_preset, [preset], pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2)
     load.click(make_on_custom(backend), [files, hub, base, add_to, preset, mode, tau], pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1)

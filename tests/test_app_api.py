@@ -1,0 +1,147 @@
+"""The app's API through gradio_client against a launched app on 127.0.0.1 (offline presets,
+the real SmolLM2-135M-Instruct): load a pool, move τ, generate side by side, export, and see
+that bad inputs come back as errors while the server keeps serving.
+"""
+
+import os
+import socket
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N = None  # MAX_VECTORS, set by the fixture
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    old = os.environ.get("DEVEC_CACHE_DIR")  # a fresh cache: the first load converts SmolLM2's GGUF
+    os.environ["DEVEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("devec_cache"))
+    import app
+    from devec_core import studio
+
+    global N
+    N = studio.MAX_VECTORS
+    demo = app.build_demo()
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    if old is None:
+        os.environ.pop("DEVEC_CACHE_DIR", None)
+    else:
+        os.environ["DEVEC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def _coefs(vanilla, unique, shared=0.0):
+    pad = lambda xs: list(xs) + [0.0] * (N - len(xs))  # noqa: E731
+    return [*pad(vanilla), *pad(unique), shared]
+
+
+def test_llm_offline_preset_end_to_end(client, tmp_path):
+    from devec_core import studio
+
+    preset = studio.get_preset(studio.default_preset("llm"))
+    out = client.predict(preset.id, api_name="/llm_preset")
+    info = out[0]
+    report = next(x for x in out if isinstance(x, str) and "τ = " in x)
+    assert "smollm2" in info and "τ = 0.85" in report
+    box = out[-1]["value"] if isinstance(out[-1], dict) else out[-1]  # an update of the prompt box
+    assert box == preset.prompts[0]  # the preset's first prompt fills the prompt box
+    names = preset.names
+
+    # τ re-threshold: the report follows
+    new_tau, rep = client.predict(0.3, api_name="/llm_tau")[:2]
+    assert new_tau == 0.3 and "τ = 0.30" in rep  # τ goes back into the slider with the report
+
+    # side by side on the real SmolLM2 at the preset's opening coefficients (toxicity removal:
+    # vanilla drops the whole toxic vector, DeVec only its unique part), each output scored
+    c = preset.coefficients
+    van, dv, t_van, t_dv, note = client.predict(
+        0.85, *_coefs([c.vanilla.get(n, 0.0) for n in names], [c.unique.get(n, 0.0) for n in names], c.shared),
+        preset.prompts[0], 0, 16, api_name="/llm_generate",
+    )
+    assert van.strip() and dv.strip() and van != dv
+    assert " s" in t_van and "DeVec" in t_dv
+    assert "toxicity" in t_van and "offensive words" in t_dv
+    assert "no title line" in t_van and "title line ✓" in t_dv  # vanilla loses S, DeVec keeps it
+
+    # export: a zip of PEFT adapter folders
+    files = client.predict(0.85, api_name="/llm_export")
+    assert files and str(files[0]).endswith(".zip")
+
+
+def test_llm_wrong_base_and_bad_upload_are_errors(client, tmp_path):
+    """A LoRA made for another model (the tiny test Llama) decomposes, but generating with it on
+    SmolLM2 is refused with what to do; a non-safetensors upload is refused before reading."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import random_llama_lora, tiny_llama
+
+    model, _ = tiny_llama()
+    for seed in (1, 2):
+        save_file({k: v.contiguous() for k, v in random_llama_lora(model, rank=2, seed=seed).items()}, str(tmp_path / f"other{seed}.safetensors"))
+    ups = [handle_file(str(tmp_path / f"other{s}.safetensors")) for s in (1, 2)]
+    client.predict(ups, "", "smollm2", False, None, "joint", 0.85, api_name="/llm_custom")
+    with pytest.raises(AppError, match="another base model"):
+        client.predict(0.85, *_coefs([1.0, 1.0], [1.0, 1.0]), "hello", 0, 4, api_name="/llm_generate")
+    bad = tmp_path / "adapter.bin"
+    bad.write_bytes(b"\x80\x04 not a LoRA")
+    with pytest.raises(AppError, match="safetensors|file type|Invalid"):
+        client.predict([handle_file(str(bad))], "", "smollm2", False, None, "joint", 0.85, api_name="/llm_custom")
+
+
+def test_bad_inputs_are_errors_and_the_server_survives(client):
+    from gradio_client.exceptions import AppError
+
+    from devec_core import studio
+
+    client.predict(studio.default_preset("flux"), api_name="/flux_preset")
+    with pytest.raises(AppError, match="minimum|τ"):  # τ = 0: refused (by the slider's bounds)
+        client.predict(0.0, api_name="/flux_tau")
+    with pytest.raises(AppError, match="SYNTHETIC"):
+        client.predict(0.85, *_coefs([1.0] * 5, [1.0] * 5), "a fox", 0, 2, 256, 256, api_name="/flux_generate")
+    with pytest.raises(AppError, match="not in the list of choices|Unknown preset"):
+        client.predict("no-such-preset", api_name="/flux_preset")
+    with pytest.raises(AppError, match="empty"):
+        client.predict([], "", "smollm2", False, None, "joint", 0.85, api_name="/llm_custom")
+    # still serving, state intact
+    assert "τ = 0.90" in client.predict(0.9, api_name="/flux_tau")[1]
+
+
+def test_sessions_do_not_share_state(app_url):
+    from gradio_client import Client
+
+    from devec_core import studio
+
+    a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    fid = studio.default_preset("flux")
+    a.predict(fid, api_name="/flux_preset")
+    b.predict(fid, api_name="/flux_preset")
+    ra = a.predict(0.5, api_name="/flux_tau")[1]
+    rb = b.predict(0.99, api_name="/flux_tau")[1]
+    assert "τ = 0.50" in ra and "τ = 0.99" in rb
+    c = Client(app_url, verbose=False)  # a new visitor has no pool until they pick one
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="no pool loaded"):
+        c.predict(0.5, api_name="/flux_tau")
