@@ -518,6 +518,12 @@ STYLE = {"vanilla": "tab:red", "devec": "tab:blue", "random_col": "tab:gray", "r
          "oracle_child": "tab:green"}
 
 
+def _rel(f: Path) -> str:
+    """A path relative to the repository when it lies inside it (as written into results.json)."""
+    f = f.resolve()
+    return str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f)
+
+
 def plot_curves(agg: dict, out_dir: Path) -> list[str]:
     """Kept ability vs toxicity (error bars = 95% bootstrap CIs), one PNG per sweep."""
     import matplotlib
@@ -564,7 +570,7 @@ def plot_curves(agg: dict, out_dir: Path) -> list[str]:
             f = out_dir / f"ability_vs_{tox}_{sweep}.png"
             fig.savefig(f, dpi=110)
             plt.close(fig)
-            files.append(str(f.relative_to(ROOT)))
+            files.append(_rel(f))
     return files
 
 
@@ -587,7 +593,7 @@ def plot_spectrum(spec: dict, out_dir: Path) -> str:
     f = out_dir / "spectrum.png"
     fig.savefig(f, dpi=110)
     plt.close(fig)
-    return str(f.relative_to(ROOT))
+    return _rel(f)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,3 +258,19 @@ def test_recipe_trains_dora_two_steps_and_evaluates(tmp_path):
     assert set(res["per_group"]) == {"asian", "women"} and 0.0 <= res["percent_toxic"] <= 100.0
     cmd = R.lm_eval_command("meta-llama/Llama-2-7b-hf", adapter=str(out))
     assert cmd[0] == "lm_eval" and "mmlu" in ",".join(cmd) and any(a.startswith("pretrained=") for a in cmd)
+
+
+def test_recipe_reads_toxigen_prompts_and_prints_lm_eval(tmp_path, capsys):
+    from recipes.llama2_toxicity import recipe as R
+
+    (tmp_path / "hate_asian_1k.txt").write_text("- a\\n- b\n- c\n\n- d\n", encoding="utf-8")
+    (tmp_path / "hate_women_1k.txt").write_text("- x\n", encoding="utf-8")
+    got = R.read_toxigen_prompts(tmp_path, n_per_group=2)
+    assert set(got) == {"asian", "women"} and len(got["asian"]) == 2 and got["women"] == ["- x"]
+    assert set(R.read_toxigen_prompts(tmp_path, n_per_group=10)["asian"]) == {"- a\n- b", "- c", "- d"}
+    assert R.read_toxigen_prompts(tmp_path, 2) == got  # seeded shuffle
+    with pytest.raises(FileNotFoundError, match="TOXIGEN"):
+        R.read_toxigen_prompts(tmp_path / "none")
+    assert R.main(["lm-eval", "--model", "m", "--adapter", "a"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lm_eval --model hf --model_args pretrained=m,dtype=bfloat16,peft=a --tasks mmlu,gsm8k,bbh,tydiqa")
