@@ -60,7 +60,7 @@ def test_pick_preset_move_tau_and_coefficient_generate(app_url):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app_url)
-            # the page opens the offline preset for each visitor; pick it explicitly too
+            # the page opens the offline preset for each visitor
             page.wait_for_function("document.querySelector('#llm-report')?.innerText.includes('τ =')", timeout=120_000)
             # pick it explicitly: the prompt box is emptied first, and the preset fills it again
             # with its first prompt once the pick's event has finished (no race with what follows)
