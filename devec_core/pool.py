@@ -223,7 +223,14 @@ def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: 
             else:
                 norms.append(D.sq_norm_from_grams(Gpp, GA[p]))
                 _check_finite(norms[-1], vectors[members[p]].name, mods)  # before any eigh
-                T.append(D.lowrank_basis(Gpp, GA[p], D.rank_rtol(n, m, dtype))[0])
+                T.append(None)  # below: one batched call for the LoRA members of each width
+        rtol = D.rank_rtol(n, m, dtype)
+        for w in {widths[p] for p in range(len(members)) if T[p] is None}:
+            ps = [p for p in range(len(members)) if T[p] is None and widths[p] == w]
+            GB = torch.stack([G[:, offsets[p] : offsets[p] + w, offsets[p] : offsets[p] + w] for p in ps], 1)
+            Ts = D.lowrank_basis(GB, torch.stack([GA[p] for p in ps], 1), rtol)[0]  # (b, len(ps), w, w)
+            for j, p in enumerate(ps):
+                T[p] = Ts[:, j]
         ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
         blocks.append(_Block(mods, members, (n, m), F, A, W, scale, G, offsets, GA, T, ranks, torch.stack(norms, -1)))
         done += len(mods)
