@@ -386,8 +386,6 @@ class WeightEditor:
                 if dev.type == "cuda":  # pinned host memory: faster copies back to the GPU
                     keep = keep.pin_memory()
             self._orig[path] = keep
-            if keep.dtype == torch.float32:
-                self._amax[path] = float(keep.abs().max()) if keep.numel() else 0.0
 
     def _stacked(self, path: str, lows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B_1 | … | B_k], [A_1; …; A_k] and each column's term index, cached per module for its
@@ -440,7 +438,9 @@ class WeightEditor:
         Bc, Ac, col = self._stacked(path, terms)
         lam = torch.tensor([x for x, _ in terms], dtype=torch.float32, device=Bc.device)[col]
         Bl = Bc * lam
-        bound = self._amax.get(path, float("inf")) + float(Bl.norm(dim=1).max()) * float(Ac.norm(dim=0).max())
+        if path not in self._amax:  # once per weight, and only where this path applies
+            self._amax[path] = float(orig.abs().max()) if orig.numel() else 0.0
+        bound = self._amax[path] + float(Bl.norm(dim=1).max()) * float(Ac.norm(dim=0).max())
         if not bound < torch.finfo(torch.float32).max / 4:  # also False for NaN
             return False
         torch.addmm(orig, Bl, Ac, out=p.data)

@@ -8,7 +8,9 @@ Fixtures (session scope, shared by every test — restore any weights you change
 Need a private copy to mutate freely? Call tiny_flux_pipeline() / tiny_llama() yourself.
 """
 
+import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -44,3 +46,26 @@ def tiny_flux_loras(tiny_flux):
 @pytest.fixture(scope="session")
 def tiny_llm_loras(tiny_llm):
     return [random_llama_lora(tiny_llm[0], rank=4, seed=s) for s in (1, 2, 3)]
+
+
+@contextlib.contextmanager
+def launched_app(cache_dir: Path):
+    """``app.build_demo()`` served on a free localhost port with its own DEVEC_CACHE_DIR (restored
+    afterwards); yields the URL. Used by the API and browser tests."""
+    old = os.environ.get("DEVEC_CACHE_DIR")
+    os.environ["DEVEC_CACHE_DIR"] = str(cache_dir)
+    import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app.build_demo()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        if old is None:
+            os.environ.pop("DEVEC_CACHE_DIR", None)
+        else:
+            os.environ["DEVEC_CACHE_DIR"] = old

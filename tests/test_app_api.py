@@ -4,7 +4,6 @@ that bad inputs come back as errors while the server keeps serving.
 """
 
 import os
-import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -15,32 +14,15 @@ pytestmark = pytest.mark.slow
 N = None  # MAX_VECTORS, set by the fixture
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    old = os.environ.get("DEVEC_CACHE_DIR")  # a fresh cache: the first load converts SmolLM2's GGUF
-    os.environ["DEVEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("devec_cache"))
-    import app
     from devec_core import studio
+    from tests.conftest import launched_app
 
     global N
     N = studio.MAX_VECTORS
-    demo = app.build_demo()
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    if old is None:
-        os.environ.pop("DEVEC_CACHE_DIR", None)
-    else:
-        os.environ["DEVEC_CACHE_DIR"] = old
+    with launched_app(tmp_path_factory.mktemp("devec_cache")) as url:  # fresh cache: converts SmolLM2's GGUF
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Skipped cleanly when Chromium or Playwright is missing.
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -22,27 +21,15 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 SHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api")
-    os.environ.setdefault("DEVEC_CACHE_DIR", str(tmp_path_factory.mktemp("devec_cache")))
-    import app
+    from tests.conftest import launched_app
 
-    demo = app.build_demo()
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched_app(tmp_path_factory.mktemp("devec_cache")) as url:
+        yield url
 
 
 def _value(page, sel: str) -> str:
