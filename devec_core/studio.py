@@ -396,6 +396,15 @@ def _disk_cache():
         return None
 
 
+def _device_option() -> dict:
+    """{"device": "cpu"} on ZeroGPU (the main process has no GPU; ``spaces`` only emulates one),
+    else {} (Config's "auto"): see ``devec_core.hosting.decomposition_device``."""
+    from .hosting import decomposition_device
+
+    dev = decomposition_device()
+    return {} if dev == "auto" else {"device": dev}
+
+
 def decompose_cached(session: Session, progress: Progress | None = None) -> Decomposition:
     """The session's decomposition at its τ; computed once per (pool, mode, target)."""
     key = session.key()
@@ -418,13 +427,13 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
             try:  # a broken or stale cache entry must never stop the app: recompute instead
                 from .pool import Config
 
-                key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs))
+                key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs, **_device_option()))
                 dec = disk.get(key_d, 0.85)
             except Exception as e:  # noqa: BLE001
                 log.warning("decomposition cache read failed (%s); recomputing", e)
         if dec is None:
             try:
-                dec = decompose(vectors, tau=0.85, mode=session.mode, target=target, references=refs, progress=progress)
+                dec = decompose(vectors, tau=0.85, mode=session.mode, target=target, references=refs, progress=progress, **_device_option())
             except ValueError as e:
                 raise StudioError(f"decomposition failed: {e}") from None
             if disk is not None and key_d is not None:
@@ -779,18 +788,37 @@ def get_llm_backend(base: str):
     """The causal-LM backend for a base model, loaded once per process and shared (its lock
     isolates requests: apply + generate happen atomically)."""
     from .backends.llm import LLMBackend
+    from .hosting import llm_device, remember_device
 
     with _LOCK:
         key = ("llm", base)
         if key not in _BACKENDS:
+            device = llm_device(base)  # SmolLM2: the CPU everywhere (never a GPU request)
+            if device != "cpu":
+                _check_gpu_load("llm", base)
             try:
-                _BACKENDS[key] = LLMBackend.load(base, device="cuda" if torch.cuda.is_available() else "cpu")
+                _BACKENDS[key] = LLMBackend.load(base, device=device)
+                remember_device(_BACKENDS[key])
             except Exception as e:
                 raise StudioError(
                     f"could not load the base model {base!r}: {e}. Hub models need network access "
                     f"(and HF_TOKEN if gated); 'smollm2' works offline."
                 ) from None
         return _BACKENDS[key]
+
+
+def _check_gpu_load(kind: str, base: str) -> None:
+    """On ZeroGPU a GPU model can only be built at startup (module scope, ``hosting.preload``):
+    later, in a request, ZeroGPU's CUDA emulation refuses it. Say which bases this Space has."""
+    from .hosting import loading_allowed
+
+    if not loading_allowed():
+        have = [b for k, b in _BACKENDS if k == kind] or ["none"]
+        raise StudioError(
+            f"this ZeroGPU Space loads its GPU models at startup only; {base!r} is not one of them "
+            f"(loaded: {', '.join(have)}). Add it to DEVEC_PRELOAD_{kind.upper()} in the Space's "
+            f"settings, or run the Studio on a GPU machine or a plain GPU Space."
+        )
 
 
 def _wrong_base(e: Exception, base: str) -> StudioError:
@@ -800,8 +828,22 @@ def _wrong_base(e: Exception, base: str) -> StudioError:
     )
 
 
-def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> SideBySide:
-    """Vanilla and DeVec answers to one prompt (greedy; same seed and settings), with timings."""
+@dataclass
+class GenerationJob:
+    """One side-by-side generation, ready to run: what the main process prepares (checks, the
+    decomposition, the two mixes) for wherever the model runs. Plain data and the two mixes; on
+    ZeroGPU the mixes are packed first (``hosting.pack_mixes``: CPU tensors, picklable)."""
+
+    kind: str  # "llm" | "flux"
+    base: str
+    prompt: str  # FLUX: with the active vectors' trigger words
+    mixes: list  # [vanilla, DeVec]
+    settings: dict  # llm: max_new_tokens, seed · flux: steps, width, height, seed
+    note: str = ""
+
+
+def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> GenerationJob:
+    """Prepare a vanilla-vs-DeVec answer (decomposition and mixes on this process's device)."""
     if session.backend != "llm":
         raise StudioError("this pool is for the FLUX tab")
     prompt = (prompt or "").strip()
@@ -810,15 +852,56 @@ def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, 
     max_new_tokens = max(1, min(int(max_new_tokens), 512))
     dec = decompose_cached(session)
     van, dv = build_mixes(dec, c)
-    backend = get_llm_backend(session.base)
-    try:
-        a, b = backend.side_by_side(prompt, [van, dv], max_new_tokens=max_new_tokens, seed=int(seed))
-    except ValueError as e:
-        raise _wrong_base(e, session.base) from None
     rep = describe(dec)
-    ta, tb = a.text.strip(), b.text.strip()
-    sa, sb = score_texts([ta, tb], session.scores) if session.scores else ({}, {})
-    return SideBySide(ta, tb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, rep.markdown if rep.nothing_shared else "", sa, sb)
+    return GenerationJob("llm", session.base, prompt, [van, dv], {"max_new_tokens": max_new_tokens, "seed": int(seed)}, rep.markdown if rep.nothing_shared else "")
+
+
+def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> GenerationJob:
+    """Prepare vanilla-vs-DeVec images (decomposition and mixes on this process's device)."""
+    why = flux_can_generate(session)
+    if why:
+        raise StudioError(why)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
+    full = f"{prompt}, {trig}" if trig else prompt
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c)
+    w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
+    return GenerationJob("flux", session.base, full, [van, dv], {"steps": max(1, int(steps)), "width": w, "height": h, "seed": int(seed)})
+
+
+def job_backend(job: GenerationJob):
+    """The shared backend that renders ``job`` (loaded once per process)."""
+    return get_llm_backend(job.base) if job.kind == "llm" else get_flux_backend(job.base)
+
+
+def run_job(job: GenerationJob) -> SideBySide:
+    """Render both mixes with the same seed and settings. Returns plain data (text or PIL images,
+    timings): what a ZeroGPU worker sends back. No scores (they are CPU work: ``score_job``)."""
+    backend = job_backend(job)
+    try:
+        a, b = backend.side_by_side(job.prompt, list(job.mixes), **job.settings)
+    except ValueError as e:
+        raise _wrong_base(e, job.base) from None
+    if job.kind == "llm":
+        va, vb = a.text.strip(), b.text.strip()
+    else:
+        va, vb = a.image, b.image
+    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, job.note)
+
+
+def score_job(session: Session, r: SideBySide) -> SideBySide:
+    """Add the session's text scores to an LLM result (in the calling process)."""
+    if session.scores:
+        r.vanilla_scores, r.devec_scores = score_texts([r.vanilla, r.devec], session.scores)
+    return r
+
+
+def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> SideBySide:
+    """Vanilla and DeVec answers to one prompt (greedy; same seed and settings), with timings."""
+    return score_job(session, run_job(llm_job(session, c, prompt, seed, max_new_tokens)))
 
 
 FLUX_NEEDS = (
@@ -838,12 +921,15 @@ def flux_can_generate(session: Session) -> str | None:
 
 def get_flux_backend(base: str):
     from .backends.flux import FluxBackend
+    from .hosting import remember_device
 
     with _LOCK:
         key = ("flux", base)
         if key not in _BACKENDS:
+            _check_gpu_load("flux", base)
             try:
                 _BACKENDS[key] = FluxBackend.load(base)
+                remember_device(_BACKENDS[key])
             except Exception as e:
                 raise StudioError(f"could not load {base!r}: {e}. " + FLUX_NEEDS) from None
         return _BACKENDS[key]
@@ -851,23 +937,7 @@ def get_flux_backend(base: str):
 
 def generate_flux(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> SideBySide:
     """Vanilla and DeVec images with the same seed (needs FLUX.1-schnell and a GPU)."""
-    why = flux_can_generate(session)
-    if why:
-        raise StudioError(why)
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StudioError("write a prompt first")
-    trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
-    full = f"{prompt}, {trig}" if trig else prompt
-    dec = decompose_cached(session)
-    van, dv = build_mixes(dec, c)
-    backend = get_flux_backend(session.base)
-    w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
-    try:
-        a, b = backend.side_by_side(full, [van, dv], steps=max(1, int(steps)), width=w, height=h, seed=int(seed))
-    except ValueError as e:
-        raise _wrong_base(e, session.base) from None
-    return SideBySide(a.image, b.image, a.switch_s + a.generate_s, b.switch_s + b.generate_s)
+    return run_job(flux_job(session, c, prompt, seed, steps, width, height))
 
 
 # ---------------------------------------------------------------------------------------------

