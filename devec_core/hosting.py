@@ -37,6 +37,8 @@ Public API:
                                            components they use, CPU tensors, picklable
     PackedSource                           a mix source of plain data (``component``, ``vectors``)
     cuda_tensors(obj) -> list[str]         paths of CUDA tensors inside an object (for checks)
+    cpu_requirements(space_text) -> str    requirements-cpu.txt from requirements.txt (CPU torch);
+                                           ``python -m devec_core.hosting`` rewrites the file
 """
 
 from __future__ import annotations
