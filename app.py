@@ -37,14 +37,22 @@ def _llm_seconds(job: studio.GenerationJob) -> int:
     return hosting.llm_duration(job.settings["max_new_tokens"])
 
 
+def _run_packed(job: studio.GenerationJob) -> studio.SideBySide:
+    try:
+        return studio.run_job(job)
+    finally:
+        if hosting.on_zerogpu():  # each call brings a new packed source: drop the last one's factors
+            studio.job_backend(job).editor.clear_cache()
+
+
 @hosting.gpu(duration=_flux_seconds)
 def _generate_flux_gpu(job: studio.GenerationJob) -> studio.SideBySide:
-    return studio.run_job(job)
+    return _run_packed(job)
 
 
 @hosting.gpu(duration=_llm_seconds)
 def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide:
-    return studio.run_job(job)
+    return _run_packed(job)
 
 
 def run_generation(job: studio.GenerationJob) -> studio.SideBySide:
