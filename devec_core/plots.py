@@ -2,7 +2,9 @@
 
   spectrum_figure      histogram of the eigenvalues' real parts over all modules, τ as a line
                        (like the paper's toy figure); those above τ (shared) and complex ones
-                       stacked in their own colours
+                       stacked in their own colours; the chance level (expected counts for random
+                       subspaces of the same ranks, devec_core.chance) as a grey step line and the
+                       suggested τ as a dotted marker
   shared_dims_figure   shared dimension per module as a heat-map: blocks (rows) × layer (columns)
   norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
 
@@ -16,6 +18,7 @@ import re
 
 import numpy as np
 
+from .chance import ChanceReport, pool_chance
 from .pool import Decomposition
 
 _UNIQUE, _SHARED, _TAU = "#4C72B0", "#DD8452", "#C44E52"
@@ -29,8 +32,9 @@ def _figure(w: float, h: float):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def spectrum_figure(dec: Decomposition, bins: int = 40):
-    """Histogram of Re(eigenvalue) of the chained projections over every module, with τ.
+def spectrum_figure(dec: Decomposition, bins: int = 40, chance: ChanceReport | None = None):
+    """Histogram of Re(eigenvalue) of the chained projections over every module, with τ, the
+    chance level (``chance``; computed when None) and the suggested τ.
 
     Returns:
         A matplotlib Figure.
@@ -50,6 +54,15 @@ def spectrum_figure(dec: Decomposition, bins: int = 40):
     if cplx.any():
         groups.append((re_[cplx], "#8172B3", "complex pair (real part)"))
     ax.hist([g[0] for g in groups], bins=edges, stacked=True, log=True, color=[g[1] for g in groups], label=[g[2] for g in groups])
+    chance = chance if chance is not None else pool_chance(dec, bins=bins)
+    if len(chance.null_hist) == bins:  # expected count per bin under the null, floored for the log axis
+        exp_counts = np.asarray(chance.null_hist)
+        exp_counts = np.where(exp_counts >= 0.05, exp_counts, np.nan)  # nothing expected: no line
+        ax.stairs(exp_counts, edges, color="#555555", lw=1.5, label="chance level")
+    if chance.suggested_tau is not None:
+        ax.axvline(chance.suggested_tau, color="#2a9d8f", lw=1.5, ls=":")
+        ax.text(chance.suggested_tau, 0.03, f" suggested τ {chance.suggested_tau:.2f}", color="#2a9d8f", fontsize=8,
+                rotation=90, va="bottom", ha="right", transform=ax.get_xaxis_transform())
     ax.axvline(dec.tau, color=_TAU, lw=2, ls="--")
     above = int(hi.sum())
     ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above ", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
@@ -57,7 +70,7 @@ def spectrum_figure(dec: Decomposition, bins: int = 40):
     ax.set_xlabel("eigenvalue of P₁P₂⋯P_k (real part; 1 = direction in every vector)")
     ax.set_ylabel("count (log)")
     fig.suptitle(f"Spectrum of the pool · {len(vals)} modules · mode {dec.config.mode}", fontsize=10)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(groups), fontsize=8, frameon=False)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(groups) + 1), fontsize=7, frameon=False)
     return fig
 
 

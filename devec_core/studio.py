@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from .chance import pool_chance
 from .pool import Decomposition, decompose
 from .presets import Preset, get_preset, list_presets
 from .taskvec import Delta, Dense, LowRank, TaskVector
@@ -616,6 +617,8 @@ class Report:
     shared_energy: float  # fraction of the pool's ‖ΔW‖² in shared parts
     nothing_shared: bool
     markdown: str
+    regime: str = "none"  # devec_core.chance: shared | weak | chance | saturated | none
+    suggested_tau: float | None = None
 
 
 def describe(dec: Decomposition) -> Report:
@@ -660,9 +663,11 @@ def describe(dec: Decomposition) -> Report:
             f"(total dimension {total_dim}); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
             f"Largest eigenvalue {max_eig:.2f}."
         )
+    ch = pool_chance(dec)
+    md += f"\n\n{ch.message}"
     if mode == "joint" and len(dec.names) > 1:
         md += f"\n\nPool order matters (the shared subspace is found inside the first vector's, `{dec.names[0]}`)."
-    return Report(n_shared, len(dims), total_dim, max_eig, max_mod, frac, total_dim == 0, md)
+    return Report(n_shared, len(dims), total_dim, max_eig, max_mod, frac, total_dim == 0, md, ch.regime, ch.suggested_tau)
 
 
 # ---------------------------------------------------------------------------------------------
