@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tau", type=float, default=0.85, help="threshold for the overlap's shared dimension")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--quiet", action="store_true")
+
+    from .merge_cli import add_parser as add_mix_parser
+
+    add_mix_parser(sub)
     return p
 
 
@@ -332,7 +336,9 @@ def run_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    run = {"decompose": run_decompose, "inspect": run_inspect}[args.command]
+    from .merge_cli import run_mix
+
+    run = {"decompose": run_decompose, "inspect": run_inspect, "mix": run_mix}[args.command]
     try:
         return run(args)
     except (ValueError, OSError) as e:  # FormatError is a ValueError
