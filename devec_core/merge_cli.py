@@ -171,16 +171,28 @@ def run_mix(args) -> int:
 
 
 def _write_model(vectors, merged, base: str, dest: Path, meta: dict) -> Path:
-    """Load the base (an LLM, or a FLUX pipeline's transformer), fuse, save_pretrained."""
+    """Load the base (an LLM, or a FLUX pipeline's transformer), fuse, save_pretrained (+ its tokenizer)."""
     from .merge.writeout import write_model
 
     families = {v.meta.get("family") for v in vectors}
+    tok = None
     if families == {"flux"}:
         from .models import load_flux_pipeline
 
         root = load_flux_pipeline(base, dtype="float32").transformer
-    else:
+    elif base.lower() == "smollm2" or base.endswith(".gguf"):
         from .models import load_causal_lm
 
-        root, _ = load_causal_lm(base, dtype="float32")
-    return write_model(root, merged, dest, metadata=meta)
+        root, tok = load_causal_lm(base, dtype="float32")
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        root = AutoModelForCausalLM.from_pretrained(base, dtype="float32").eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError):  # a weights-only folder: the model is still written
+            tok = None
+    path = write_model(root, merged, dest, metadata=meta)
+    if tok is not None:
+        tok.save_pretrained(str(path))
+    return path
