@@ -81,6 +81,12 @@ def test_trim_keeps_the_largest_entries(density):
     assert int((got != 0).sum()) == int(density * d.numel())
 
 
+def test_trim_keeps_exactly_k_when_magnitudes_tie_at_the_cut():
+    d = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 2.0])
+    assert trim(d, 0.5).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 2.0]  # k = 3: 2.0, then the first two ±1
+    assert trim(torch.zeros(4), 0.5).tolist() == [0.0] * 4
+
+
 @pytest.mark.parametrize("density", [0.2, 0.6, 1.0])
 @pytest.mark.parametrize("sign", ["total", "frequency"])
 def test_ties_equals_the_paper_entry_by_entry(density, sign):
