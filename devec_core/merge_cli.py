@@ -115,7 +115,7 @@ def run_mix(args) -> int:
     from .cli import _names_for
     from .export import export_family
     from .formats import load_pool
-    from .merge.engine import _pair_weights, _weights_for, iter_merge, merge, settings
+    from .merge.engine import _pair_weights, _weights_for, iter_merge, merge, merged_extras, settings
     from .merge.registry import get_method, resolve_params
     from .pool import METHOD_VERSION
 
@@ -151,7 +151,7 @@ def run_mix(args) -> int:
             from .merge.writeout import write_lora
 
             stream = iter_merge(vectors, method.name, cfg.weights, **kw)
-            extras = merge(vectors, "ta", w).extras if any(v.extras for v in vectors) else None
+            extras = merged_extras(vectors, w) or None
             base_config = next((v.meta.get("config") for v in vectors if v.meta.get("config")), None)
             if base_config is None and family == "peft":
                 base_config = {"base_model_name_or_path": next((v.meta.get("base") for v in vectors if v.meta.get("base")), None),

@@ -229,3 +229,26 @@ def test_cli_mix_bad_input_fails_cleanly(tmp_path, peft_inputs, capsys, argv, ms
     code, _, err = _run(["mix", *paths, *argv, "--out", str(out)], capsys)
     assert code == 1 and msg in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_cli_mix_flux_full_model_writes_the_fused_transformer(tmp_path, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    from tests.tiny_models import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "base")
+    paths = []
+    for s in (1, 2):
+        p = tmp_path / f"style{s}.safetensors"
+        save_file(random_flux_lora(pipe.transformer, rank=4, seed=s), str(p))
+        paths.append(str(p))
+    code, _, err = _run(["mix", *paths, "--method", "devec_ties", "--density", "0.5", "--coef", "1", "0.5", "--format", "model",
+                         "--base", str(tmp_path / "base"), "--out", str(tmp_path / "full")], capsys)
+    assert code == 0, err
+    merged = merge(load_pool(paths), "devec_ties", [1.0, 0.5], density=0.5)
+    want = _fused_weights(pipe.transformer, merged)
+    got = FluxTransformer2DModel.from_pretrained(str(tmp_path / "full"))
+    for n, p in got.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n], atol=1e-6, rtol=1e-6)
+    assert json.loads((tmp_path / "full" / "devec_merge.json").read_text())["merge"]["method"] == "devec_ties"

@@ -186,13 +186,19 @@ def merge(
     modules = dict(iter_merge(vectors, m.name, weights, convention=convention, dtype=dtype, decomposition=decomposition,
                               pair_weights=pair_weights, **params))
     w = _weights_for([v.name for v in vectors], weights)
-    extras: dict[str, torch.Tensor] = {}
-    for v in vectors:
-        for key, t in v.extras.items():
-            extras[key] = extras.get(key, 0) + w[v.name] * t.to(dtype)
+    extras = merged_extras(vectors, w, dtype)
     meta = {"merge": settings(m, p, w, [v.name for v in vectors], convention,
                               _pair_weights([v.name for v in vectors], w, pair_weights) if m.is_devec else None)}
     return TaskVector(name, modules, extras, meta)
+
+
+def merged_extras(vectors: Sequence[TaskVector], weights: dict[str, float], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Parameters that are not matrices (biases), merged linearly: Σ_i w_i · extra_i."""
+    extras: dict[str, torch.Tensor] = {}
+    for v in vectors:
+        for key, t in v.extras.items():
+            extras[key] = extras.get(key, 0) + weights[v.name] * t.to(dtype)
+    return extras
 
 
 def settings(method: MergeMethod, params: dict, weights: dict, names: list[str], convention: str, pair_weights: dict | None) -> dict:
