@@ -3,7 +3,7 @@
     mix INPUT... --method devec|ta|ties|dare_linear|dare_ties|magnitude_prune|devec_ties|... \
         [--coef C | --coef C1 C2 ... | --coef name=C ...] [--pair-coef C | --pair-coef a+b=C ...] \
         [--density D] [--seed S] [--majority-sign total|frequency] [--convention peft|mergekit] \
-        [--tau T] [--rank R] [--format peft|diffusers|model] [--base MODEL] [--config merge.yaml] --out PATH
+        [--tau T] [--parts unique|delta] [--rank R] [--format peft|diffusers|model] [--base MODEL] [--config merge.yaml] --out PATH
 
 Writes one LoRA — a PEFT folder or a diffusers FLUX ``.safetensors`` (default: the inputs'
 family) — exact (factors concatenated for ta/devec; numerical-rank SVD factors of each dense module
@@ -42,6 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--majority-sign", choices=("total", "frequency"), help="TIES/DARE-TIES sign election")
     p.add_argument("--convention", choices=("peft", "mergekit"), help="how weights enter TIES/DARE (default peft)")
     p.add_argument("--tau", type=float, help="DeVec: eigenvalue threshold (default 0.85)")
+    p.add_argument("--parts", choices=("unique", "delta"), help="DeVec: merge the unique parts (default) or the original vectors, "
+                                                                "each pair's shared vector added as an extra task vector")
     p.add_argument("--names", help="comma-separated names, one per input (default: file names)")
     p.add_argument("--rank", type=int, help="compress the LoRA to this rank (SVD on the factors; error reported)")
     p.add_argument("--format", choices=("peft", "diffusers", "model"), help="output: LoRA layout, or the merged model (needs --base)")
@@ -85,7 +87,8 @@ def config_from_args(args):
             raise ValueError("--pair-coef takes one number for every pair, or a+b=C pairs")
         base["pair_weights"] = pair
     params = dict(base.get("params") or {})
-    for key, val in (("density", args.density), ("seed", args.seed), ("majority_sign", args.majority_sign), ("tau", args.tau)):
+    for key, val in (("density", args.density), ("seed", args.seed), ("majority_sign", args.majority_sign), ("tau", args.tau),
+                     ("parts", args.parts)):
         if val is not None:
             params[key] = val
     base["params"] = params

@@ -359,6 +359,18 @@ def test_devec_merge_is_unique_parts_plus_each_pair_shared_vector():
     assert out.meta["merge"]["pair_weights"] == pws
 
 
+def test_devec_with_parts_delta_adds_shared_vectors_to_the_originals():
+    vecs = _vectors()
+    dec = decompose(vecs, tau=0.85, mode="pairwise")
+    out = merge(vecs, "devec", [1.0, 0.5, 2.0], decomposition=dec, pair_weights=0.4, parts="delta")
+    for mod, d in out.modules.items():
+        ref = sum(w * v.modules[mod].dense() for w, v in zip([1.0, 0.5, 2.0], vecs))
+        ref = ref + 0.4 * sum(dec.component("pair_shared", p)[mod].dense() for p in ("t0+t1", "t0+t2", "t1+t2"))
+        torch.testing.assert_close(d.dense(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        merge(vecs, "devec", 1.0, decomposition=dec, parts="shared")
+
+
 def test_devec_ties_is_ties_over_unique_parts_plus_shared_added_once():
     vecs = _vectors()
     dec = decompose(vecs, tau=0.85, mode="pairwise")

@@ -124,7 +124,7 @@ def iter_merge(
         dec = decomposition if decomposition is not None else _pairwise(vectors, p["tau"], dtype)
         if dec.config.mode != "pairwise" or list(dec.names) != names:
             raise ValueError(f"DeVec merges need a pairwise decomposition of {names}; got mode {dec.config.mode!r} of {list(dec.names)}")
-        parts = [dec.component("unique", n) for n in names]
+        parts = [dec.component("unique", n) for n in names] if p["parts"] == "unique" else [v.modules for v in vectors]
         pw = _pair_weights(names, w, pair_weights)
         shared = {pn: dec.component("pair_shared", pn) for pn in pw if pw[pn] != 0.0}
     else:
@@ -174,7 +174,7 @@ def merge(
         pair_weights: DeVec methods: one coefficient for every pair's shared vector, or "a+b" →
             coefficient; default: the mean of the pair's two weights.
         params: the method's parameters (density, seed, majority_sign, elect_on, normalize,
-            rescale, tau); see ``registry``.
+            rescale; DeVec: tau, parts = "unique" | "delta"); see ``registry``.
 
     Returns:
         TaskVector(name, module → LowRank (task arithmetic, devec) or Dense, extras merged

@@ -14,6 +14,11 @@ from enum import Enum
 from . import dare, magnitude_prune, task_arithmetic, ties
 
 DEVEC_PAPER = "https://arxiv.org/abs/2512.22511"
+# DeVec merges: what the method runs over besides the pairs' shared vectors. "unique" (default): the
+# unique parts U_i (the shared directions then enter once, through S_ab). "delta": the original
+# vectors, the S_ab as *additional* task vectors (the abstract's wording, "shared components as
+# additional task vectors"; the paper's §4.1 setup is read both ways, so both are offered).
+DEVEC_PARTS = ("unique", "delta")
 
 
 class MethodName(str, Enum):
@@ -88,7 +93,7 @@ for _base in (MethodName.task_arithmetic, MethodName.ties, MethodName.dare_linea
     _b = METHODS[_base]
     _name = MethodName.devec if _base == MethodName.task_arithmetic else MethodName("devec_" + _base.value)
     register(MergeMethod(
-        _name, DEVEC_PAPER, _b.dense, {**_b.params, "tau": 0.85}, base=_base,
+        _name, DEVEC_PAPER, _b.dense, {**_b.params, "tau": 0.85, "parts": "unique"}, base=_base,
         doc=f"{_base.value} over the unique parts + each pair's shared vector added once with its own coefficient",
     ))
 
@@ -116,7 +121,7 @@ def resolve_params(method: MergeMethod, params: dict, convention: str = "peft") 
         out["density"] = magnitude_prune.check_density(out["density"])
     if "seed" in out and not isinstance(out["seed"], int):
         raise ValueError(f"seed must be an integer; got {out['seed']!r}")
-    for key, allowed in (("majority_sign", ties.SIGN_METHODS), ("elect_on", ties.ELECT_ON), ("normalize", ties.NORMALIZE), ("rescale", dare.RESCALE)):
+    for key, allowed in (("parts", DEVEC_PARTS), ("majority_sign", ties.SIGN_METHODS), ("elect_on", ties.ELECT_ON), ("normalize", ties.NORMALIZE), ("rescale", dare.RESCALE)):
         if key in out and out[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}; got {out[key]!r}")
     return out
