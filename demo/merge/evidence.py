@@ -137,7 +137,21 @@ def bootstrap(merged: list[int], own: list[int], n: int = 1000, seed: int = 0) -
     return point, lo, hi
 
 
-METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "devec", "devec_ties", "devec_dare_ties"]
+METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "devec", "devec:parts=delta", "devec_ties",
+           "devec_dare_ties"]
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """"devec:parts=delta" -> ("devec", {"parts": "delta"}); numbers become floats."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        try:
+            params[k] = float(v)
+        except ValueError:
+            params[k] = v
+    return name, params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=300)
     ap.add_argument("--grid", default="0.5,0.75,1.0")
     ap.add_argument("--tau", type=float, default=0.85)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=";".join(METHODS), help="';'-separated registry names, optionally name:key=value,...")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps, 4 items: checks the pipeline only")
     args = ap.parse_args(argv)
@@ -242,19 +256,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. every method, λ from the grid on validation
     results = {}
-    for method in args.methods.split(","):
+    for method in args.methods.split(";"):
         best, best_score = None, -1.0
         for lam in grid:
             key = f"{method}@{lam}"
             t1 = time.perf_counter()
-            merged = merge(vecs, method, lam, decomposition=dec if method.startswith("devec") else None)
+            name, params = parse_method(method)
+            merged = merge(vecs, name, lam, decomposition=dec if name.startswith("devec") else None, **params)
             state.setdefault("merge_seconds", {}).setdefault(key, time.perf_counter() - t1)
             val = scored(key + "/val", vanilla(VectorPool([merged]), {"merged": 1.0}), "val")
             norm = [sum(val[t]) / max(1, sum(own_val[t])) for t in tasks]
             s = sum(norm) / len(norm)
             if s > best_score:
                 best, best_score = lam, s
-        merged = merge(vecs, method, best, decomposition=dec if method.startswith("devec") else None)
+        name, params = parse_method(method)
+        merged = merge(vecs, name, best, decomposition=dec if name.startswith("devec") else None, **params)
         test = scored(f"{method}@{best}/test", vanilla(VectorPool([merged]), {"merged": 1.0}), "test")
         per = {t: bootstrap(test[t], own[t]) for t in tasks}
         allm = [x for t in tasks for x in test[t]]
