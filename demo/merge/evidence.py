@@ -237,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ed = WeightEditor(model)
 
-    def scored(key: str, mixsrc, split: str) -> dict:
+    def scored(key: str, mixsrc, split: str, only: list[str] | None = None, qa: bool = True) -> dict:
         if key not in state.setdefault("scores", {}):
             ed.apply(mixsrc)
-            res = evaluate(model, tok, data, split, tasks)
-            if split == "test":
+            res = evaluate(model, tok, data, split, only or tasks)
+            if split == "test" and qa:
                 res["qa"] = qa_items(model, tok)[1]
             ed.restore()
             state["scores"][key] = res
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     # individual fine-tunes (each at λ = 1) and the base
     pool = VectorPool(vecs)
     base = scored("base/test", None, "test")
-    own = {t: scored(f"own:{t}/test", vanilla(pool, {t: 1.0}), "test")[t] for t in tasks}
-    own_val = {t: scored(f"own:{t}/val", vanilla(pool, {t: 1.0}), "val")[t] for t in tasks}
+    own = {t: scored(f"own:{t}/test", vanilla(pool, {t: 1.0}), "test", [t], qa=False)[t] for t in tasks}
+    own_val = {t: scored(f"own:{t}/val", vanilla(pool, {t: 1.0}), "val", [t])[t] for t in tasks}
 
     # 4. every method, λ from the grid on validation
     results = {}
