@@ -19,6 +19,10 @@ import gradio as gr  # noqa: E402
 
 from devec_core import hosting, plots, studio  # noqa: E402
 from devec_core.studio import MAX_VECTORS, Coefficients, StudioError  # noqa: E402
+from devec_core.merge.engine import pair_names  # noqa: E402
+from devec_core.merge.studio_mix import LEFT_METHODS, left_label  # noqa: E402
+
+MAX_PAIRS = MAX_VECTORS * (MAX_VECTORS - 1) // 2  # pairwise mode: one slider per pair's shared vector
 
 
 # --- hosting: GPU entry points (ZeroGPU rules: README "Hosting on a Hugging Face Space") -------
@@ -62,7 +66,8 @@ def run_generation(job: studio.GenerationJob) -> studio.SideBySide:
     if not hosting.runs_on_gpu(studio.job_backend(job)):
         return studio.run_job(job)
     if hosting.on_zerogpu():
-        job = dataclasses.replace(job, mixes=hosting.pack_mixes(job.mixes))
+        # one packed source per side: a TIES/DARE left side is its own merged vector, not the decomposition's
+        job = dataclasses.replace(job, mixes=[hosting.pack_mixes([m])[0] for m in job.mixes])
     return (_generate_flux_gpu if job.kind == "flux" else _generate_llm_gpu)(job)
 
 
@@ -82,7 +87,9 @@ vector's squared norm is shared vs unique.
 **Modes.** *joint*: one subspace shared by all vectors (style mixing, paper §4.2). *pairwise*: what each pair shares
 (merging, §4.1). *isolate*: what the target shares with any reference is removed from it; negate the rest (toxicity, §4.3).
 **Coefficients.** Vanilla: W₀ + Σ λᵢ ΔWᵢ. DeVec: W₀ + Σ λᵢᵘ Uᵢ + λˢ S. Pool order matters: the shared subspace is found
-inside the first vector's.
+inside the first vector's. *Pairwise*: untick "link all pairs" for one λ per pair's shared vector (S_ab).
+**Left side.** Compare DeVec with the merge you would otherwise use: vanilla task arithmetic, TIES or DARE
+(same λᵢ, `density` = fraction of entries kept). **Download this mix** writes both sides as LoRAs, settings in the metadata.
 """
 
 CSS = """
@@ -149,9 +156,36 @@ def _pool_outputs(session: studio.Session, dec, new_pool: bool = True):
         *vans,
         *unis,
         gr.Slider(value=coef.shared),
+        *_pair_outputs(session, coef.shared),
         *plots.all_figures(dec),
         gr.Textbox(value=session.prompts[0]) if new_pool and session.prompts else gr.skip(),
     ]
+
+
+def _pair_outputs(session, shared: float):
+    """Pairwise mode: the pair box and one slider per pair (label "a+b"), all at λˢ, linked."""
+    pairs = pair_names(session.names) if session.mode == "pairwise" else []
+    out = [gr.Group(visible=bool(pairs)), gr.Checkbox(value=True)]
+    for i in range(MAX_PAIRS):
+        if i < len(pairs):
+            out.append(gr.Slider(value=shared, label=f"{pairs[i]} · shared λ", visible=True, interactive=False))
+        else:
+            out.append(gr.Slider(value=0.0, visible=False))
+    return out
+
+
+def _with_merge(session, coef, left, density, link, *pair_values):
+    """The left side's method and (pairwise, unlinked) the per-pair λ's into the coefficients."""
+    coef.left = LEFT_METHODS.get(left, "task_arithmetic")
+    coef.density = float(density) if coef.left != "task_arithmetic" else None
+    if session.mode == "pairwise" and not link:
+        coef.pairs = {p: float(v) for p, v in zip(pair_names(session.names), pair_values)}
+    return coef
+
+
+def on_link(link, shared):
+    """Linked: every pair slider follows λˢ (and is locked); unlinked: they move on their own."""
+    return [gr.Slider(value=shared, interactive=False) if link else gr.Slider(interactive=True) for _ in range(MAX_PAIRS)]
 
 
 def _tau_outputs(session, dec):
@@ -219,11 +253,12 @@ def on_generate_llm(session, tau, *args):
     n = 2 * MAX_VECTORS + 1
     session = studio.with_settings(_need(session), tau=tau)
     prompt, seed, max_new = args[n], args[n + 1], args[n + 2]
-    job = studio.llm_job(session, _coefficients(session, args[:n]), prompt, int(seed), int(max_new))
+    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n + 3 :])
+    job = studio.llm_job(session, coef, prompt, int(seed), int(max_new))
     r = studio.score_job(session, run_generation(job))
     return (
         r.vanilla, r.devec,
-        _timing("Vanilla task arithmetic", r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
+        _timing(left_label(coef.left), r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
         r.note,
     )
 
@@ -233,18 +268,26 @@ def on_generate_flux(session, tau, *args):
     n = 2 * MAX_VECTORS + 1
     session = studio.with_settings(_need(session), tau=tau)
     prompt, seed, steps, width, height = args[n : n + 5]
-    coef = _coefficients(session, args[:n])
+    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n + 5 :])
     why = studio.flux_can_generate(session)
     if why:
         raise StudioError(why)
     r = run_generation(studio.flux_job(session, coef, prompt, int(seed), int(steps), int(width), int(height)))
-    return r.vanilla, r.devec, _timing("Vanilla task arithmetic", r.vanilla_s), _timing("DeVec", r.devec_s), r.note
+    return r.vanilla, r.devec, _timing(left_label(coef.left), r.vanilla_s), _timing("DeVec", r.devec_s), r.note
 
 
 @_ui_errors
 def on_export(session, tau):
     session = studio.with_settings(_need(session), tau=tau)
     return [str(p) for p in studio.export_parts(session)]
+
+
+@_ui_errors
+def on_download(session, tau, *args):
+    n = 2 * MAX_VECTORS + 1
+    session = studio.with_settings(_need(session), tau=tau)
+    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n:])
+    return [str(p) for p in studio.download_mix(session, coef)]
 
 
 @_ui_errors
@@ -294,6 +337,18 @@ def build_tab(backend: str, prefix: str):
             with gr.Row():
                 shared = gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label="DeVec shared λˢ (0 = mix unique parts only)", elem_id=f"{prefix}-shared")
                 defaults = gr.Button("Reset coefficients", size="sm", scale=0)
+            with gr.Group(visible=False) as pair_box:
+                link = gr.Checkbox(value=True, label="Link all pairs to λˢ (untick: one slider per pair's shared vector)", elem_id=f"{prefix}-link")
+                pair_sliders = []
+                for j in range(0, MAX_PAIRS, 3):
+                    with gr.Row():
+                        for i in range(j, min(j + 3, MAX_PAIRS)):
+                            pair_sliders.append(gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label=f"pair {i + 1} · shared λ", visible=False,
+                                                          interactive=False, elem_id=f"{prefix}-pair-{i}"))
+            with gr.Row():
+                left = gr.Dropdown(list(LEFT_METHODS), value=next(iter(LEFT_METHODS)), label="Left side: merge method",
+                                   info="what DeVec is compared with (same λᵢ)", elem_id=f"{prefix}-left")
+                density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES / DARE density (fraction kept)", elem_id=f"{prefix}-density")
 
     gr.Markdown("### 3 · Generate: vanilla vs DeVec, same seed")
     with gr.Row():
@@ -337,11 +392,15 @@ def build_tab(backend: str, prefix: str):
         p_norm = gr.Plot(label="Shared vs unique per vector", elem_id=f"{prefix}-norms", show_label=False)
         with gr.Column():
             gr.Markdown("### 5 · Export\nThe unique and shared parts at this τ as LoRA files (FLUX: diffusers `.safetensors`; LLM: PEFT adapter folders, zipped).")
-            exp = gr.Button("Export parts", elem_id=f"{prefix}-export")
+            with gr.Row():
+                exp = gr.Button("Export parts", elem_id=f"{prefix}-export")
+                dl = gr.Button("Download this mix", elem_id=f"{prefix}-download")
             exp_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
 
     # --- events ---
-    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, p_spec, p_dims, p_norm, prompt]
+    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, pair_box, link, *pair_sliders,
+                 p_spec, p_dims, p_norm, prompt]
+    merge_in = [left, density, link, *pair_sliders]
     tau_outs = [state, tau, report, p_spec, p_dims, p_norm]
     coef_in = [*vans, *unis, shared]
     preset.input(on_preset, [preset], pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2)
@@ -353,10 +412,13 @@ def build_tab(backend: str, prefix: str):
     defaults.click(on_defaults, [state], coef_in, api_name=False)
     gen_fn = on_generate_llm if backend == "llm" else on_generate_flux
     gen.click(
-        gen_fn, [state, tau, *coef_in, prompt, seed, *extra], [out_van, out_dv, t_van, t_dv, gen_note],
+        gen_fn, [state, tau, *coef_in, prompt, seed, *extra, *merge_in], [out_van, out_dv, t_van, t_dv, gen_note],
         api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
     )
     exp.click(on_export, [state, tau], [exp_files], api_name=f"{prefix}_export", concurrency_limit=2)
+    dl.click(on_download, [state, tau, *coef_in, *merge_in], [exp_files], api_name=f"{prefix}_download", concurrency_limit=2)
+    link.input(on_link, [link, shared], pair_sliders, api_name=False)
+    shared.release(on_link, [link, shared], pair_sliders, api_name=False)
     return preset, pool_outs
 
 

@@ -10,7 +10,8 @@ browser. The flow for one user:
      equals vanilla task arithmetic — and ``plots`` draws it.
   4. ``vanilla_terms`` / ``devec_terms`` turn the sliders' coefficients into two mixes;
      ``generate_llm`` / ``generate_flux`` render both with the same seed, side by side.
-  5. ``export_parts`` writes the unique / shared parts as LoRA files to download.
+  5. ``export_parts`` writes the unique / shared parts as LoRA files to download;
+     ``download_mix`` writes the two mixes on screen as one LoRA each, settings in the metadata.
 
 Per-user choices live in a ``Session`` (kept by the UI in ``gr.State``); shared things (loaded
 pools, decompositions, base models) live in process-wide caches keyed by content, guarded by
@@ -102,6 +103,9 @@ class Coefficients:
     vanilla: dict[str, float]
     unique: dict[str, float]
     shared: float = 0.0
+    pairs: dict[str, float] | None = None  # pairwise: "a+b" -> λ of that pair's shared vector (None: all λˢ)
+    left: str = "task_arithmetic"  # the left side's merge method (devec_core.merge.studio_mix.LEFT_METHODS)
+    density: float | None = None  # TIES / DARE density on the left (None: the method's default)
 
     @classmethod
     def from_lists(cls, names: list[str], vanilla: list[float], unique: list[float], shared: float) -> "Coefficients":
@@ -675,26 +679,34 @@ def describe(dec: Decomposition) -> Report:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_mixes(dec: Decomposition, c: Coefficients):
-    """(vanilla, DeVec) mixes for the sliders (METHOD.md "Recomposition").
+def build_mixes(dec: Decomposition, c: Coefficients, pool_key: str = ""):
+    """(left, DeVec) mixes for the sliders (METHOD.md "Recomposition").
 
-    vanilla: W0 + Σ λ_i ΔW_i.  DeVec: W0 + Σ λ_i^u U_i + λ^s S, where S is the merged shared
-    vector (joint, eq. 14), every pair's shared vector (pairwise), or the target's own shared
-    part (isolate).
+    left: W0 + Σ λ_i ΔW_i (vanilla), or the TIES / DARE merge of the vectors with those λ's
+    (``c.left``, ``devec_core.merge``).  DeVec: W0 + Σ λ_i^u U_i + λ^s S, where S is the merged
+    shared vector (joint, eq. 14), each pair's shared vector with its own λ (pairwise, ``c.pairs``;
+    missing pairs take λ^s), or the target's own shared part (isolate).
 
     Returns:
-        Two ``devec_core.mix.Mix`` with the decomposition as their source.
+        Two ``devec_core.mix.Mix``.
     """
-    from .mix import Mix, vanilla
+    from .merge.studio_mix import left_mix, pair_terms
+    from .mix import Mix
 
-    van = vanilla(dec, {n: c.vanilla.get(n, 0.0) for n in dec.names if c.vanilla.get(n, 0.0)}, label="vanilla")
+    try:
+        van = left_mix(dec, pool_key, c.vanilla, c.left, c.density)
+    except ValueError as e:
+        raise StudioError(str(e)) from None
     terms = [("unique", n, c.unique.get(n, 0.0)) for n in dec.names if c.unique.get(n, 0.0)]
-    if c.shared:
-        mode = dec.config.mode
+    mode = dec.config.mode
+    if mode == "pairwise":
+        try:
+            terms += pair_terms(dec, c.shared, c.pairs)
+        except ValueError as e:
+            raise StudioError(str(e)) from None
+    elif c.shared:
         if mode == "joint" and len(dec.names) > 1:
             terms.append(("merged_shared", None, c.shared))
-        elif mode == "pairwise":
-            terms += [("pair_shared", f"{a}+{b}", c.shared) for i, a in enumerate(dec.names) for b in dec.names[i + 1 :]]
         elif mode == "isolate":
             terms.append(("shared", dec.config.target, c.shared))
     return van, Mix(dec, tuple(terms), "devec")
@@ -856,7 +868,7 @@ def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_n
         raise StudioError("write a prompt first")
     max_new_tokens = max(1, min(int(max_new_tokens), 512))
     dec = decompose_cached(session)
-    van, dv = build_mixes(dec, c)
+    van, dv = build_mixes(dec, c, session.pool_key)
     rep = describe(dec)
     return GenerationJob("llm", session.base, prompt, [van, dv], {"max_new_tokens": max_new_tokens, "seed": int(seed)}, rep.markdown if rep.nothing_shared else "")
 
@@ -872,7 +884,7 @@ def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, step
     trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
     full = f"{prompt}, {trig}" if trig else prompt
     dec = decompose_cached(session)
-    van, dv = build_mixes(dec, c)
+    van, dv = build_mixes(dec, c, session.pool_key)
     w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
     return GenerationJob("flux", session.base, full, [van, dv], {"steps": max(1, int(steps)), "width": w, "height": h, "seed": int(seed)})
 
@@ -974,6 +986,45 @@ def export_parts(session: Session, out_dir: str | Path | None = None) -> list[Pa
     if not written:
         raise StudioError("nothing to export: every part is zero")
     zipped = Path(shutil.make_archive(str(parts), "zip", root_dir=parts))
+    return [zipped] + [p for p in written if p.is_file()]
+
+
+def download_mix(session: Session, c: Coefficients, out_dir: str | Path | None = None) -> list[Path]:
+    """"Download this mix": the two mixes on screen (left method, DeVec) as one exact LoRA each,
+    the sliders' settings in their metadata (header key ``"devec"``; PEFT: ``devec_mix.json``).
+
+    Returns:
+        [zip of both, then each FLUX .safetensors file] (LLM: just the zip of the PEFT folders).
+    """
+    import shutil
+
+    from .export import export_family, safe_filename
+    from .merge.studio_mix import left_label, write_mix
+
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c, session.pool_key)
+    family = export_family([v.meta for v in dec.vectors])
+    settings = {
+        "backend": session.backend, "base": session.base, "names": list(session.names), "mode": session.mode,
+        "tau": dec.tau, "target": session.target, "vanilla": c.vanilla, "unique": c.unique, "shared": c.shared,
+        "pairs": c.pairs, "left_method": c.left, "density": c.density, "source": list(session.source or ()),
+    }
+    out = Path(out_dir or tempfile.mkdtemp(prefix="devec_mix_"))
+    folder = out / f"devec-mix-{session.mode}-tau{dec.tau:.2f}"
+    folder.mkdir(parents=True, exist_ok=True)
+    base_config = {"base_model_name_or_path": session.base, "task_type": "CAUSAL_LM"} if family == "peft" else None
+    written = []
+    for side, mix in (("left-" + safe_filename(left_label(c.left)), van), ("devec", dv)):
+        if not mix.terms:
+            continue
+        stem = folder / (side if family == "peft" else f"{side}.safetensors")
+        try:
+            written.append(write_mix(mix, stem, family, {**settings, "side": side}, base_config))
+        except ValueError as e:
+            raise StudioError(f"download failed: {e}") from None
+    if not written:
+        raise StudioError("nothing to download: every coefficient is 0")
+    zipped = Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
     return [zipped] + [p for p in written if p.is_file()]
 
 

@@ -22,6 +22,8 @@ def pool():
         if k.endswith("lora_B.weight"):
             sds[1][k][:, 0] = sds[0][k][:, 0]
     vecs = [lora_to_taskvector(sd, n, PEFT_PREFIX) for sd, n in zip(sds, ("a", "b", "c"))]
+    for v in vecs:
+        v.meta.update(format="peft", family="llm")
     return model, decompose(vecs, tau=0.85, mode="pairwise")
 
 
@@ -72,3 +74,64 @@ def test_download_this_mix_reproduces_the_fused_devec_mix(pool, tmp_path):
         torch.testing.assert_close(got[n].detach(), p, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="empty"):
         write_mix(Mix(dec, (), "devec"), tmp_path / "e", "peft", {})
+
+
+def test_studio_pairwise_sliders_left_method_and_download(pool, tmp_path, monkeypatch):
+    """The Studio's two mixes with per-pair λ and TIES on the left; "Download this mix" writes both,
+    each reproducing the fused weights, settings in the metadata."""
+    from peft import PeftModel
+
+    from devec_core import studio
+    from devec_core.studio import Coefficients
+
+    monkeypatch.setenv("DEVEC_CACHE_DIR", str(tmp_path / "cache"))
+    model, dec = pool
+    s, sdec = studio.open_vectors(dec.vectors, "llm", "tiny", mode="pairwise")
+    c = Coefficients({"a": 1.0, "b": 0.5, "c": 0.0}, {"a": 1.0, "b": 0.5, "c": 0.0}, 0.2, pairs={"a+b": 1.5}, left="ties", density=0.4)
+    left, right = studio.build_mixes(sdec, c, s.pool_key)
+    assert left.label == "ties"
+    assert [(str(comp), lam) for comp, lam in right.terms if comp.kind == "pair_shared"] == [
+        ("pair_shared:a+b", 1.5), ("pair_shared:a+c", 0.2), ("pair_shared:b+c", 0.2)]
+    files = studio.download_mix(s, c, tmp_path / "dl")
+    assert files[0].suffix == ".zip"
+    folder = files[0].with_suffix("")
+    sides = sorted(p.name for p in folder.iterdir())
+    assert sides == ["devec", "left-TIES"]
+    for side, mix in (("devec", right), ("left-TIES", left)):
+        meta = read_devec_metadata(folder / side)["mix"]
+        assert meta["pairs"] == {"a+b": 1.5} and meta["left_method"] == "ties" and meta["side"] == side
+        want = _fused(model, mix)
+        got = dict(PeftModel.from_pretrained(copy.deepcopy(model), str(folder / side)).merge_and_unload().named_parameters())
+        for n, p in want.items():
+            torch.testing.assert_close(got[n].detach(), p, atol=1e-5, rtol=1e-5)
+    with pytest.raises(studio.StudioError, match="unknown pair"):
+        studio.build_mixes(sdec, Coefficients(c.vanilla, c.unique, 0.0, pairs={"c+a": 1.0}), s.pool_key)
+
+
+@pytest.mark.slow
+def test_app_download_this_mix_with_pair_sliders_and_ties(tmp_path):
+    """Through the app's API (offline synthetic FLUX preset): pairwise mode shows one slider per
+    pair; "Download this mix" with TIES on the left and unlinked pair λ's writes both sides,
+    carrying the settings."""
+    from gradio_client import Client
+
+    from devec_core import studio
+    from tests.conftest import launched_app
+
+    n = studio.MAX_VECTORS
+    with launched_app(tmp_path / "cache") as url:
+        client = Client(url, verbose=False)
+        out = client.predict(studio.default_preset("flux"), api_name="/flux_preset")
+        out = client.predict("pairwise", None, [], 0.85, api_name="/flux_mode")
+        names = [x for x in studio.get_preset(studio.default_preset("flux")).names]
+        pairs = [f"{a}+{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+        labels = [x.get("label") for x in out if isinstance(x, dict) and "· shared λ" in str(x.get("label", ""))]
+        assert labels[: len(pairs)] == [f"{p} · shared λ" for p in pairs]
+        coefs = [1.0] * len(names) + [0.0] * (n - len(names))
+        pair_vals = [0.5 + 0.1 * i for i in range(len(pairs))] + [0.0] * (n * (n - 1) // 2 - len(pairs))
+        files = client.predict(0.85, *coefs, *coefs, 0.2, "TIES", 0.3, False, *pair_vals, api_name="/flux_download")
+    paths = [f if isinstance(f, str) else f.get("path", f) for f in files]
+    assert str(paths[0]).endswith(".zip") and len(paths) == 3
+    meta = read_devec_metadata(next(p for p in paths if str(p).endswith("devec.safetensors")))["mix"]
+    assert meta["left_method"] == "ties" and meta["density"] == 0.3 and meta["mode"] == "pairwise"
+    assert meta["pairs"] == {p: pytest.approx(v) for p, v in zip(pairs, pair_vals)}
