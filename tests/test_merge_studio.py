@@ -135,3 +135,19 @@ def test_app_download_this_mix_with_pair_sliders_and_ties(tmp_path):
     meta = read_devec_metadata(next(p for p in paths if str(p).endswith("devec.safetensors")))["mix"]
     assert meta["left_method"] == "ties" and meta["density"] == 0.3 and meta["mode"] == "pairwise"
     assert meta["pairs"] == {p: pytest.approx(v) for p, v in zip(pairs, pair_vals)}
+
+
+def test_zerogpu_packing_one_source_per_side_fuses_the_same(pool):
+    """On ZeroGPU each side is packed on its own (a TIES left side has its own source): the
+    packed mixes fuse exactly like the originals."""
+    from devec_core import hosting
+
+    model, dec = pool
+    left = left_mix(dec, "k", {"a": 1.0, "b": 0.5, "c": 0.2}, "dare_ties", density=0.5)
+    right = Mix(dec, (("unique", "a", 1.0), *pair_terms(dec, 0.3, {"a+b": 1.5})), "devec")
+    for mix in (left, right):
+        packed = hosting.pack_mixes([mix])[0]
+        assert packed.source is not mix.source
+        want, got = _fused(model, mix), _fused(model, packed)
+        for n in want:
+            assert torch.equal(want[n], got[n])
