@@ -174,10 +174,11 @@ def _pair_outputs(session, shared: float):
     return out
 
 
-def _with_merge(session, coef, left, density, link, *pair_values):
-    """The left side's method and (pairwise, unlinked) the per-pair λ's into the coefficients."""
+def _with_merge(session, coef, left=None, density=None, link=True, *pair_values):
+    """The left side's method and (pairwise, unlinked) the per-pair λ's into the coefficients
+    (callers that pass none of them get vanilla TA and every pair at λˢ)."""
     coef.left = LEFT_METHODS.get(left, "task_arithmetic")
-    coef.density = float(density) if coef.left != "task_arithmetic" else None
+    coef.density = float(density) if coef.left != "task_arithmetic" and density is not None else None
     if session.mode == "pairwise" and not link:
         coef.pairs = {p: float(v) for p, v in zip(pair_names(session.names), pair_values)}
     return coef
