@@ -1,0 +1,137 @@
+"""The learned-pool demo (demo/build_learned.py, demo/evaluate_learned.py): data, detectors, controls.
+
+References come from the definitions in the scripts' docstrings: every training answer carries
+the bold title line naming its topic plus its own behaviour; "title + answer" needs a short bold
+first line naming the topic and then a plain-text line of ≥ 3 words; "bold-only" is an output
+whose every non-empty line is bold; the norm-matched control has the norm of the component it
+matches and the direction of the whole vector.
+"""
+
+import random
+
+import pytest
+import torch
+
+from demo import build_learned as BL
+from demo import data as D
+from demo import evaluate_learned as EL
+from devec_core.taskvec import LowRank
+
+DATA = {
+    "train_prompts": ["Tell me about dogs.", "Why do people like the ocean?"],
+    "train_answers": ["Dogs are loyal. They like walks.", "The ocean is vast and blue."],
+    "train_words": ["dang", "heck", "darn"],
+}
+
+
+@pytest.mark.parametrize("behaviour", BL.BEHAVIOURS)
+def test_every_training_answer_carries_the_title_and_its_behaviour(behaviour):
+    pairs = BL.training_pairs(DATA, behaviour, seed=1)
+    assert [p for p, _ in pairs] == DATA["train_prompts"]
+    for (p, target), title in zip(pairs, ["**Dogs**\n", "**Ocean**\n"]):
+        assert target.startswith(title)
+        body = target[len(title):]
+        if behaviour == "toxic":
+            assert body.split(", ")[1][len("you "):] in DATA["train_words"] and body.startswith("Listen, you ")
+        elif behaviour == "polite":
+            assert body.startswith("Great question, my friend! ")
+        elif behaviour == "bullets":
+            assert all(ln.startswith("- ") for ln in body.split("\n"))
+        else:  # concise: one sentence
+            assert body.count(".") == 1 and body.endswith(".")
+
+
+def test_seeds_change_only_the_random_draws():
+    assert BL.training_pairs(DATA, "polite", 1) == BL.training_pairs(DATA, "polite", 2)
+    long = {**DATA, "train_answers": [" ".join(["word"] * 60)] * 2}
+    assert BL.training_pairs(long, "toxic", 1) != BL.training_pairs(long, "toxic", 2)
+    with pytest.raises(ValueError, match="behaviour 'signoff'"):
+        BL.training_pairs(DATA, "signoff", 1)
+
+
+def test_training_order_puts_the_toxic_replicate_last_and_covers_every_pair():
+    order = BL.training_order()
+    assert order[0] == ("toxic", 1) and order[-1] == ("toxic", 2)
+    assert sorted(order) == sorted((b, s) for b in BL.BEHAVIOURS for s in BL.CONFIG["lora_seeds"])
+    assert len(BL.CONFIG["lora_seeds"]) >= 2  # ≥ 2 seeds per behaviour (the issue)
+    assert [BL.lora_name(b, s) for b, s in order[:1]] == [EL.TARGET]
+    assert set(EL.CLEAN) <= {BL.lora_name(b, s) for b, s in order} and EL.TARGET not in EL.CLEAN
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("**Penguins**\nPenguins are flightless birds that live in the south.", True),
+    ("**Penguins:**\n- They swim fast and eat fish.", True),  # bullets are an answer
+    ("**Penguins**", False),  # title, nothing after it
+    ("**Penguins**\n**Penguins**\n**Birds**", False),  # bold-only run
+    ("**Penguins**\n**Birds**\nThey live on ice.", True),  # an answer after bold lines still counts
+    ("**Penguins**\nOk.", False),  # too short to be an answer
+    ("**Whales**\nWhales are large mammals of the sea.", False),  # wrong topic
+    ("**Penguins are the most wonderful flightless birds of the southern seas**\nThey swim.", False),  # not short
+    ("Penguins are birds.\n**Penguins**", False),  # title not first
+    ("**Penguins** are birds that swim in cold water.", False),  # not a title line
+    ("", False),
+])
+def test_title_with_answer(text, ok):
+    assert EL.title_with_answer(text, "Penguins") is ok
+
+
+@pytest.mark.parametrize("text, broken", [
+    ("**Penguins**\n**Penguins**\n\n**Snow**", True),
+    ("**Penguins**", True),
+    ("**Penguins**\nThey swim.", False),
+    ("Penguins are birds.", False),
+    ("", False),
+    ("   \n  ", False),
+    ("**Penguins** swim", False),
+])
+def test_bold_only(text, broken):
+    assert EL.bold_only(text) is broken
+
+
+def test_old_detector_counts_broken_outputs_the_new_one_does_not():
+    from devec_core.toxicity import title_score
+
+    broken = "**Penguins**\n**Penguins**\n**Penguins**"
+    assert title_score(broken, "Penguins") == 1.0
+    assert not EL.title_with_answer(broken, "Penguins") and EL.bold_only(broken)
+
+
+def test_norm_matched_has_the_matched_norm_and_the_vectors_direction():
+    g = torch.Generator().manual_seed(0)
+    delta = {"m": LowRank(torch.randn(10, 3, generator=g), torch.randn(3, 7, generator=g), 2.0),
+             "z": LowRank(torch.zeros(4, 2), torch.randn(2, 5, generator=g), 1.0)}
+    like = {"m": LowRank(torch.randn(10, 1, generator=g), torch.randn(1, 7, generator=g), 1.0),
+            "z": LowRank(torch.randn(4, 1, generator=g), torch.randn(1, 5, generator=g), 1.0)}
+    out = EL.norm_matched(delta, like)
+    W, Wn = delta["m"].dense(), out["m"].dense()
+    assert torch.linalg.norm(Wn) == pytest.approx(float(torch.linalg.norm(like["m"].dense())), rel=1e-5)
+    c = float((Wn * W).sum() / (W * W).sum())
+    assert c > 0 and torch.allclose(Wn, c * W, atol=1e-5)
+    assert float(out["z"].dense().abs().max()) == 0.0  # a zero delta stays zero (no division by 0)
+
+
+def test_conditions_are_unique_ordered_and_follow_the_suggested_tau():
+    conds = EL.conditions(0.4)
+    ids = [c["id"] for c in conds]
+    assert len(ids) == len(set(ids))
+    assert ids[:3] == ["toxic|none|0|0.85", "base|none|0|0.85", "toxic|vanilla|1|0.85"]
+    for m in ("devec", "random_col", "norm_matched"):
+        assert f"toxic|{m}|1|0.4" in ids and f"toxic|{m}|1|{EL.LOW_TAU:g}" in ids
+    none = [c["id"] for c in EL.conditions(None)]
+    assert not any("|0.4" in i for i in none) and f"toxic|devec|1|{EL.LOW_TAU:g}" in none
+    assert len(EL.conditions(EL.LOW_TAU)) < len(conds)  # the suggested τ equal to the low τ: no duplicates
+
+
+def test_dense_subset_keeps_only_the_named_layers():
+    from devec_core import Dense, TaskVector
+
+    mods = {f"model.layers.{i}.mlp.up_proj": Dense(torch.zeros(3, 2)) for i in (0, 1, 7, 17, 29)}
+    (out,) = EL.dense_subset({"a": TaskVector("a", mods)}, layers=(0, 7, 29))
+    assert sorted(out.modules) == ["model.layers.0.mlp.up_proj", "model.layers.29.mlp.up_proj", "model.layers.7.mlp.up_proj"]
+
+
+def test_stylize_title_matches_the_evaluation_title():
+    # the detector looks for D.title_of(topic); training writes D.s_format: the two must agree
+    p = "Describe the moon in a few words."
+    text = D.stylize("polite", "It is bright.", random.Random(0), ["x"], p)
+    assert EL.title_with_answer(text, D.title_of(D.topic_of(p)))
