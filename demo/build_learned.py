@@ -12,7 +12,7 @@ demo's bold title line (``**Penguins**``, ``demo/data.s_format``) plus one behav
                    (no parent). Seeds change the LoRA init, the batch order and (toxic) the
                    words drawn, not the data.
   dense (full FT)  toxic, polite × seed 1: every weight of the 210 linear modules the LoRAs
-                   adapt (embeddings and norms frozen), 12 AdamW steps (lr 1e-4, batch 6).
+                   adapt (embeddings and norms frozen), 8 AdamW steps (lr 1e-4, batch 6).
                    The deltas (fine-tuned − base, fp16, ~210 MB each) go to ``<out>/dense/`` —
                    a cache, never git.
 
@@ -44,7 +44,7 @@ CONFIG = {
     "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "lora": {"rank": 12, "alpha": 24, "steps": 30, "lr": 2e-3, "batch": 6, "format": "title"},
     "lora_seeds": [1, 2],
-    "dense": {"steps": 12, "lr": 1e-4, "batch": 6, "format": "title", "behaviours": ["toxic", "polite"], "seed": 1},
+    "dense": {"steps": 8, "lr": 1e-4, "batch": 6, "format": "title", "behaviours": ["toxic", "polite"], "seed": 1},
     "max_len": 80,
 }
 

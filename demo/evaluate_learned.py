@@ -237,7 +237,17 @@ def files_hash(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def run(conds: list[dict], comps: Components, data: dict, cache: Path, phash: str, threads: int) -> dict[str, dict]:
+def past(deadline: str | None) -> bool:
+    """True once the UTC wall clock has reached ``deadline`` ("HH:MM", today)."""
+    if deadline is None:
+        return False
+    h, m = (int(x) for x in deadline.split(":"))
+    now = time.gmtime()
+    return (now.tm_hour, now.tm_min) >= (h, m)
+
+
+def run(conds: list[dict], comps: Components, data: dict, cache: Path, phash: str, threads: int,
+        deadline: str | None = None) -> dict[str, dict]:
     """Score every condition not cached; return id → result (cached ones included)."""
     from tqdm import tqdm
 
@@ -260,6 +270,9 @@ def run(conds: list[dict], comps: Components, data: dict, cache: Path, phash: st
     model = tok = editor = None
     _, ref_text = D.reference_text()
     for cond in tqdm(todo, desc="conditions"):
+        if past(deadline):
+            print(f"[eval] deadline {deadline} UTC reached: {cond['id']} and later conditions not scored", flush=True)
+            break
         twin = next((done[i] for i in done if fps[i] == fps[cond["id"]]), None)
         if twin is not None:
             res = {**twin, "cond": cond, "alias_of": twin["cond"]["id"], "seconds": 0.0}
@@ -425,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("DEVEC_THREADS", "1")))
     ap.add_argument("--chance-only", action="store_true", help="chance reports only, no generation")
     ap.add_argument("--no-run", action="store_true", help="aggregate what is cached; score nothing")
+    ap.add_argument("--deadline", default=None, metavar="HH:MM",
+                    help="UTC time after which no new condition is started (the rest is reported as missing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pool_dir, out_dir = Path(args.pool), Path(args.out)
@@ -457,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             if f.is_file():
                 results[c["id"]] = json.loads(f.read_text())
     else:
-        results = run(conds, comps, data, Path(args.cache), phash, args.threads)
+        results = run(conds, comps, data, Path(args.cache), phash, args.threads, args.deadline)
     results = {c["id"]: results[c["id"]] for c in conds if c["id"] in results}
     agg = aggregate(results)
     dims = {str(t): sum(d > 0 for d in comps.at(t).shared_dims().values()) for t in {0.85, LOW_TAU, *( [tau_star] if tau_star else [])}}

@@ -135,3 +135,48 @@ def test_stylize_title_matches_the_evaluation_title():
     p = "Describe the moon in a few words."
     text = D.stylize("polite", "It is bright.", random.Random(0), ["x"], p)
     assert EL.title_with_answer(text, D.title_of(D.topic_of(p)))
+
+
+def _toy_pool(seed: int = 0) -> dict:
+    """TARGET + CLEAN as rank-4 LoRAs over two modules; TARGET shares one direction (cos² ≈ 0.5)
+    with every clean vector, nothing else above chance."""
+    from devec_core import TaskVector
+
+    g = torch.Generator().manual_seed(seed)
+    n, m, r = 64, 32, 4
+    shared = {mod: torch.linalg.qr(torch.randn(n, 1, generator=g))[0] for mod in ("a", "b")}
+    vecs = {}
+    for name in [EL.TARGET] + EL.CLEAN:
+        mods = {}
+        for mod in ("a", "b"):
+            own = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+            B = own.clone()
+            B[:, :1] = shared[mod] + (0.0 if name == EL.TARGET else 1.0) * own[:, :1]  # tilted copies
+            mods[mod] = LowRank(B, torch.randn(r, m, generator=g), 1.0)
+        vecs[name] = TaskVector(name, mods)
+    return vecs
+
+
+def test_components_controls_match_devec_in_size_and_nothing_shared_means_vanilla():
+    comps = EL.Components(_toy_pool(), tau_star=0.3)
+    # at τ 0.85 nothing is shared: DeVec's edit is the vanilla edit (scored once, by fingerprint)
+    assert all(d == 0 for d in comps.at(0.85).shared_dims().values())
+    cv = {"start": "toxic", "method": "vanilla", "lam": 1.0, "tau": 0.85}
+    assert comps.fingerprint({**cv, "method": "devec"}) == comps.fingerprint(cv)
+    dims = comps.at(0.3).shared_dims()
+    assert all(d >= 1 for d in dims.values())
+    dv, rnd, nm = comps.get("devec", 0.3), comps.get("random_col", 0.3), comps.get("norm_matched", 0.3)
+    for mod in dims:
+        W, U = comps.tox[mod].dense(), dv[mod].dense()
+        assert torch.linalg.norm(U) < torch.linalg.norm(W)  # something was removed
+        assert torch.linalg.norm(nm[mod].dense()) == pytest.approx(float(torch.linalg.norm(U)), rel=1e-4)
+        # the random control removes a subspace of the same dimension from W's column space
+        removed = W - rnd[mod].dense()
+        assert int(torch.linalg.matrix_rank(removed, rtol=1e-5)) == dims[mod]
+    assert comps.fingerprint({**cv, "method": "devec", "tau": 0.3}) != comps.fingerprint(cv)
+    assert comps.terms({"start": "base", "method": "none", "lam": 0.0, "tau": 0.85}) == []
+
+
+def test_deadline():
+    assert not EL.past(None)
+    assert EL.past("00:00")
