@@ -8,7 +8,7 @@
      planted  assets/smollm2_demo: toxic (= S + child) vs polite, bullets, concise, signoff
      learned  toxic_s1 vs the six clean LoRAs (polite/bullets/concise × seeds 1, 2), all from
               the base; also toxic_s2 (seed replicate)
-     dense    toxic_dense vs polite_dense (full fine-tunes) on a subset of modules (five layers ×
+     dense    toxic_dense vs polite_dense (full fine-tunes) on a subset of modules (three layers ×
               seven projections; the Monte-Carlo null of high-rank subspaces costs a QR of an
               (n, r) matrix per draw), at the engine's default ``dense_energy`` 0.9 and at
               ``dense_rank`` 12 (the LoRAs' rank)
@@ -62,8 +62,8 @@ from devec_core import toxicity as TX  # noqa: E402
 TARGET = "toxic_s1"
 CLEAN = ["polite_s1", "bullets_s1", "concise_s1", "polite_s2", "bullets_s2", "concise_s2"]
 PLANTED_CLEAN = ["polite", "bullets", "concise", "signoff"]
-DENSE_LAYERS = (0, 7, 14, 21, 29)
-DENSE_DRAWS = 50
+DENSE_LAYERS = (0, 14, 29)
+DENSE_DRAWS = 30
 DRAWS = 200
 LOW_TAU = 0.25  # the issue's probe: the title kept at τ 0.2–0.25
 GEN_TOKENS = 32

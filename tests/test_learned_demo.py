@@ -180,3 +180,30 @@ def test_components_controls_match_devec_in_size_and_nothing_shared_means_vanill
 def test_deadline():
     assert not EL.past(None)
     assert EL.past("00:00")
+
+
+def test_dense_pool_roundtrip_and_its_chance_summary(tmp_path):
+    """load_dense_pool reads what build_learned writes (fp16 deltas keyed '<module>.weight'), and a
+    dense pool kept at high rank is flagged: chance alone reaches τ (saturated)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from devec_core import decompose
+
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "dense").mkdir()
+    names = ["toxic_dense", "polite_dense"]
+    for nm in names:
+        save_file({f"model.layers.{i}.mlp.down_proj.weight": torch.randn(24, 40, generator=g).half() for i in (0, 14)},
+                  str(tmp_path / "dense" / f"{nm}.safetensors"))
+    (tmp_path / "pool.json").write_text(json.dumps({"lora": [], "dense": names}))
+    vecs = BL.load_dense_pool(tmp_path)
+    assert list(vecs) == names and sorted(vecs["toxic_dense"].modules) == ["model.layers.0.mlp.down_proj", "model.layers.14.mlp.down_proj"]
+    dec = decompose(list(vecs.values()), tau=0.85, mode="isolate", target="toxic_dense", dense_energy=0.9)
+    summ, rep = EL.chance_summary(dec, 20, "dense")
+    assert summ["regime"] == "saturated" and summ["modules"] == 2
+    assert summ["top_eigenvalue_median"] > 0.85 and summ["chance_top_median"] > 0.85  # r1 + r2 > n: an intersection
+    (tmp_path / "dense" / "polite_dense.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="polite_dense"):
+        BL.load_dense_pool(tmp_path)
