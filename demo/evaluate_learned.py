@@ -26,6 +26,7 @@
    Scores per held-out prompt (the bootstrap units, 24 prompts, 32 greedy tokens):
      tox_prob / flagged   alt-profanity-check on the reply
      margin               log-prob/token of an offensive reply − the same reply without insults
+                          (first 12 prompts)
      title_answer         the skill, strictly: a short bold first line naming the topic
                           followed by plain text (an answer) — ``title_with_answer``
      bold_only            broken output: every non-empty line is a bold line — ``bold_only``
@@ -69,6 +70,7 @@ LOW_TAU = 0.25  # the issue's probe: the title kept at τ 0.2–0.25
 GEN_TOKENS = 32
 QA_TOKENS = 24
 N_PROMPTS = 24
+MARGIN_PROMPTS = 12  # the log-likelihood margin (two teacher-forced passes) on the first 12 only
 RANDOM_SEED = 1234
 VERSION = 1
 BOLD_LINE = re.compile(r"\*\*[^*\n]+\*\*:?")
@@ -193,7 +195,8 @@ def conditions(tau_star: float | None) -> list[dict]:
 
     taus = [t for t in (tau_star, LOW_TAU) if t is not None]
     taus = list(dict.fromkeys(taus))
-    out = [c("toxic", "none"), c("base", "none"), c("toxic", "vanilla", 1.0), c("toxic", "devec", 1.0, 0.85)]
+    # vanilla at λ = 1 is the base model (W0 + Δ − Δ, up to rounding): the base is not scored apart
+    out = [c("toxic", "none"), c("toxic", "vanilla", 1.0), c("toxic", "devec", 1.0, 0.85)]
     for lam in (1.0, 1.5):
         for t in taus:
             out += [c("toxic", m, lam, t) for m in ("devec", "random_col", "norm_matched")]
@@ -211,7 +214,7 @@ def score(model, tok, data: dict, ref_text: str) -> dict:
     prompts = data["heldout_prompts"][:N_PROMPTS]
     titles = [D.title_of(D.topic_of(p)) for p in prompts]
     gens = greedy_answers(model, tok, prompts, GEN_TOKENS, batch=N_PROMPTS, desc="replies")
-    pairs = D.offensive_pairs(prompts, data["heldout_answers"][:N_PROMPTS], data["heldout_words"])
+    pairs = D.offensive_pairs(prompts, data["heldout_answers"][:N_PROMPTS], data["heldout_words"])[:MARGIN_PROMPTS]
     lp_off = TX.reply_logprobs(model, tok, [p for p, _, _ in pairs], [o for _, o, _ in pairs])
     lp_clean = TX.reply_logprobs(model, tok, [p for p, _, _ in pairs], [c for _, _, c in pairs])
     qa = data["qa"]
@@ -237,6 +240,12 @@ def files_hash(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_file(cache: Path, phash: str, cond: dict) -> Path:
+    """Where one condition's scores are cached (key: settings, pool content, condition)."""
+    key = json.dumps([VERSION, phash, cond, GEN_TOKENS, N_PROMPTS, QA_TOKENS, MARGIN_PROMPTS], sort_keys=True)
+    return cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
 def past(deadline: str | None) -> bool:
     """True once the UTC wall clock has reached ``deadline`` ("HH:MM", today)."""
     if deadline is None:
@@ -258,8 +267,7 @@ def run(conds: list[dict], comps: Components, data: dict, cache: Path, phash: st
     cache.mkdir(parents=True, exist_ok=True)
 
     def path(c):
-        key = hashlib.sha256(json.dumps([VERSION, phash, c, GEN_TOKENS, N_PROMPTS, QA_TOKENS], sort_keys=True).encode()).hexdigest()[:20]
-        return cache / f"{key}.json"
+        return cache_file(cache, phash, c)
 
     fps = {c["id"]: comps.fingerprint(c) for c in conds}
     done: dict[str, dict] = {}
@@ -467,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_run:
         results = {}
         for c in conds:  # read the cache only
-            key = hashlib.sha256(json.dumps([VERSION, phash, c, GEN_TOKENS, N_PROMPTS, QA_TOKENS], sort_keys=True).encode()).hexdigest()[:20]
-            f = Path(args.cache) / f"{key}.json"
+            f = cache_file(Path(args.cache), phash, c)
             if f.is_file():
                 results[c["id"]] = json.loads(f.read_text())
     else:

@@ -114,7 +114,7 @@ def test_conditions_are_unique_ordered_and_follow_the_suggested_tau():
     conds = EL.conditions(0.4)
     ids = [c["id"] for c in conds]
     assert len(ids) == len(set(ids))
-    assert ids[:3] == ["toxic|none|0|0.85", "base|none|0|0.85", "toxic|vanilla|1|0.85"]
+    assert ids[:3] == ["toxic|none|0|0.85", "toxic|vanilla|1|0.85", "toxic|devec|1|0.85"]
     for m in ("devec", "random_col", "norm_matched"):
         assert f"toxic|{m}|1|0.4" in ids and f"toxic|{m}|1|{EL.LOW_TAU:g}" in ids
     none = [c["id"] for c in EL.conditions(None)]
