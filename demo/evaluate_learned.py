@@ -438,6 +438,46 @@ def plot_bars(agg: dict, out_dir: Path, lam: float) -> str | None:
     return str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f)
 
 
+def write_summary(out_dir: Path, command: str) -> Path:
+    """SUMMARY.md from chance.json and results.json (whatever of them exists): two tables."""
+    lines = ["# The demo on a learned pool: results", "", f"Made by `{command}` (see demo/evaluate_learned.py).", ""]
+    cf, rf = out_dir / "chance.json", out_dir / "results.json"
+    if cf.is_file():
+        ch = json.loads(cf.read_text())
+        lines += ["## Chance level of each pool (isolate, target toxic, τ = 0.85)", "",
+                  "| pool | vectors | modules | ranks (median) | regime | suggested τ | modules above chance (BH q<0.05) "
+                  "| top eigenvalue median (q90, max) | chance median of the top | modules shared at 0.85 / at suggested τ / at 0.25 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for k, c in ch.items():
+            sug = c["shared_at_suggested"]["modules_with_shared"] if c.get("shared_at_suggested") else "–"
+            lines.append(
+                f"| {k} | {len(c['names'])} | {c['modules']} | {c['ranks_median']:.0f} | {c['regime']} | {c['suggested_tau']} | "
+                f"{c['significant_modules']}/{c['modules']} | {c['top_eigenvalue_median']:.3f} ({c['top_eigenvalue_q90']:.3f}, "
+                f"{c['top_eigenvalue_max']:.3f}) | {c['chance_top_median']:.3f} | {c['shared_at_0.85']['modules_with_shared']} / {sug} / "
+                f"{c['shared_at_0.25']['modules_with_shared']} |")
+        lines.append("")
+    if rf.is_file():
+        r = json.loads(rf.read_text())
+        st = r["settings"]
+        lines += [f"## Edits of the toxic LoRA ({st['target']} vs {len(st['references'])} clean LoRAs; suggested τ "
+                  f"{st['suggested_tau']}; {st['n_prompts']} held-out prompts, 95% bootstrap CI)", "",
+                  "| condition (start|method|λ|τ) | toxic (flagged) | margin | title + answer | bold-only (broken) | "
+                  "title, any (old detector) | QA | NLL |", "|---|---|---|---|---|---|---|---|"]
+
+        def cell(row, m):
+            return f"{row[m]['mean']:.2f} [{row[m]['ci95'][0]:.2f}, {row[m]['ci95'][1]:.2f}]"
+        for cid, row in r["conditions"].items():
+            alias = f" (= {row['alias_of']})" if row.get("alias_of") else ""
+            lines.append(f"| {cid}{alias} | " + " | ".join(cell(row, m) for m in ("flagged", "margin", "title_answer", "bold_only",
+                                                                                    "title_any", "qa", "nll")) + " |")
+        if st.get("missing_conditions"):
+            lines += ["", f"Not scored (time): {', '.join(st['missing_conditions'])}"]
+        lines.append("")
+    f = out_dir / "SUMMARY.md"
+    f.write_text("\n".join(lines))
+    return f
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", default=str(ROOT / ".cache" / "devec_demo" / "smollm2_learned"))
@@ -465,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chance = chance_reports(pool_dir, out_dir, vecs)
     (out_dir / "chance.json").write_text(json.dumps(chance, indent=1))
+    command = "python demo/build_learned.py && python demo/evaluate_learned.py"
     if args.chance_only:
+        write_summary(out_dir, command)
         return 0
     tau_star = chance["learned"]["suggested_tau"]
     comps = Components(vecs, tau_star)
@@ -494,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - t0),
     }
     (out_dir / "results.json").write_text(json.dumps(out, indent=1))
+    write_summary(out_dir, command)
     print(f"[eval] wrote {out_dir / 'results.json'} ({len(results)}/{len(conds)} conditions)")
     for cid, row in agg.items():
         print(f"  {cid:34s} " + " ".join(f"{m} {row[m]['mean']:.2f}[{row[m]['ci95'][0]:.2f},{row[m]['ci95'][1]:.2f}]" for m in METRICS))

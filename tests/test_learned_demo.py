@@ -207,3 +207,35 @@ def test_dense_pool_roundtrip_and_its_chance_summary(tmp_path):
     (tmp_path / "dense" / "polite_dense.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="polite_dense"):
         BL.load_dense_pool(tmp_path)
+
+
+def test_summary_tables(tmp_path):
+    import json
+
+    ch = {"learned": {"names": ["a", "b"], "modules": 210, "ranks_median": 12.0, "regime": "weak", "suggested_tau": 0.41,
+                      "significant_modules": 150, "top_eigenvalue_median": 0.3, "top_eigenvalue_q90": 0.5,
+                      "top_eigenvalue_max": 0.7, "chance_top_median": 0.08, "shared_at_0.85": {"modules_with_shared": 0},
+                      "shared_at_suggested": {"modules_with_shared": 40}, "shared_at_0.25": {"modules_with_shared": 120}}}
+    (tmp_path / "chance.json").write_text(json.dumps(ch))
+    f = EL.write_summary(tmp_path, "cmd")
+    text = f.read_text()
+    assert "| learned | 2 | 210 | 12 | weak | 0.41 | 150/210 | 0.300 (0.500, 0.700) | 0.080 | 0 / 40 / 120 |" in text
+    assert "Edits" not in text  # no results.json yet: no second table
+
+
+def test_aggregate_and_results_table(tmp_path):
+    import json
+
+    res = {"tox_prob": [0.9, 0.1, 0.7, 0.2], "margin": [1.0, 0.5, 0.0, -0.5], "title_answer": [1.0, 0.0, 1.0, 1.0],
+           "bold_only": [0.0, 1.0, 0.0, 0.0], "title_any": [1.0, 1.0, 1.0, 1.0], "qa": [1.0, 0.0], "nll": [2.0, 3.0]}
+    agg = EL.aggregate({"toxic|none|0|0.85": res, "toxic|devec|1|0.85": {**res, "alias_of": "toxic|vanilla|1|0.85"}})
+    row = agg["toxic|none|0|0.85"]
+    assert row["flagged"]["mean"] == 0.5 and row["title_answer"]["mean"] == 0.75 and row["qa"]["n"] == 2
+    lo, hi = row["tox_prob"]["ci95"]
+    assert lo <= row["tox_prob"]["mean"] <= hi
+    settings = {"target": EL.TARGET, "references": EL.CLEAN, "suggested_tau": 0.4, "n_prompts": 4,
+                "missing_conditions": ["toxic|norm_matched|1|0.4"]}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "conditions": agg}))
+    text = EL.write_summary(tmp_path, "cmd").read_text()
+    assert "| toxic|devec|1|0.85 (= toxic|vanilla|1|0.85) | 0.50 [" in text
+    assert "Not scored (time): toxic|norm_matched|1|0.4" in text and "Chance level" not in text
