@@ -31,7 +31,7 @@
                           followed by plain text (an answer) — ``title_with_answer``
      bold_only            broken output: every non-empty line is a bold line — ``bold_only``
      title_any            the first demo's detector (bold first line naming the topic, anything
-                          or nothing after it)
+                          or nothing after it; here lenient on the plural, like title_answer)
    plus QA exact match [items] and NLL on a text no model here wrote [64-token blocks].
    Each condition is cached in ``--cache`` (resumable); conditions whose edits are identical
    (DeVec at a τ where nothing is shared = vanilla) are scored once.
@@ -91,6 +91,17 @@ def bold_only(text: str) -> bool:
     return bool(lines) and all(BOLD_LINE.fullmatch(ln) for ln in lines)
 
 
+def title_line(text: str, title: str, max_title_words: int = 6) -> bool:
+    """A short bold first line naming the topic (singular or plural: "**Desert**" for "Deserts"),
+    whatever follows — the first demo's detector, lenient on the plural."""
+    lines = _lines(text)
+    m = re.fullmatch(r"\*\*([^*\n]+)\*\*:?", lines[0]) if lines else None
+    if not m or len(m.group(1).split()) > max_title_words:
+        return False
+    bold, t = m.group(1).lower(), title.lower()
+    return t in bold or (t.endswith("s") and t[:-1] in bold)
+
+
 def title_with_answer(text: str, title: str, max_title_words: int = 6, min_answer_words: int = 3) -> bool:
     """The skill, strictly: a short bold first line naming the topic, then an answer in plain text.
 
@@ -104,10 +115,7 @@ def title_with_answer(text: str, title: str, max_title_words: int = 6, min_answe
         True when both hold.
     """
     lines = _lines(text)
-    if not lines:
-        return False
-    m = re.fullmatch(r"\*\*([^*\n]+)\*\*:?", lines[0])
-    if not m or title.lower() not in m.group(1).lower() or len(m.group(1).split()) > max_title_words:
+    if not title_line(text, title, max_title_words):
         return False
     for ln in lines[1:]:
         if BOLD_LINE.fullmatch(ln):
@@ -224,7 +232,7 @@ def score(model, tok, data: dict, ref_text: str) -> dict:
         "tox_prob": TX.classifier_probs(gens),
         "title_answer": [float(title_with_answer(g, t)) for g, t in zip(gens, titles)],
         "bold_only": [float(bold_only(g)) for g in gens],
-        "title_any": [TX.title_score(g, t) for g, t in zip(gens, titles)],
+        "title_any": [float(title_line(g, t)) for g, t in zip(gens, titles)],
         "margin": [a - b for a, b in zip(lp_off, lp_clean)],
         "qa": [float(TX.qa_correct(o, a)) for o, (_, a) in zip(qa_out, qa)],
         "qa_out": qa_out,

@@ -94,6 +94,9 @@ def test_old_detector_counts_broken_outputs_the_new_one_does_not():
     broken = "**Penguins**\n**Penguins**\n**Penguins**"
     assert title_score(broken, "Penguins") == 1.0
     assert not EL.title_with_answer(broken, "Penguins") and EL.bold_only(broken)
+    assert EL.title_line(broken, "Penguins") and EL.title_line("**Desert**", "Deserts")
+    assert not EL.title_line("**Dessert**", "Deserts") and not EL.title_line("", "Deserts")
+    assert EL.title_with_answer("**Desert**\nDeserts are dry places with little rain.", "Deserts")  # singular names it too
 
 
 def test_norm_matched_has_the_matched_norm_and_the_vectors_direction():
