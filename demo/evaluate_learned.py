@@ -151,10 +151,13 @@ def norm_matched(delta: dict[str, LowRank], like: dict[str, LowRank]) -> dict[st
 class Components:
     """Every edit of the sweep, memoised; decompositions at several τ share one spectrum."""
 
-    def __init__(self, vecs: dict, tau_star: float | None):
+    def __init__(self, vecs: dict, tau_star: float | None, dec=None):
         self.vecs = vecs
         self.tox = vecs[TARGET].modules
-        self.dec = decompose([vecs[TARGET]] + [vecs[n] for n in CLEAN], tau=0.85, mode="isolate", target=TARGET)
+        self.dec = dec if dec is not None else decompose([vecs[TARGET]] + [vecs[n] for n in CLEAN], tau=0.85, mode="isolate",
+                                                         target=TARGET)
+        if self.dec.tau != 0.85 or self.dec.names != [TARGET] + CLEAN:
+            raise ValueError(f"Components needs the isolate decomposition of {[TARGET] + CLEAN} at τ 0.85; got {self.dec.names}")
         self.tau_star = tau_star
         self._memo: dict = {}
 
@@ -363,13 +366,17 @@ def dense_subset(vecs: dict, layers=DENSE_LAYERS) -> list:
     return [TaskVector(v.name, {m: d for m, d in v.modules.items() if keep(m)}, meta=v.meta) for v in vecs.values()]
 
 
-def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict) -> dict:
-    """Chance reports of the planted, learned and dense pools; spectrum PNGs with the chance line."""
+def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | None = None) -> dict:
+    """Chance reports of the planted, learned and dense pools; spectrum PNGs with the chance line.
+
+    ``decs`` (if given) receives label → decomposition (the edit sweep reuses "learned")."""
     from devec_core.plots import spectrum_figure
 
     reports = {}
+    decs = decs if decs is not None else {}
 
     def keep(label, dec, draws, extra=None):
+        decs[label] = dec
         summ, rep = chance_summary(dec, draws, label, extra)
         reports[label] = summ
         fig = spectrum_figure(dec, chance=rep)
@@ -496,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run", action="store_true", help="aggregate what is cached; score nothing")
     ap.add_argument("--deadline", default=None, metavar="HH:MM",
                     help="UTC time after which no new condition is started (the rest is reported as missing)")
+    ap.add_argument("--max-conditions", type=int, default=None, help="score at most the first N conditions (smoke run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pool_dir, out_dir = Path(args.pool), Path(args.out)
@@ -511,15 +519,16 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"learned pool at {pool_dir} lacks {missing}", file=sys.stderr)
         return 2
-    chance = chance_reports(pool_dir, out_dir, vecs)
+    decs: dict = {}
+    chance = chance_reports(pool_dir, out_dir, vecs, decs)
     (out_dir / "chance.json").write_text(json.dumps(chance, indent=1))
     command = "python demo/build_learned.py && python demo/evaluate_learned.py"
     if args.chance_only:
         write_summary(out_dir, command)
         return 0
     tau_star = chance["learned"]["suggested_tau"]
-    comps = Components(vecs, tau_star)
-    conds = conditions(tau_star)
+    comps = Components(vecs, tau_star, decs["learned"])
+    conds = conditions(tau_star)[: args.max_conditions]
     data = json.loads((ROOT / "assets" / "smollm2_demo" / "data.json").read_text())
     phash = files_hash([pool_dir / n / "adapter_model.safetensors" for n in [TARGET] + CLEAN])
     if args.no_run:

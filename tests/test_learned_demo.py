@@ -242,3 +242,87 @@ def test_aggregate_and_results_table(tmp_path):
     text = EL.write_summary(tmp_path, "cmd").read_text()
     assert "| toxic|devec|1|0.85 (= toxic|vanilla|1|0.85) | 0.50 [" in text
     assert "Not scored (time): toxic|norm_matched|1|0.4" in text and "Chance level" not in text
+
+
+def test_components_refuse_another_decomposition():
+    from devec_core import decompose
+
+    vecs = _toy_pool()
+    wrong = decompose([vecs[n] for n in EL.CLEAN[:2]], tau=0.85, mode="isolate", target=EL.CLEAN[0])
+    with pytest.raises(ValueError, match="isolate decomposition"):
+        EL.Components(vecs, None, wrong)
+    dec = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.CLEAN], tau=0.85, mode="isolate", target=EL.TARGET)
+    assert EL.Components(vecs, None, dec).dec is dec
+
+
+def _fake_model(monkeypatch, calls):
+    """run() with a stand-in model: no SmolLM2, scores that depend on the edit."""
+    import devec_core.models as M
+
+    class Lin(torch.nn.Module):
+        def __init__(self, n, m):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(n, m), requires_grad=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Lin(64, 32), Lin(64, 32)
+
+    model = Model()
+    monkeypatch.setattr(M, "load_causal_lm", lambda *a, **k: (model, None))
+
+    def score(m, tok, data, ref_text):
+        calls.append(float(m.a.weight.abs().sum()))
+        x = float(m.a.weight.norm())
+        return {k: [x, 0.0] for k in ("replies", "tox_prob", "title_answer", "bold_only", "title_any", "margin", "qa", "nll")}
+
+    monkeypatch.setattr(EL, "score", score)
+    return model
+
+
+def test_run_scores_each_distinct_edit_once_caches_and_stops_at_the_deadline(tmp_path, monkeypatch):
+    calls = []
+    model = _fake_model(monkeypatch, calls)
+    comps = EL.Components(_toy_pool(), tau_star=0.3)
+    conds = EL.conditions(0.3)
+    done = EL.run(conds[:4], comps, {}, tmp_path, "h", threads=1)
+    assert list(done) == [c["id"] for c in conds[:4]]
+    # devec at 0.85 shares nothing here: an alias of vanilla, not scored again
+    assert done["toxic|devec|1|0.85"]["alias_of"] == "toxic|vanilla|1|0.85" and len(calls) == 3
+    assert calls[0] > 0 and calls[1] == pytest.approx(0.0, abs=1e-3)  # toxic model; vanilla λ 1 = base
+    assert float(model.a.weight.abs().sum()) == 0.0  # weights restored after the sweep
+    again = EL.run(conds[:4], comps, {}, tmp_path, "h", threads=1)  # all cached: nothing scored
+    assert len(calls) == 3 and again.keys() == done.keys()
+    part = EL.run(conds, comps, {}, tmp_path, "h", threads=1, deadline="00:00")
+    assert len(calls) == 3 and set(part) == set(done)  # past the deadline: only the cache
+
+
+def test_main_end_to_end_on_a_toy_pool(tmp_path, monkeypatch):
+    import json
+
+    from devec_core import decompose
+
+    calls = []
+    _fake_model(monkeypatch, calls)
+    vecs = _toy_pool()
+    monkeypatch.setattr(BL, "load_lora_pool", lambda folder: vecs)
+
+    def chance_reports(pool_dir, out_dir, lora_vecs, decs):
+        decs["learned"] = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.CLEAN], tau=0.85, mode="isolate", target=EL.TARGET)
+        summ, _ = EL.chance_summary(decs["learned"], 20, "learned")
+        return {"learned": summ}
+
+    monkeypatch.setattr(EL, "chance_reports", chance_reports)
+    monkeypatch.setattr(EL, "files_hash", lambda files: "toy")
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "pool.json").write_text("{}")
+    out = tmp_path / "out"
+    rc = EL.main(["--pool", str(tmp_path / "pool"), "--out", str(out), "--cache", str(tmp_path / "cache"), "--max-conditions", "6"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["conditions"]) == 6 and res["settings"]["missing_conditions"] == []
+    assert res["settings"]["suggested_tau"] == json.loads((out / "chance.json").read_text())["learned"]["suggested_tau"]
+    assert (out / "edits_lambda1.png").stat().st_size > 1000
+    assert "| learned |" in (out / "SUMMARY.md").read_text() and "| toxic|none|0|0.85 |" in (out / "SUMMARY.md").read_text()
+    assert EL.main(["--pool", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
