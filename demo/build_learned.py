@@ -177,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = json.loads((ROOT / CONFIG["data"]).read_text())
     t0 = time.time()
-    model, tok = load_causal_lm(None, dtype="float32")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    print(f"[learned] base loaded in {time.time() - t0:.0f}s", flush=True)
+    model = tok = None
+
+    def base():  # loaded when something needs training
+        nonlocal model, tok
+        if model is None:
+            model, tok = load_causal_lm(None, dtype="float32")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            print(f"[learned] base loaded in {time.time() - t0:.0f}s", flush=True)
+        return model, tok
     c, L, targets = CONFIG["lora"], CONFIG["max_len"], CONFIG["targets"]
     losses: dict[str, list[float]] = {}
     lora_names = []
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             losses[name] = json.loads(marker.read_text())["loss"]
             print(f"[learned] {name}: reusing", flush=True)
             continue
+        model, tok = base()
         sd, cfg, loss = train_lora(model, tok, training_pairs(data, b, seed), c["rank"], c["alpha"], c["steps"], c["lr"],
                                    seed, targets, c["batch"], L, f"train {name}")
         save_adapter(out / name, sd, cfg)
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 losses[name] = json.loads(marker.read_text())["loss"]
                 print(f"[learned] {name}: reusing", flush=True)
                 continue
+            model, tok = base()
             deltas, loss = train_dense(model, tok, training_pairs(data, b, dc["seed"]), targets, dc["steps"], dc["lr"],
                                        dc["seed"], dc["batch"], L, f"train {name}")
             tmp = out / "dense" / f"{name}.safetensors.tmp"

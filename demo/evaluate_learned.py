@@ -151,13 +151,14 @@ def norm_matched(delta: dict[str, LowRank], like: dict[str, LowRank]) -> dict[st
 class Components:
     """Every edit of the sweep, memoised; decompositions at several τ share one spectrum."""
 
-    def __init__(self, vecs: dict, tau_star: float | None, dec=None):
+    def __init__(self, vecs: dict, tau_star: float | None, dec=None, refs: list[str] | None = None):
         self.vecs = vecs
         self.tox = vecs[TARGET].modules
-        self.dec = dec if dec is not None else decompose([vecs[TARGET]] + [vecs[n] for n in CLEAN], tau=0.85, mode="isolate",
+        refs = list(refs or CLEAN)
+        self.dec = dec if dec is not None else decompose([vecs[TARGET]] + [vecs[n] for n in refs], tau=0.85, mode="isolate",
                                                          target=TARGET)
-        if self.dec.tau != 0.85 or self.dec.names != [TARGET] + CLEAN:
-            raise ValueError(f"Components needs the isolate decomposition of {[TARGET] + CLEAN} at τ 0.85; got {self.dec.names}")
+        if self.dec.tau != 0.85 or self.dec.names != [TARGET] + refs:
+            raise ValueError(f"Components needs the isolate decomposition of {[TARGET] + refs} at τ 0.85; got {self.dec.names}")
         self.tau_star = tau_star
         self._memo: dict = {}
 
@@ -366,6 +367,11 @@ def dense_subset(vecs: dict, layers=DENSE_LAYERS) -> list:
     return [TaskVector(v.name, {m: d for m, d in v.modules.items() if keep(m)}, meta=v.meta) for v in vecs.values()]
 
 
+def references(vecs: dict) -> list[str]:
+    """The clean LoRAs of ``CLEAN`` that the pool holds (a partial build evaluates with those)."""
+    return [n for n in CLEAN if n in vecs]
+
+
 def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | None = None) -> dict:
     """Chance reports of the planted, learned and dense pools; spectrum PNGs with the chance line.
 
@@ -387,9 +393,10 @@ def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | 
 
     planted = TX.load_demo_pool(ROOT / "assets" / "smollm2_demo")
     keep("planted", decompose([planted["toxic"]] + [planted[n] for n in PLANTED_CLEAN], tau=0.85, mode="isolate", target="toxic"), DRAWS)
-    keep("learned", decompose([lora_vecs[TARGET]] + [lora_vecs[n] for n in CLEAN], tau=0.85, mode="isolate", target=TARGET), DRAWS)
+    refs = references(lora_vecs)
+    keep("learned", decompose([lora_vecs[TARGET]] + [lora_vecs[n] for n in refs], tau=0.85, mode="isolate", target=TARGET), DRAWS)
     if "toxic_s2" in lora_vecs:
-        keep("learned_seed2", decompose([lora_vecs["toxic_s2"]] + [lora_vecs[n] for n in CLEAN], tau=0.85, mode="isolate",
+        keep("learned_seed2", decompose([lora_vecs["toxic_s2"]] + [lora_vecs[n] for n in refs], tau=0.85, mode="isolate",
                                         target="toxic_s2"), DRAWS)
     meta = json.loads((pool_dir / "pool.json").read_text())
     if len(meta.get("dense", [])) >= 2 and all((pool_dir / "dense" / f"{n}.safetensors").is_file() for n in meta["dense"]):
@@ -515,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     vecs = load_lora_pool(pool_dir)
-    missing = [n for n in [TARGET] + CLEAN if n not in vecs]
-    if missing:
-        print(f"learned pool at {pool_dir} lacks {missing}", file=sys.stderr)
+    refs = references(vecs)
+    if TARGET not in vecs or not refs:
+        print(f"learned pool at {pool_dir} needs {TARGET} and at least one of {CLEAN}; it has {list(vecs)}", file=sys.stderr)
         return 2
     decs: dict = {}
     chance = chance_reports(pool_dir, out_dir, vecs, decs)
@@ -527,10 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(out_dir, command)
         return 0
     tau_star = chance["learned"]["suggested_tau"]
-    comps = Components(vecs, tau_star, decs["learned"])
+    comps = Components(vecs, tau_star, decs["learned"], refs)
     conds = conditions(tau_star)[: args.max_conditions]
     data = json.loads((ROOT / "assets" / "smollm2_demo" / "data.json").read_text())
-    phash = files_hash([pool_dir / n / "adapter_model.safetensors" for n in [TARGET] + CLEAN])
+    phash = files_hash([pool_dir / n / "adapter_model.safetensors" for n in [TARGET] + refs])
     if args.no_run:
         results = {}
         for c in conds:  # read the cache only
@@ -544,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = {str(t): sum(d > 0 for d in comps.at(t).shared_dims().values()) for t in {0.85, LOW_TAU, *( [tau_star] if tau_star else [])}}
     plots = [p for p in (plot_bars(agg, out_dir, 1.0), plot_bars(agg, out_dir, 1.5)) if p]
     out = {
-        "settings": {"target": TARGET, "references": CLEAN, "suggested_tau": tau_star, "low_tau": LOW_TAU,
+        "settings": {"target": TARGET, "references": refs, "suggested_tau": tau_star, "low_tau": LOW_TAU,
                      "gen_tokens": GEN_TOKENS, "n_prompts": N_PROMPTS, "qa_items": len(data["qa"]), "pool_hash": phash,
                      "modules_with_shared_by_tau": dims, "missing_conditions": [c["id"] for c in conds if c["id"] not in results]},
         "conditions": agg,

@@ -326,3 +326,13 @@ def test_main_end_to_end_on_a_toy_pool(tmp_path, monkeypatch):
     assert (out / "edits_lambda1.png").stat().st_size > 1000
     assert "| learned |" in (out / "SUMMARY.md").read_text() and "| toxic|none|0|0.85 |" in (out / "SUMMARY.md").read_text()
     assert EL.main(["--pool", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_a_partial_pool_is_evaluated_against_the_clean_loras_it_holds():
+    vecs = {k: v for k, v in _toy_pool().items() if not k.endswith("_s2")}
+    refs = EL.references(vecs)
+    assert refs == ["polite_s1", "bullets_s1", "concise_s1"]
+    comps = EL.Components(vecs, None, refs=refs)
+    assert comps.dec.names == [EL.TARGET] + refs
+    with pytest.raises(ValueError, match="isolate decomposition"):
+        EL.Components(vecs, None, comps.dec, refs=EL.CLEAN)
