@@ -323,6 +323,11 @@ def run(conds: list[dict], comps: Components, data: dict, cache: Path, phash: st
 # ---------------------------------------------------------------------------------------------
 
 
+def _finite(x: float) -> float | None:
+    """x, or None for NaN/inf (results are strict JSON)."""
+    return x if x == x and abs(x) != float("inf") else None
+
+
 def chance_summary(dec, draws: int, label: str, extra: dict | None = None) -> tuple[dict, object]:
     """The chance report of one decomposition, condensed for results and printing."""
     from devec_core.chance import pool_chance
@@ -346,7 +351,8 @@ def chance_summary(dec, draws: int, label: str, extra: dict | None = None) -> tu
         "top_eigenvalue_max": float(tops.max()),
         "chance_top_median": float(nulls.median()), "chance_top_q95_median": float(q95.median()),
         "top_over_chance_median": float((tops / nulls.clamp_min(1e-12)).median()),
-        "fdr_at_0.85": rep.fdr(0.85), "fdr_at_suggested": rep.fdr(rep.suggested_tau) if rep.suggested_tau else None,
+        "fdr_at_0.85": _finite(rep.fdr(0.85)),  # None: no eigenvalue above 0.85 (no discovery, no rate)
+        "fdr_at_suggested": _finite(rep.fdr(rep.suggested_tau)) if rep.suggested_tau else None,
         "ranks_median": float(torch.tensor([float(sum(r) / len(r)) for r in ranks]).median()),
         "shared_at_0.85": dims_at(0.85),
         "shared_at_suggested": dims_at(rep.suggested_tau) if rep.suggested_tau else None,

@@ -336,3 +336,15 @@ def test_a_partial_pool_is_evaluated_against_the_clean_loras_it_holds():
     assert comps.dec.names == [EL.TARGET] + refs
     with pytest.raises(ValueError, match="isolate decomposition"):
         EL.Components(vecs, None, comps.dec, refs=EL.CLEAN)
+
+
+def test_chance_summary_is_strict_json():
+    import json
+
+    from devec_core import decompose
+
+    vecs = _toy_pool()
+    dec = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.CLEAN[:2]], tau=0.85, mode="isolate", target=EL.TARGET)
+    summ, _ = EL.chance_summary(dec, 20, "toy")
+    assert summ["fdr_at_0.85"] is None  # nothing above 0.85: no rate, not NaN
+    json.dumps(summ, allow_nan=False)
