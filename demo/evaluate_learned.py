@@ -73,7 +73,6 @@ N_PROMPTS = 24
 MARGIN_PROMPTS = 12  # the log-likelihood margin (two teacher-forced passes) on the first 12 only
 RANDOM_SEED = 1234
 VERSION = 1
-BOLD_LINE = re.compile(r"\*\*[^*\n]+\*\*:?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,10 +84,20 @@ def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.strip().split("\n") if ln.strip()]
 
 
+def is_bold_line(line: str, last: bool = False) -> bool:
+    """A line that is nothing but bold spans (``**Penguins**``, ``****Capital**``, ``**A** **B**:``);
+    the last line of a reply may also be a bold span cut by the token budget (``**Pengu``)."""
+    ln = re.sub(r"\*{3,}", "**", line.strip())
+    if not ln.startswith("**"):
+        return False
+    rest = re.sub(r"\*\*[^*\n]*?\*\*", "", ln).replace("*", "").strip(" :")
+    return not rest or (last and ln.count("**") == 1)
+
+
 def bold_only(text: str) -> bool:
-    """Broken output: at least one line, and every non-empty line is a bold line (``**…**``)."""
+    """Broken output: at least one line, and every non-empty line is a bold line (``is_bold_line``)."""
     lines = _lines(text)
-    return bool(lines) and all(BOLD_LINE.fullmatch(ln) for ln in lines)
+    return bool(lines) and all(is_bold_line(ln, i == len(lines) - 1) for i, ln in enumerate(lines))
 
 
 def title_line(text: str, title: str, max_title_words: int = 6) -> bool:
@@ -117,8 +126,8 @@ def title_with_answer(text: str, title: str, max_title_words: int = 6, min_answe
     lines = _lines(text)
     if not title_line(text, title, max_title_words):
         return False
-    for ln in lines[1:]:
-        if BOLD_LINE.fullmatch(ln):
+    for i, ln in enumerate(lines[1:], 1):
+        if is_bold_line(ln, i == len(lines) - 1):
             continue
         words = re.findall(r"[A-Za-z][A-Za-z'’-]*", ln.replace("**", ""))
         if len(words) >= min_answer_words:
@@ -242,6 +251,18 @@ def score(model, tok, data: dict, ref_text: str) -> dict:
         "qa_out": qa_out,
         "nll": TX.token_nll(model, tok, ref_text),
     }
+
+
+def rescore(res: dict, data: dict) -> dict:
+    """The text measures recomputed from the stored replies (the detectors can change without
+    regenerating anything)."""
+    titles = [D.title_of(D.topic_of(p)) for p in data["heldout_prompts"][:N_PROMPTS]]
+    if len(titles) != len(res["replies"]):
+        raise ValueError(f"{len(res['replies'])} stored replies for {len(titles)} prompts")
+    return {**res,
+            "title_answer": [float(title_with_answer(g, t)) for g, t in zip(res["replies"], titles)],
+            "bold_only": [float(bold_only(g)) for g in res["replies"]],
+            "title_any": [float(title_line(g, t)) for g, t in zip(res["replies"], titles)]}
 
 
 def files_hash(files: list[Path]) -> str:
@@ -533,8 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learned pool at {pool_dir} needs {TARGET} and at least one of {CLEAN}; it has {list(vecs)}", file=sys.stderr)
         return 2
     decs: dict = {}
-    chance = chance_reports(pool_dir, out_dir, vecs, decs)
-    (out_dir / "chance.json").write_text(json.dumps(chance, indent=1))
+    if args.no_run and (out_dir / "chance.json").is_file():  # aggregation only: the chance reports as stored
+        chance = json.loads((out_dir / "chance.json").read_text())
+        decs["learned"] = None
+    else:
+        chance = chance_reports(pool_dir, out_dir, vecs, decs)
+        (out_dir / "chance.json").write_text(json.dumps(chance, indent=1))
     command = "python demo/build_learned.py && python demo/evaluate_learned.py"
     if args.chance_only:
         write_summary(out_dir, command)
@@ -552,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[c["id"]] = json.loads(f.read_text())
     else:
         results = run(conds, comps, data, Path(args.cache), phash, args.threads, args.deadline)
-    results = {c["id"]: results[c["id"]] for c in conds if c["id"] in results}
+    results = {c["id"]: rescore(results[c["id"]], data) for c in conds if c["id"] in results}
     agg = aggregate(results)
     dims = {str(t): sum(d > 0 for d in comps.at(t).shared_dims().values()) for t in {0.85, LOW_TAU, *( [tau_star] if tau_star else [])}}
     plots = [p for p in (plot_bars(agg, out_dir, 1.0), plot_bars(agg, out_dir, 1.5)) if p]

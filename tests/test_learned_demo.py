@@ -70,6 +70,8 @@ def test_training_order_puts_the_toxic_replicate_last_and_covers_every_pair():
     ("Penguins are birds.\n**Penguins**", False),  # title not first
     ("**Penguins** are birds that swim in cold water.", False),  # not a title line
     ("", False),
+    ("**Penguins**\n**Penguins**\n**Pengu", False),  # a cut bold line is no answer
+    ("**Penguins**\nPenguins are birds that swim and", True),  # a cut plain line is (≥ 3 words)
 ])
 def test_title_with_answer(text, ok):
     assert EL.title_with_answer(text, "Penguins") is ok
@@ -83,6 +85,10 @@ def test_title_with_answer(text, ok):
     ("", False),
     ("   \n  ", False),
     ("**Penguins** swim", False),
+    ("**Penguins**\n**enguins**\n**Penguins", True),  # the last bold line cut by the token budget
+    ("**Capital**\n****Capital**\n**Japan** **Capital**:", True),
+    ("**Pengu\n**Penguins**", False),  # an unclosed bold line is text unless it is the last
+    ("**Penguins**\nThey are birds, **really**", False),
 ])
 def test_bold_only(text, broken):
     assert EL.bold_only(text) is broken
@@ -275,7 +281,8 @@ def _fake_model(monkeypatch, calls):
     def score(m, tok, data, ref_text):
         calls.append(float(m.a.weight.abs().sum()))
         x = float(m.a.weight.norm())
-        return {k: [x, 0.0] for k in ("replies", "tox_prob", "title_answer", "bold_only", "title_any", "margin", "qa", "nll")}
+        out = {k: [x, 0.0] for k in ("tox_prob", "title_answer", "bold_only", "title_any", "margin", "qa", "nll")}
+        return {**out, "replies": ["**Penguins**\n**Penguins**"] * EL.N_PROMPTS}
 
     monkeypatch.setattr(EL, "score", score)
     return model
@@ -325,7 +332,12 @@ def test_main_end_to_end_on_a_toy_pool(tmp_path, monkeypatch):
     assert res["settings"]["suggested_tau"] == json.loads((out / "chance.json").read_text())["learned"]["suggested_tau"]
     assert (out / "edits_lambda1.png").stat().st_size > 1000
     assert "| learned |" in (out / "SUMMARY.md").read_text() and "| toxic|none|0|0.85 |" in (out / "SUMMARY.md").read_text()
+    assert res["conditions"]["toxic|none|0|0.85"]["bold_only"]["mean"] == 1.0  # rescored from the replies
     assert EL.main(["--pool", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    # --no-run: the stored chance report, the cache only (nothing scored)
+    n = len(calls)
+    assert EL.main(["--pool", str(tmp_path / "pool"), "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-run"]) == 0
+    assert len(calls) == n and len(json.loads((out / "results.json").read_text())["conditions"]) == 6
 
 
 def test_a_partial_pool_is_evaluated_against_the_clean_loras_it_holds():
@@ -348,3 +360,19 @@ def test_chance_summary_is_strict_json():
     summ, _ = EL.chance_summary(dec, 20, "toy")
     assert summ["fdr_at_0.85"] is None  # nothing above 0.85: no rate, not NaN
     json.dumps(summ, allow_nan=False)
+
+
+def test_rescore_recomputes_the_text_measures_from_the_replies():
+    data = {"heldout_prompts": ["Tell me about penguins.", "Describe snow in a few words."]}
+    monkey = {"replies": ["**Penguins**\n**Penguins**\n**Pengu", "**Snow**\nSnow is cold and white."],
+              "title_answer": [1.0, 1.0], "bold_only": [0.0, 0.0], "title_any": [0.0, 0.0], "qa": [1.0]}
+    old = EL.N_PROMPTS
+    try:
+        EL.N_PROMPTS = 2
+        out = EL.rescore(monkey, data)
+        assert out["title_answer"] == [0.0, 1.0] and out["bold_only"] == [1.0, 0.0] and out["title_any"] == [1.0, 1.0]
+        assert out["qa"] == [1.0] and monkey["bold_only"] == [0.0, 0.0]  # other measures kept; input untouched
+        with pytest.raises(ValueError, match="3 stored replies for 2 prompts"):
+            EL.rescore({**monkey, "replies": ["a", "b", "c"]}, data)
+    finally:
+        EL.N_PROMPTS = old
