@@ -394,6 +394,14 @@ def dense_subset(vecs: dict, layers=DENSE_LAYERS) -> list:
     return [TaskVector(v.name, {m: d for m, d in v.modules.items() if keep(m)}, meta=v.meta) for v in vecs.values()]
 
 
+def reproduce_command(vecs: dict) -> str:
+    """The command that rebuilds this pool and these results (a partial build names its skips)."""
+    from demo.build_learned import lora_name, training_order
+
+    skips = "".join(f" --skip {n}" for n in (lora_name(b, s) for b, s in training_order()) if n not in vecs)
+    return f"python demo/build_learned.py{skips} && python demo/evaluate_learned.py"
+
+
 def references(vecs: dict) -> list[str]:
     """The clean LoRAs of ``CLEAN`` that the pool holds (a partial build evaluates with those)."""
     return [n for n in CLEAN if n in vecs]
@@ -560,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chance = chance_reports(pool_dir, out_dir, vecs, decs)
         (out_dir / "chance.json").write_text(json.dumps(chance, indent=1))
-    command = "python demo/build_learned.py && python demo/evaluate_learned.py"
+    command = reproduce_command(vecs)
     if args.chance_only:
         write_summary(out_dir, command)
         return 0

@@ -376,3 +376,10 @@ def test_rescore_recomputes_the_text_measures_from_the_replies():
             EL.rescore({**monkey, "replies": ["a", "b", "c"]}, data)
     finally:
         EL.N_PROMPTS = old
+
+
+def test_reproduce_command_names_what_was_not_built():
+    vecs = _toy_pool()
+    assert EL.reproduce_command(vecs) == "python demo/build_learned.py --skip toxic_s2 && python demo/evaluate_learned.py"
+    part = {k: v for k, v in vecs.items() if k != "bullets_s2"}
+    assert "--skip bullets_s2 --skip toxic_s2 &&" in EL.reproduce_command(part)
