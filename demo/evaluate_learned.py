@@ -6,8 +6,9 @@
 
 1. Chance report (``devec_core.chance.pool_chance``) of every pool, isolate mode, target toxic:
      planted  assets/smollm2_demo: toxic (= S + child) vs polite, bullets, concise, signoff
-     learned  toxic_s1 vs the six clean LoRAs (polite/bullets/concise × seeds 1, 2), all from
-              the base; also toxic_s2 (seed replicate)
+     learned  toxic_s1 vs the clean LoRAs the pool holds (polite/bullets/concise × seeds 1, 2 in
+              the full build; the committed results: the three seed-1 ones, see SUMMARY.md for the
+              exact command), all trained from the base; also toxic_s2 (seed replicate) when built
      dense    toxic_dense vs polite_dense (full fine-tunes) on a subset of modules (three layers ×
               seven projections; the Monte-Carlo null of high-rank subspaces costs a QR of an
               (n, r) matrix per draw), at the engine's default ``dense_energy`` 0.9 and at
