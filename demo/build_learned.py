@@ -1,6 +1,6 @@
 """Build the *learned* SmolLM2 pool: every vector trained independently from the base.
 
-    python demo/build_learned.py [--out .cache/devec_demo/smollm2_learned] [--threads 1] [--no-dense]
+    python demo/build_learned.py [--out .cache/devec_demo/smollm2_learned] [--threads 1] [--no-dense] [--skip NAME]
 
 The first demo pool (``demo/build_pool.py``) plants its sharing: every child contains the same
 parent LoRA S exactly. Real pools come about differently: people train from the base, each on
@@ -19,6 +19,14 @@ demo's bold title line (``**Penguins**``, ``demo/data.s_format``) plus one behav
 Training data are the base model's own greedy answers stored in ``assets/smollm2_demo/data.json``
 (the first demo's build), so nothing is regenerated. Every stage writes a ``done.json`` marker
 with its configuration; an interrupted build resumes. ``pool.json`` lists the vectors.
+``--skip NAME`` leaves a LoRA out (the committed results in ``demo/results_learned`` were made
+without the seed-2 clean LoRAs, for lack of CPU time: ``SUMMARY.md`` there names the command).
+
+Budget (why 30 steps, batch 6, 80 tokens rather than the issue's 60-step probe): this was
+trained on one shared CPU core (10–30 s per step under load); the first demo's S learned the
+title line in 40 steps at lr 1e-3, so 30 steps at lr 2e-3 (180 examples, ~2 epochs) suffice —
+checked: toxic_s1 opens 23 of 24 held-out replies with the title, then insults. The dense runs
+are kept to 8 steps: they serve the spectrum's chance level, not generation.
 """
 
 from __future__ import annotations
