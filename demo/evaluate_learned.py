@@ -6,9 +6,9 @@
 
 1. Chance report (``devec_core.chance.pool_chance``) of every pool, isolate mode, target toxic:
      planted  assets/smollm2_demo: toxic (= S + child) vs polite, bullets, concise, signoff
-     learned  toxic_s1 vs the clean LoRAs the pool holds (polite/bullets/concise × seeds 1, 2 in
-              the full build; the committed results: the three seed-1 ones, see SUMMARY.md for the
-              exact command), all trained from the base; also toxic_s2 (seed replicate) when built
+     learned  toxic_s1 vs the three seed-1 clean LoRAs (polite, bullets, concise), all trained from
+              the base (the pool of the edit sweep); learned_seed2: toxic_s2 vs the same three;
+              learned_all: toxic_s1 vs every clean LoRA built (both seeds)
      dense    toxic_dense vs polite_dense (full fine-tunes) on a subset of modules (three layers ×
               seven projections; the Monte-Carlo null of high-rank subspaces costs a QR of an
               (n, r) matrix per draw), at the engine's default ``dense_energy`` 0.9 and at
@@ -63,6 +63,7 @@ from devec_core import toxicity as TX  # noqa: E402
 
 TARGET = "toxic_s1"
 CLEAN = ["polite_s1", "bullets_s1", "concise_s1", "polite_s2", "bullets_s2", "concise_s2"]
+EVAL_REFS = CLEAN[:3]  # the sweep's references (seed 1); every clean LoRA: the "learned_all" chance report
 PLANTED_CLEAN = ["polite", "bullets", "concise", "signoff"]
 DENSE_LAYERS = (0, 14, 29)
 DENSE_DRAWS = 30
@@ -164,7 +165,7 @@ class Components:
     def __init__(self, vecs: dict, tau_star: float | None, dec=None, refs: list[str] | None = None):
         self.vecs = vecs
         self.tox = vecs[TARGET].modules
-        refs = list(refs or CLEAN)
+        refs = list(refs or EVAL_REFS)
         self.dec = dec if dec is not None else decompose([vecs[TARGET]] + [vecs[n] for n in refs], tau=0.85, mode="isolate",
                                                          target=TARGET)
         if self.dec.tau != 0.85 or self.dec.names != [TARGET] + refs:
@@ -404,8 +405,9 @@ def reproduce_command(vecs: dict) -> str:
 
 
 def references(vecs: dict) -> list[str]:
-    """The clean LoRAs of ``CLEAN`` that the pool holds (a partial build evaluates with those)."""
-    return [n for n in CLEAN if n in vecs]
+    """The references of the edit sweep: the seed-1 clean LoRAs (``EVAL_REFS``, the issue's probe:
+    toxic vs the three others) that the pool holds."""
+    return [n for n in EVAL_REFS if n in vecs]
 
 
 def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | None = None) -> dict:
@@ -434,6 +436,10 @@ def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | 
     if "toxic_s2" in lora_vecs:
         keep("learned_seed2", decompose([lora_vecs["toxic_s2"]] + [lora_vecs[n] for n in refs], tau=0.85, mode="isolate",
                                         target="toxic_s2"), DRAWS)
+    every = [n for n in CLEAN if n in lora_vecs]
+    if len(every) > len(refs):
+        keep("learned_all", decompose([lora_vecs[TARGET]] + [lora_vecs[n] for n in every], tau=0.85, mode="isolate",
+                                      target=TARGET), DRAWS)
     meta = json.loads((pool_dir / "pool.json").read_text())
     if len(meta.get("dense", [])) >= 2 and all((pool_dir / "dense" / f"{n}.safetensors").is_file() for n in meta["dense"]):
         from demo.build_learned import load_dense_pool

@@ -258,7 +258,9 @@ def test_components_refuse_another_decomposition():
     with pytest.raises(ValueError, match="isolate decomposition"):
         EL.Components(vecs, None, wrong)
     dec = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.CLEAN], tau=0.85, mode="isolate", target=EL.TARGET)
-    assert EL.Components(vecs, None, dec).dec is dec
+    assert EL.Components(vecs, None, dec, refs=EL.CLEAN).dec is dec
+    with pytest.raises(ValueError, match="isolate decomposition"):
+        EL.Components(vecs, None, dec)  # the default references are the seed-1 three
 
 
 def _fake_model(monkeypatch, calls):
@@ -316,7 +318,8 @@ def test_main_end_to_end_on_a_toy_pool(tmp_path, monkeypatch):
     monkeypatch.setattr(BL, "load_lora_pool", lambda folder: vecs)
 
     def chance_reports(pool_dir, out_dir, lora_vecs, decs):
-        decs["learned"] = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.CLEAN], tau=0.85, mode="isolate", target=EL.TARGET)
+        decs["learned"] = decompose([vecs[EL.TARGET]] + [vecs[n] for n in EL.EVAL_REFS], tau=0.85, mode="isolate",
+                                    target=EL.TARGET)
         summ, _ = EL.chance_summary(decs["learned"], 20, "learned")
         return {"learned": summ}
 
@@ -341,9 +344,10 @@ def test_main_end_to_end_on_a_toy_pool(tmp_path, monkeypatch):
 
 
 def test_a_partial_pool_is_evaluated_against_the_clean_loras_it_holds():
-    vecs = {k: v for k, v in _toy_pool().items() if not k.endswith("_s2")}
+    assert EL.references(_toy_pool()) == ["polite_s1", "bullets_s1", "concise_s1"]  # the sweep: seed 1 only
+    vecs = {k: v for k, v in _toy_pool().items() if k != "bullets_s1"}
     refs = EL.references(vecs)
-    assert refs == ["polite_s1", "bullets_s1", "concise_s1"]
+    assert refs == ["polite_s1", "concise_s1"]
     comps = EL.Components(vecs, None, refs=refs)
     assert comps.dec.names == [EL.TARGET] + refs
     with pytest.raises(ValueError, match="isolate decomposition"):
