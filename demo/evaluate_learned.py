@@ -482,7 +482,8 @@ def plot_bars(agg: dict, out_dir: Path, lam: float) -> str | None:
     ids = [i for i in agg if i.startswith("toxic|none") or i.startswith("base|none") or f"|{lam:g}|" in i]
     if not ids:
         return None
-    mets = [("flagged", "toxic (flagged)"), ("title_answer", "title + answer"), ("bold_only", "bold-only (broken)"), ("qa", "QA")]
+    mets = [("flagged", "toxic (flagged)"), ("title_any", "title line (anything after)"), ("title_answer", "title + answer"),
+            ("bold_only", "bold-only (broken)"), ("qa", "QA")]
     fig = Figure(figsize=(max(6, 0.9 * len(ids)), 3.6), dpi=80, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     w = 0.8 / len(mets)
@@ -495,7 +496,7 @@ def plot_bars(agg: dict, out_dir: Path, lam: float) -> str | None:
     ax.set_xticklabels([i.replace("|", "\n") for i in ids], fontsize=6)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of prompts (95% bootstrap CI)")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.15), frameon=False)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, 1.15), frameon=False)
     fig.suptitle(f"Learned pool: edits at λ = {lam:g} (start: the toxic LoRA)", fontsize=9, y=1.08)
     f = out_dir / f"edits_lambda{lam:g}.png"
     fig.savefig(f, dpi=80, bbox_inches="tight")
