@@ -11,8 +11,8 @@
               learned_all: toxic_s1 vs every clean LoRA built (both seeds)
      dense    toxic_dense vs polite_dense (full fine-tunes) on a subset of modules (three layers ×
               seven projections; the Monte-Carlo null of high-rank subspaces costs a QR of an
-              (n, r) matrix per draw), at the engine's default ``dense_energy`` 0.9 and at
-              ``dense_rank`` 12 (the LoRAs' rank)
+              (n, r) matrix per draw), at the engine's default ``dense_energy`` 0.9, at
+              ``dense_rank`` 12 (the LoRAs' rank) and at ``dense_rank`` 160 (high rank)
    For each: regime, suggested τ, modules above chance (BH q < 0.05), median over modules of
    the top eigenvalue vs median of the chance level's top eigenvalue, shared dims at τ.
 
@@ -450,6 +450,9 @@ def chance_reports(pool_dir: Path, out_dir: Path, lora_vecs: dict, decs: dict | 
         keep("dense", decompose(dv, tau=0.85, mode="isolate", target=tgt, dense_energy=0.9), DENSE_DRAWS, {**extra, "dense_energy": 0.9})
         keep("dense_rank12", decompose(dv, tau=0.85, mode="isolate", target=tgt, dense_rank=12, dense_energy=None), DENSE_DRAWS,
              {**extra, "dense_rank": 12})
+        # kept at high rank: k/v_proj live in ℝ^192, so two 160-dim subspaces must meet (chance = 1)
+        keep("dense_rank160", decompose(dv, tau=0.85, mode="isolate", target=tgt, dense_rank=160, dense_energy=None), DENSE_DRAWS,
+             {**extra, "dense_rank": 160})
     else:
         print("[chance] dense: no dense vectors built (demo/build_learned.py without --no-dense)", flush=True)
     return reports
