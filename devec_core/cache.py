@@ -207,17 +207,15 @@ def _decode(x, T: dict[str, torch.Tensor], classes: dict, dev):
 
 
 def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Decomposition → (manifest dict, flat tensors): its blocks (τ-independent), vectors' extras/meta."""
+    """Decomposition → (manifest dict, flat tensors): ``dec.state_dict()``, the small τ-independent
+    tensors only (Grams, bases' r×r matrices, spectra, norms; dense members' kept singular vectors).
+    The inputs' factors are not stored: a hit rebuilds from the vectors (``_from_entry``)."""
     enc = _Encoder()
-    blocks = enc(list(dec.blocks))
-    vectors = [{"name": v.name, "extras": enc(dict(v.extras)), "meta": _jsonable(v.meta)} for v in dec.vectors]
     manifest = {
         "cache_format": CACHE_FORMAT,
         "schema": _schema(),
         "names": list(dec.names),
-        "config": dataclasses.asdict(dec.config),
-        "blocks": blocks,
-        "vectors": vectors,
+        "state": enc(dec.state_dict()),
     }
     return manifest, enc.tensors
 
@@ -226,27 +224,14 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float):
-    """(manifest, tensors) → Decomposition at τ (no SVD / eig: everything τ-independent is read)."""
-    from .pool import Config, Decomposition, _Block, _Spectrum
+def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float, vectors: list[TaskVector]):
+    """(manifest, tensors) + the pool's vectors → Decomposition at τ (no SVD / eigen-solve)."""
+    from .pool import Decomposition
 
     if manifest.get("cache_format") != CACHE_FORMAT or manifest.get("schema") != _schema():
         raise ValueError("cache entry written by another version")
-    cfg_d = dict(manifest["config"])
-    if cfg_d.get("references") is not None:
-        cfg_d["references"] = tuple(cfg_d["references"])
-    cfg = Config(**cfg_d)
-    dev = cfg.torch_device()
-    classes = {"_Block": _Block, "_Spectrum": _Spectrum}
-    blocks = _decode(manifest["blocks"], T, classes, dev)
-    vectors = [
-        TaskVector(v["name"], {}, _decode(v["extras"], T, classes, torch.device("cpu")), {**v["meta"], "from_cache": True})
-        for v in manifest["vectors"]
-    ]
-    dec = Decomposition(manifest["names"], cfg, blocks, tau, vectors)
-    for v in vectors:  # the deltas, as the engine holds them (scale folded into B)
-        v.modules = dec.component("delta", v.name)
-    return dec
+    state = _decode(manifest["state"], T, {}, torch.device("cpu"))
+    return Decomposition.from_state_dict(state, vectors, tau)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,10 +317,11 @@ class DecompositionCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str, tau: float):
-        """The cached decomposition at τ, or None (missing, partial or corrupt: reported, removed)."""
+    def get(self, key: str, tau: float, vectors: list[TaskVector] | None = None):
+        """The cached decomposition at τ, rebuilt with the pool's ``vectors`` (an entry holds no
+        input factors), or None (no vectors given; missing, partial or corrupt: reported, removed)."""
         d = self.path(key)
-        if not d.exists():
+        if vectors is None or not d.exists():
             return None
         try:
             manifest = json.loads((d / "manifest.json").read_text())
@@ -349,7 +335,7 @@ class DecompositionCache:
             bad = [n for n, c in _checksums(T).items() if sums.get(n) != c] + [n for n in sums if n not in T]
             if bad:
                 raise ValueError(f"tensors.safetensors does not match its checksums (tensor {bad[0]!r})")
-            dec = _from_entry(manifest, T, tau)
+            dec = _from_entry(manifest, T, tau, vectors)
         except Exception as e:  # partial, corrupt, or from another version: recompute
             self.report(f"cache entry {str(d)!r} is unusable ({type(e).__name__}: {str(e)[:160]}); recomputing")
             shutil.rmtree(d, ignore_errors=True)
@@ -437,7 +423,7 @@ def cached_decompose(vectors: list[TaskVector], tau: float = 0.85, *, cache: Dec
         cfg = Config(mode=mode, target=target, **options)
         key = cache.key_for_vectors(vectors, cfg)
         options.update(mode=mode, target=target)
-    dec = cache.get(key, tau)
+    dec = cache.get(key, tau, vectors)
     if dec is not None:
         return dec, True
     dec = decompose(vectors, tau=tau, progress=progress, **options)

@@ -19,6 +19,7 @@ A module that fewer than two vectors have is entirely unique (nothing to share w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -30,7 +31,8 @@ from .taskvec import Delta, Dense, LowRank, TaskVector
 
 MODES = ("joint", "pairwise", "isolate")
 ISOLATE_ORDERS = ("union", "sequential")
-METHOD_VERSION = "devec-1"
+METHOD_VERSION = "devec-2"  # devec-2: isolate union rule, balanced bases, precision-aware τ slack
+STATE_FORMAT = 1  # Decomposition.state_dict layout
 
 Progress = Callable[[int, int, str], None]
 
@@ -503,6 +505,76 @@ class Decomposition:
             done += len(blk.modules)
             if progress:
                 progress(done, total, "spectra")
+
+    # --- τ-independent state without the inputs (cache entries) -------------------------------
+    def state_dict(self) -> dict:
+        """The τ-independent tensors that are small, as plain containers (no factor of the inputs).
+
+        Per block: module names, members, scales, the Gram matrices computed so far, A Aᵀ, the
+        bases' small matrices T, ranks, norms, spectra (eigenvalues, eigenvectors) and the
+        projections computed so far; for dense members also their kept left singular vectors
+        (an SVD of the input: not cheap to redo). The LoRA factors and dense deltas themselves are
+        not stored: ``from_state_dict`` takes them from the vectors.
+        """
+        blocks = []
+        for blk in self.blocks:
+            blocks.append({
+                "modules": list(blk.modules), "members": tuple(blk.members), "shape": tuple(blk.shape),
+                "scale": blk.scale, "wide": blk.wide, "grams": dict(blk.grams),
+                "GA": list(blk.GA), "T": list(blk.T), "ranks": blk.ranks, "sq_norms": blk.sq_norms,
+                "spectra": {o: (sp.eigvals, sp.eigvecs) for o, sp in blk.spectra.items()},
+                "proj": dict(blk._proj),
+                "dense_F": {p: blk.F[p] for p in range(len(blk.members)) if blk.W[p] is not None},
+            })
+        return {"format": STATE_FORMAT, "method_version": METHOD_VERSION, "names": list(self.names),
+                "config": dataclasses.asdict(self.config), "blocks": blocks}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, vectors: list[TaskVector], tau: float = 0.85) -> "Decomposition":
+        """Rebuild a decomposition from ``state_dict()`` and the same vectors (no SVD, no eigen-solve).
+
+        Raises ValueError if the state was written by another format, or the vectors do not fit it
+        (names, modules, kinds, shapes or ranks differ).
+        """
+        if state.get("format") != STATE_FORMAT or state.get("method_version") != METHOD_VERSION:
+            raise ValueError(f"decomposition state of another format ({state.get('format')!r}, {state.get('method_version')!r})")
+        vectors = list(vectors)
+        names = [v.name for v in vectors]
+        if names != list(state["names"]):
+            raise ValueError(f"decomposition state is for vectors {list(state['names'])}, not {names}")
+        cfg_d = dict(state["config"])
+        if cfg_d.get("references") is not None:
+            cfg_d["references"] = tuple(cfg_d["references"])
+        cfg = Config(**cfg_d)
+        dev, dtype = cfg.torch_device(), cfg.torch_dtype
+        groups = _group_modules(vectors)
+        seen = {m: sig for sig, mods in groups.items() for m in mods}
+        blocks = []
+        for st in state["blocks"]:
+            mods, members = list(st["modules"]), tuple(st["members"])
+            sigs = {seen.get(m) for m in mods}
+            want = tuple(
+                (i, "Dense" if st["GA"][p] is None else "LowRank", tuple(st["shape"]),
+                 None if st["GA"][p] is None else st["T"][p].shape[-1])
+                for p, i in enumerate(members)
+            )
+            if sigs != {want}:
+                raise ValueError(f"decomposition state does not fit the vectors (block of {mods[0]!r})")
+            F, A, W, _ = _block_inputs(vectors, members, mods, dev, dtype)
+            for p, Fs in st["dense_F"].items():
+                F[p] = [f.to(dev) for f in Fs]
+            to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+            blk = _Block(
+                mods, members, tuple(st["shape"]), F, A, W, to(st["scale"]), to(st["wide"]),
+                {tuple(k): to(g) for k, g in st["grams"].items()}, [to(g) for g in st["GA"]], [to(t) for t in st["T"]],
+                to(st["ranks"]), to(st["sq_norms"]),
+                {tuple(o): _Spectrum(tuple(o), to(v), to(e)) for o, (v, e) in st["spectra"].items()},
+                {tuple(k): to(x) for k, x in st["proj"].items()},
+            )
+            blocks.append(blk)
+        if sum(len(b.modules) for b in blocks) != len(seen):
+            raise ValueError("decomposition state does not cover every module of the vectors")
+        return cls(names, cfg, blocks, tau, vectors)
 
     def with_tau(self, tau: float) -> "Decomposition":
         """The same decomposition at another τ: re-selects eigenvectors, no new SVD."""

@@ -433,7 +433,7 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
                 from .pool import Config
 
                 key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs, **_device_option()))
-                dec = disk.get(key_d, 0.85)
+                dec = disk.get(key_d, 0.85, vectors)
             except Exception as e:  # noqa: BLE001
                 log.warning("decomposition cache read failed (%s); recomputing", e)
         if dec is None:

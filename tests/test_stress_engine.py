@@ -320,3 +320,84 @@ def test_all_zero_vector_is_refused_plainly(dtype):
     pool.append(TaskVector("empty", {"mod": LowRank(torch.zeros(48, 10), torch.zeros(10, 40))}))
     with pytest.raises(ValueError, match="'empty' is all zero"):
         decompose(pool, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. (engine half) A decomposition's state without the inputs: small, exact, refuses a wrong pool
+# --------------------------------------------------------------------------------------------
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def tall_pool(k=3, n=512, m=384, r=8, seed=0, dense=False):
+    g = torch.Generator().manual_seed(seed)
+    Dm = torch.randn(n, 2, generator=g)
+    out = []
+    for i in range(k):
+        B = torch.cat([Dm + 0.05 * torch.randn(n, 2, generator=g), torch.randn(n, r - 2, generator=g)], 1)
+        mods = {f"l{j}": LowRank(B, torch.randn(r, m, generator=g), 0.5) for j in range(3)}
+        if dense:
+            from devec_core import Dense
+
+            mods["d"] = Dense(B[:, :3] @ torch.randn(3, 64, generator=g))
+        out.append(TaskVector(f"v{i}", mods))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["joint", "pairwise", "isolate"])
+def test_state_dict_round_trip_is_exact_and_holds_no_input_factor(mode):
+    pool = tall_pool(dense=True)
+    opts = dict(mode=mode, target="v1" if mode == "isolate" else None)
+    dec = decompose(pool, tau=0.85, **opts)
+    state = dec.state_dict()
+    back = P.Decomposition.from_state_dict(state, pool, tau=0.6)
+    fresh = decompose(pool, tau=0.6, **opts)
+    assert back.shared_dims() == fresh.shared_dims()
+    for v in pool:
+        for kind in ("unique", "shared"):
+            a, b = back.component(kind, v.name), fresh.component(kind, v.name)
+            for mod in a:
+                assert torch.equal(a[mod].dense(), b[mod].dense())
+    input_ptrs = {t.untyped_storage().data_ptr() for v in pool for d in v.modules.values()
+                  for t in ((d.B, d.A) if isinstance(d, LowRank) else (d.W,))}
+    assert not any(t.untyped_storage().data_ptr() in input_ptrs for t in _tensors(state))
+    lora_bytes = sum(t.numel() * t.element_size() for v in pool for d in v.modules.values() if isinstance(d, LowRank) for t in (d.B, d.A))
+    state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    # float64 r×r matrices (r = 8 here) against (n + m)·r float32 factors (n + m = 896): ~10 %;
+    # the dense member's kept singular vectors are stored (an SVD is not cheap to redo) but small
+    assert state_bytes < 0.25 * lora_bytes, (state_bytes, lora_bytes)
+
+
+def test_from_state_dict_refuses_other_vectors():
+    pool = tall_pool()
+    state = decompose(pool).state_dict()
+    with pytest.raises(ValueError, match="is for vectors"):
+        P.Decomposition.from_state_dict(state, pool[:2])
+    other = tall_pool(r=6)
+    with pytest.raises(ValueError, match="does not fit"):
+        P.Decomposition.from_state_dict(state, other)
+
+
+def test_cache_entry_is_a_small_fraction_of_the_inputs(tmp_path):
+    from devec_core.cache import DecompositionCache, cached_decompose
+
+    pool = tall_pool(n=1024, m=1024, r=8)
+    cache = DecompositionCache(tmp_path)
+    cached_decompose(pool, 0.85, cache=cache)
+    dec, hit = cached_decompose(pool, 0.5, cache=cache)
+    assert hit
+    entry = cache.entries()[0][1]
+    inputs = sum(t.numel() * t.element_size() for v in pool for d in v.modules.values() for t in (d.B, d.A))
+    print(f"\ncache entry {entry} B for {inputs} B of inputs: {entry / inputs:.3f}")
+    assert entry < 0.05 * inputs
+    assert cache.get(cache.entries()[0][0].name, 0.5) is None  # without the vectors: no rebuild (a miss)
+    assert cache.entries()  # ... and the entry is kept
