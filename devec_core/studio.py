@@ -121,7 +121,7 @@ class Coefficients:
 
 
 def default_coefficients(session: Session) -> Coefficients:
-    """Defaults per mode (METHOD.md "Recomposition").
+    """Defaults per mode (docs/METHOD.md "Recomposition").
 
     joint/pairwise (style mixing): every vector at its usual strength, shared part 0.
     isolate (behaviour removal): the target at −strength, references 0; DeVec negates only the
@@ -680,7 +680,7 @@ def describe(dec: Decomposition) -> Report:
 
 
 def build_mixes(dec: Decomposition, c: Coefficients, pool_key: str = ""):
-    """(left, DeVec) mixes for the sliders (METHOD.md "Recomposition").
+    """(left, DeVec) mixes for the sliders (docs/METHOD.md "Recomposition").
 
     left: W0 + Σ λ_i ΔW_i (vanilla), or the TIES / DARE merge of the vectors with those λ's
     (``c.left``, ``devec_core.merge``).  DeVec: W0 + Σ λ_i^u U_i + λ^s S, where S is the merged
