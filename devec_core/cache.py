@@ -5,11 +5,11 @@ plus the load options) and every ``Config`` field, the method version and this f
 version — everything except τ. τ is re-applied on a hit with ``Decomposition.with_tau``-style
 re-selection (r×r work, no SVD).
 
-What an entry stores: the τ-independent tensors of the decomposition (per block of stacked
-modules: the factors X (scaled B or dense W), A, bases Q, ranks, norms, Gram matrices, and the
-spectra: eigenvalues, eigenvectors, projections), plus each vector's extras and metadata. A hit
-rebuilds the ``Decomposition`` from them with no SVD or eigendecomposition; the alternative
-(store the inputs, recompute) was measured slower: see README "Benchmarks" and bench/bench_cache.py.
+What an entry stores: ``Decomposition.state_dict()`` — the small τ-independent tensors (per block
+of stacked modules: scales, Gram matrices, A Aᵀ, the bases' r×r matrices T, ranks, norms, spectra,
+projections; dense members' kept singular vectors), not the inputs' factors. A hit rebuilds the
+``Decomposition`` from them and the pool's vectors (``get(key, tau, vectors)``) with no SVD or
+eigendecomposition. An entry is a few percent of the inputs (docs/METHOD.md "Cheap τ").
 
 Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
 folder and renamed into place (atomic); ``manifest.json`` records the tensor file's size and a
