@@ -85,17 +85,15 @@ class TaskVector:
 
     ``extras`` holds biases / norm scales (name → tensor delta). They are not decomposed
     (docs/METHOD.md): they stay with their vector and follow its unique coefficient.
-    A LoRA's rank may not exceed min(n, m) of its module (checked on construction and by
-    ``check_ranks``): a larger declared rank adds no direction, only cost.
+    An input LoRA's rank may not exceed min(n, m) of its module (``check_ranks``, called first
+    thing by ``decompose``): a larger declared rank adds no direction, only cost. Internal sums
+    of LoRAs (e.g. a merge's concatenated factors) may exceed it; they are not decomposed.
     """
 
     name: str
     modules: dict[str, Delta]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.check_ranks()
 
     def __len__(self) -> int:
         return len(self.modules)

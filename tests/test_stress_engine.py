@@ -268,14 +268,16 @@ def test_overflow_is_named_overflow_not_nan():
 
 
 def test_rank_above_min_n_m_is_refused_naming_vector_source_and_module():
+    def evil(name):
+        # two 33 KB-sized LoRAs declaring rank 4096 on a 1×1 module (the hostile files)
+        return TaskVector(name, {"blocks.0.q": LowRank(torch.ones(1, 4096), torch.ones(4096, 1))}, meta={"source": f"{name}.safetensors"})
+
     with pytest.raises(ValueError) as e:
-        TaskVector("evil", {"blocks.0.q": LowRank(torch.zeros(1, 4096), torch.zeros(4096, 1))}, meta={"source": "evil.safetensors"})
+        decompose([evil("evil"), evil("twin")])
     msg = str(e.value)
     assert "'evil'" in msg and "evil.safetensors" in msg and "'blocks.0.q'" in msg and "4096" in msg
-    v = TaskVector("late", {})
-    v.modules["m"] = LowRank(torch.zeros(3, 5), torch.zeros(5, 8))  # added after construction
     with pytest.raises(ValueError, match="'late'.*'m'.*rank 5 exceeds min"):
-        decompose([v, planted(1)[0]])
+        decompose([TaskVector("late", {"m": LowRank(torch.zeros(3, 5), torch.zeros(5, 8))}), planted(1)[0]])
 
 
 def test_work_budget_refuses_before_reading_any_tensor():
