@@ -12,6 +12,8 @@ What the CLI does on each path (``devec_core.cli.run_decompose`` minus the expor
   baseline    no cache: load + decompose at τ=0.5 (what every run costs without the cache)
   alt design  "store the normalised inputs, recompute": read the pool from one safetensors of
               normalised factors + decompose (the other candidate for what an entry holds)
+Integrity check on a hit: the SHA-256 per tensor (name, dtype, shape, bytes; cache format 3) timed
+on the entry's tensors against the byte sum it replaced (format 2, copied here as the baseline).
 Also: the first touch of the parts (``component("unique")`` for every vector) on both paths,
 entry size vs input size. Medians over rounds; numbers for the README, no assertions.
 
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
-from devec_core.cache import DecompositionCache, cached_decompose  # noqa: E402
+from devec_core.cache import DecompositionCache, _digest_tensors, cached_decompose  # noqa: E402
 from devec_core.formats import load_pool  # noqa: E402
 from devec_core.pool import Config  # noqa: E402
 
@@ -82,6 +84,17 @@ def write_loras(folder: Path, shapes: dict, k: int, rank: int) -> list[Path]:
         save_file(sd, str(p))
         paths.append(p)
     return paths
+
+
+def old_byte_sum(T: dict) -> dict:
+    """The format-2 check (baseline): per tensor, the sum of its bytes as int32 words."""
+    out = {}
+    for name, t in T.items():
+        v = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if v.numel() % 4 == 0:
+            v = v.view(torch.int32)
+        out[name] = int(v.sum(dtype=torch.int64)) if v.numel() else 0
+    return out
 
 
 def timed(fn):
@@ -170,8 +183,8 @@ def main() -> None:
         return [TaskVector(n, {m: LowRank(d["B"], d["A"]) for m, d in out[n].items()}) for n in names]
 
     rows = {k: [] for k in ("cold", "cold: hash", "cold: load", "cold: decompose", "cold: store", "warm (hit)", "warm: hash",
-                            "warm: read", "baseline", "baseline: load", "baseline: decompose", "alt design", "parts after hit",
-                            "parts after recompute")}
+                            "warm: read", "warm: SHA-256 check", "warm: old byte sum", "baseline", "baseline: load",
+                            "baseline: decompose", "alt design", "parts after hit", "parts after recompute")}
     entry_mb = 0.0
     for r in range(args.rounds):
         cache = DecompositionCache(tmp / f"cache{r}")
@@ -193,6 +206,11 @@ def main() -> None:
         rows["warm: read"].append(t_get)
         rows["parts after hit"].append(timed(lambda: touch_parts(hit))[0])
         del hit
+        (entry,) = [e for e, _, _ in cache.entries()]
+        T = load_file(str(entry / "tensors.safetensors"))
+        rows["warm: SHA-256 check"].append(timed(lambda: _digest_tensors(T))[0])
+        rows["warm: old byte sum"].append(timed(lambda: old_byte_sum(T))[0])
+        del T
 
         t_l, vecs = timed(lambda: load_pool(paths, names))
         t_d, dec = timed(lambda: decompose(vecs, tau=0.5))
@@ -210,7 +228,10 @@ def main() -> None:
     for k, v in rows.items():
         med = statistics.median(v)
         print(f"| {k} | {med:.3f} | {base / med:.1f}× |" if not k.startswith(("cold:", "warm:", "baseline:")) else f"| {k} | {med:.3f} | |")
-    print(f"\ncache entry {entry_mb:.0f} MiB for {in_mb:.0f} MiB of inputs; kept {sum(len(rows[k]) for k in ['cold'])} entries in {tmp}")
+    print(f"\ncache entry {entry_mb:.0f} MiB for {in_mb:.0f} MiB of inputs (entry / input {entry_mb / in_mb:.2f})")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
