@@ -122,12 +122,11 @@ def _swap_two_values(entry):
 
 
 def _flip_manifest_bit(entry):
-    """One bit of manifest.json: a block's member index 0 → 1 (still valid JSON)."""
+    """One bit of manifest.json: a block's module "layers.0.proj" → "layers.1.proj" (still valid JSON)."""
     mf = entry / "manifest.json"
     data = bytearray(mf.read_bytes())
-    i = data.index(b'"members"')
-    while not chr(data[i]).isdigit():
-        i += 1
+    i = data.index(b'"layers.', data.index(b'"modules"')) + len(b'"layers.')
+    assert chr(data[i]).isdigit()
     data[i] ^= 0x01
     mf.write_bytes(bytes(data))
 
