@@ -122,6 +122,9 @@ def _schema() -> list:
     return [[f.name for f in dataclasses.fields(_Block)], [f.name for f in dataclasses.fields(_Spectrum)]]
 
 
+_NOT_IN_KEY = ("max_work", "max_memory")  # the work budget refuses pools; it never changes a result
+
+
 def make_key(inputs: list[str], config) -> str:
     """The cache key: input content hashes (in pool order) + every Config field + versions.
 
@@ -133,11 +136,12 @@ def make_key(inputs: list[str], config) -> str:
     """
     from .pool import METHOD_VERSION
 
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_KEY}
     payload = {
         "cache_format": CACHE_FORMAT,
         "method_version": METHOD_VERSION,
         "schema": _schema(),
-        "config": dataclasses.asdict(config),
+        "config": cfg,
         "inputs": list(inputs),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

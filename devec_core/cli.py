@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the decomposition cache")
     d.add_argument("--cache-dir", type=Path, help="cache folder (default $DEVEC_CACHE_DIR or ~/.cache/devec)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--max-work", type=float, metavar="FLOPS",
+                   help="refuse a pool whose estimated work exceeds this many flops (default: the engine's, ~2 min here)")
+    d.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="refuse a pool whose estimated memory exceeds this many GiB (default: the engine's)")
 
     i = sub.add_parser("inspect", help="describe inputs: format, base model, modules, ranks, norms, overlap")
     i.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -148,10 +152,10 @@ def _check_args(args) -> None:
             raise UsageError(f"--device: not a device: {args.device!r} (auto, cpu, cuda, cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here")
-    for flag in ("max_rank_work", "max_work"):  # the engine's work budget, where it has one
-        v = getattr(args, flag, None)
-        if v is not None and v < 1:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be a positive integer; got {v}")
+    for flag, v in (("--max-work", args.max_work), ("--max-memory-gb", args.max_memory_gb)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{flag}: must be a positive number; got {v!r}")
+    _budget_options(args)
 
 
 def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
@@ -375,20 +379,30 @@ def _default_cache_dir() -> Path:
 
 
 def _budget_options(args) -> dict:
-    """The engine's work budget flags (``--max-*``), passed to Config where it has such fields."""
+    """``--max-work`` / ``--max-memory-gb`` as the engine's Config fields ``max_work`` / ``max_memory``."""
     import dataclasses
 
     from .pool import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    return {f: getattr(args, f) for f in ("max_rank_work", "max_work") if f in fields and getattr(args, f, None) is not None}
+    out = {}
+    for flag, field, v in (("--max-work", "max_work", args.max_work),
+                           ("--max-memory-gb", "max_memory", None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30))):
+        if v is None:
+            continue
+        if field not in fields:
+            raise UsageError(f"{flag}: this engine has no work budget")
+        out[field] = v
+    return out
 
 
 def _with_inputs(msg: str, names: list[str], inputs: list[str]) -> str:
-    """An engine message naming vectors: add the input file of each vector it names."""
-    named = [(n, s) for n, s in zip(names, inputs) if f"'{n}'" in msg or f'"{n}"' in msg]
-    if len(named) == 1 and named[0][1] not in msg:
+    """An engine message naming vectors: say which input file each named vector is."""
+    named = [(n, s) for n, s in zip(names, inputs) if (f"'{n}'" in msg or f'"{n}"' in msg) and s not in msg]
+    if len(named) == 1:
         return f"{named[0][1]}: {msg}"
+    if named:
+        return f"{msg} [inputs: {', '.join(f'{n} = {s}' for n, s in named)}]"
     return msg
 
 
