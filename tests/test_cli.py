@@ -388,3 +388,34 @@ def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "devec_core", "inspect", str(tmp_path / "nope.safetensors")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.safetensors" in r.stderr
+
+
+def _engine_has_budget():
+    import devec_core.pool
+
+    return hasattr(devec_core.pool, "WorkBudgetError")
+
+
+@pytest.mark.skipif(not _engine_has_budget(), reason="needs the engine's rank and budget checks (issue 11, engine side)")
+def test_hostile_files_fail_in_one_line_naming_file_and_module(tmp_path, flux_pair, cache_dir, capsys):
+    """A LoRA declaring rank 64 on a 1×1 module, and a pool over the work budget: one line, exit 1, nothing in --out."""
+    mod = "single_transformer_blocks.0.proj_out"
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        save_file({f"transformer.{mod}.lora_A.weight": torch.randn(64, 1, generator=g),
+                   f"transformer.{mod}.lora_B.weight": torch.randn(1, 64, generator=g)}, str(tmp_path / f"h{i}.safetensors"))
+    out = tmp_path / "o"
+    code, err = _rc(["decompose", str(tmp_path / "h0.safetensors"), str(tmp_path / "h1.safetensors"), "--out", str(out), "--quiet"],
+                    capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "h0.safetensors" in lines[0] and mod in lines[0] and "rank 64" in lines[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    code, err = _rc(["decompose", *flux_pair, "--out", str(out), "--quiet", "--max-work", "1000"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "max_work" in lines[0] and "module" in lines[0], err
+    assert "pixel.safetensors" in lines[0] and not out.exists()
+    code, _, err = _run(["decompose", *flux_pair, "--out", str(out), "--quiet", "--max-work", "1e15", "--max-memory-gb", "4"], capsys)
+    assert code == 0, err
+    assert _rc(["decompose", *flux_pair, "--out", str(tmp_path / "o2"), "--max-work", "-1"], capsys)[0] == 2
