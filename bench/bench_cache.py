@@ -18,6 +18,12 @@ Also: the first touch of the parts (``component("unique")`` for every vector) on
 entry size vs input size. Medians over rounds; numbers for the README, no assertions.
 
     python bench/bench_cache.py --stream-memory       # the full-checkpoint reader's peak memory
+    python bench/bench_cache.py --baseline-ref main   # hit: the cache at git REF vs this tree, same run
+
+With ``--baseline-ref REF`` only the hit is timed: ``devec_core`` at commit REF is extracted to a
+temp folder and imported beside this tree's; each stores its own entry for the same files, then
+rounds alternate (REF's hit, this tree's hit, no cache: load + decompose), so a busy machine slows
+all three alike and their ratios stay meaningful.
 
 The I/O bench's second section: peak RSS of reading a base + 2 fine-tuned synthetic checkpoints
 (24 × 2048² float32 each, 384 MiB per checkpoint), each variant in a fresh process: streamed
@@ -144,6 +150,62 @@ def stream_memory() -> None:
         print(f"| {label} | {float(out):.0f} |")
 
 
+def load_baseline(ref: str):
+    """``devec_core`` as it was at git commit ``ref``, imported as ``devec_baseline``."""
+    import importlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="devec-baseline-"))
+    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "devec_core"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+    (tmp / "devec_core").rename(tmp / "devec_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("devec_baseline")
+
+
+def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: float) -> None:
+    """Hit at τ=0.5: the cache at ``args.baseline_ref`` vs this tree's, alternating rounds."""
+    import shutil
+
+    old = load_baseline(args.baseline_ref)
+    oc_mod, of_mod, op_mod = (importlib_module(f"devec_baseline.{m}") for m in ("cache", "formats", "pool"))
+    opts = {"base": None, "allow_pickle": False}
+    sides = {}
+    for label, C, lp, cfg, dec_fn in ((f"cache at {args.baseline_ref}", oc_mod.DecompositionCache, of_mod.load_pool, op_mod.Config(),
+                                       old.decompose),
+                                      ("this tree", DecompositionCache, load_pool, Config(), decompose)):
+        cache = C(tmp / f"cmp-{len(sides)}")
+        key = cache.key_for_sources(paths, names, cfg, opts)
+        cache.put(key, dec_fn(lp(paths, names), tau=0.85))
+        size = sum(f.stat().st_size for f in cache.path(key).rglob("*") if f.is_file()) / 2**20
+        sides[label] = (cache, cfg, size)
+    times = {k: [] for k in list(sides) + ["no cache: load + decompose (this tree)"]}
+    for _ in range(args.rounds):
+        for label, (cache, cfg, _) in sides.items():
+            t = time.perf_counter()
+            hit = cache.get(cache.key_for_sources(paths, names, cfg, opts), 0.5)
+            times[label].append(time.perf_counter() - t)
+            assert hit is not None
+            del hit
+        times["no cache: load + decompose (this tree)"].append(timed(lambda: decompose(load_pool(paths, names), tau=0.5))[0])
+    base = statistics.median(times["no cache: load + decompose (this tree)"])
+    print(f"\n## Hit at another τ (hash files, read + check the entry, re-threshold): {args.rounds} alternating rounds")
+    print("| path | median s | all rounds (s) | vs no cache | entry MiB (entry / input) |")
+    print("|---|---:|---|---:|---:|")
+    for k, v in times.items():
+        size = f"{sides[k][2]:.0f} ({sides[k][2] / in_mb:.2f})" if k in sides else ""
+        print(f"| {k} | {statistics.median(v):.3f} | {', '.join(f'{t:.3f}' for t in v)} | "
+              f"{base / statistics.median(v):.1f}× | {size} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def importlib_module(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=None, help="double blocks kept (single: 2×); default all 19 + 38")
@@ -152,6 +214,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stream-memory", action="store_true", help="only the checkpoint reader's memory section")
+    ap.add_argument("--baseline-ref", default=None, help="only the hit: the cache at this git commit vs this tree")
     args = ap.parse_args()
     if args.stream_memory:
         return stream_memory()
@@ -166,6 +229,8 @@ def main() -> None:
     cfg = Config()
     print(f"# {args.loras} rank-{args.rank} FLUX LoRAs, {len(shapes)} modules at real shapes, {in_mb:.0f} MiB of inputs, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds")
+    if args.baseline_ref:
+        return compare_hit(args, tmp, paths, names, in_mb)
 
     # the alternative design's entry: the normalised pool in one safetensors
     vecs = load_pool(paths, names)

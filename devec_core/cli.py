@@ -472,8 +472,13 @@ def describe(vectors, tau: float = 0.85) -> dict:
 
 
 def run_inspect(args) -> int:
+    from .algorithm import check_tau
     from .formats import load_task_vector
 
+    try:
+        check_tau(args.tau)
+    except ValueError:
+        raise UsageError(f"--tau: must be a number in (0, 1]; got {args.tau!r}") from None
     paths = _check_duplicate_paths([str(s) for s in args.inputs])
     names = _names_for([str(s) for s in args.inputs], None)
     vectors = []

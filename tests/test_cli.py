@@ -379,6 +379,7 @@ def test_inspect(tmp_path, flux_pair, capsys):
     assert code == 0
     assert "format diffusers" in out and "base model: FLUX-like" in out and "modules 20 (r4×20)" in out
     assert "overlap pixel ~ ink: 20 common modules" in out and "mean max cos²" in out
+    assert _rc(["inspect", *flux_pair, "--tau", "2"], capsys)[0] == 2
     code, out, _ = _run(["inspect", "--json", flux_pair[0]], capsys)
     info = json.loads(out)
     assert info["inputs"][0]["name"] == "pixel" and info["inputs"][0]["modules"] == 20
