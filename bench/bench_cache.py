@@ -166,6 +166,7 @@ def load_baseline(ref: str):
 
 def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: float) -> None:
     """Hit at τ=0.5: the cache at ``args.baseline_ref`` vs this tree's, alternating rounds."""
+    import inspect
     import shutil
 
     old = load_baseline(args.baseline_ref)
@@ -184,7 +185,11 @@ def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: flo
     for _ in range(args.rounds):
         for label, (cache, cfg, _) in sides.items():
             t = time.perf_counter()
-            hit = cache.get(cache.key_for_sources(paths, names, cfg, opts), 0.5)
+            key = cache.key_for_sources(paths, names, cfg, opts)
+            if "vectors" in inspect.signature(cache.get).parameters:  # entries without the inputs' factors
+                hit = cache.get(key, 0.5, load_pool(paths, names))
+            else:
+                hit = cache.get(key, 0.5)
             times[label].append(time.perf_counter() - t)
             assert hit is not None
             del hit
