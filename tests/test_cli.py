@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from devec_core.cli import main
 from devec_core.export import read_devec_metadata
+from devec_core.pool import METHOD_VERSION
 from tests.test_formats import _kohya_real_shapes, _peft_folder, _tiny_llama_dir
 from tests.tiny_models import random_flux_lora, random_llama_lora
 
@@ -45,7 +46,7 @@ def test_decompose_flux_then_cache_hit_at_other_tau(tmp_path, flux_pair, cache_d
     files = sorted(p.name for p in (tmp_path / "o1").iterdir())
     assert files == ["report.json", "shared.safetensors", "unique-ink.safetensors", "unique-pixel.safetensors"]
     rep = json.loads((tmp_path / "o1" / "report.json").read_text())
-    assert rep["cache"] == "miss" and rep["tau"] == 0.85 and rep["method_version"] == "devec-1"
+    assert rep["cache"] == "miss" and rep["tau"] == 0.85 and rep["method_version"] == METHOD_VERSION
     row = rep["modules"][0]
     assert {"module", "ranks", "eigenvalues", "shared_dim", "norms"} <= set(row)
     assert sum(r["shared_dim"] for r in rep["modules"]) > 0

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from devec_core import decompose
 from devec_core.export import export_decomposition, read_devec_metadata, save_flux_lora, to_lowrank
 from devec_core.formats import load_pool
+from devec_core.pool import METHOD_VERSION
 from devec_core.taskvec import Dense, LowRank
 from tests.tiny_models import LLAMA_TARGETS, random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama
 
@@ -39,7 +40,7 @@ def test_flux_export_loads_in_diffusers_and_equals_parts(tmp_path):
     paths = export_decomposition(dec, out)
     assert sorted(p.name for p in paths) == ["shared.safetensors", "unique-a.safetensors", "unique-b.safetensors"]
     meta = read_devec_metadata(out / "unique-a.safetensors")
-    assert meta["tau"] == 0.85 and meta["mode"] == "joint" and meta["method_version"] == "devec-1"
+    assert meta["tau"] == 0.85 and meta["mode"] == "joint" and meta["method_version"] == METHOD_VERSION
     assert meta["source"].endswith("a.safetensors")
     base = {n: m.weight.detach().clone() for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     for fname, parts in (("unique-a.safetensors", dec.component("unique", "a")), ("shared.safetensors", dec.component("merged_shared"))):
