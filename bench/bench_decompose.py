@@ -10,12 +10,21 @@ Prints two tables:
 
     python bench/bench_decompose.py            # full run (~2-4 min on 2 CPU cores)
     python bench/bench_decompose.py --quick    # smaller literal reference, fewer repeats
+    python bench/bench_decompose.py --pool-only --baseline-ref 89f9148   # + old engine, same run
+
+With ``--baseline-ref REF`` the engine (``devec_core/``) at git commit REF is extracted into a temp
+folder and imported beside the working tree's; the whole-pool timings of both are taken in the
+same process, alternating (old, new, old, new, ...), so a busy machine slows both alike and the
+ratio stays meaningful. The equality of their results is checked (shared dims, unique parts).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
+import subprocess
+import tempfile
 import statistics
 import sys
 import time
@@ -96,6 +105,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--pool-only", action="store_true", help="skip the per-module table (the literal method takes minutes)")
+    ap.add_argument("--baseline-ref", default=None, help="git commit whose engine is timed beside this one (same run)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --baseline-ref")
+    ap.add_argument("--compare-only", action="store_true", help="with --baseline-ref: only the same-run comparison")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,6 +136,8 @@ def main():
     # 2. Whole FLUX pool ---------------------------------------------------------------------
     mods = flux_lora_modules()
     pool = random_pool(mods, 4)
+    if args.compare_only and args.baseline_ref:
+        return compare_with_baseline(args, pool)
     factor_gib = sum(t.numel() * 4 for v in pool for d in v.modules.values() for t in (d.B, d.A)) / 2**30
     rss0 = rss_gib()
     t0 = time.perf_counter()
@@ -150,6 +164,59 @@ def main():
     print(f"| speed-up vs literal (extrapolated) | {lit_pool / e2e:,.0f}× |")
     print(f"| floor: ~44 GFLOP ≈ 0.13 s on these cores (issue's figure) | {e2e / 0.13:.1f}× the floor |")
     print(f"| shared dims at τ=0.85 (4 planted per module) | mean {statistics.mean(dims.values()):.2f} |")
+
+    if args.baseline_ref:
+        compare_with_baseline(args, pool)
+
+
+def load_baseline(ref: str):
+    """Import ``devec_core`` as it was at git commit ``ref``, under the name ``devec_baseline``."""
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="devec-baseline-"))
+    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "devec_core"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+    (tmp / "devec_core").rename(tmp / "devec_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("devec_baseline")
+
+
+def compare_with_baseline(args, pool):
+    """Warm whole-pool decomposition, baseline engine vs this one, alternating in one process."""
+    old = load_baseline(args.baseline_ref)
+    old_pool = [old.TaskVector(v.name, {m: old.LowRank(d.B, d.A, d.scale) for m, d in v.modules.items()}) for v in pool]
+    engines = {"baseline": lambda: old.decompose(old_pool, tau=0.85, device=args.device),
+               "this tree": lambda: decompose(pool, tau=0.85, device=args.device)}
+    for fn in engines.values():
+        fn()  # warm-up
+    times = {k: [] for k in engines}
+    cpu = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for k, fn in engines.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    a, b = engines["baseline"](), engines["this tree"]()
+    same_dims = a.shared_dims() == b.shared_dims()
+    worst = 0.0
+    for v in pool[:2]:
+        ua, ub = a.component("unique", v.name), b.component("unique", v.name)
+        for m in list(ua)[:: max(1, len(ua) // 40)]:  # every ~12th module
+            x, y = ua[m].dense(torch.float64), ub[m].dense(torch.float64)
+            worst = max(worst, float((x - y).norm() / x.norm()))
+    med = {k: statistics.median(t) for k, t in times.items()}
+    ratios = [o / n for o, n in zip(times["baseline"], times["this tree"])]
+    print(f"\n## Same run: engine at {args.baseline_ref} vs this tree ({args.rounds} alternating rounds, warm; "
+          f"CPU = process CPU seconds, less sensitive to a busy machine than wall time)")
+    print("| engine | median wall (s) | median CPU (s) | wall, every round (s) |")
+    print("|---|---|---|---|")
+    for k in engines:
+        print(f"| {k} | {med[k]:.3f} | {statistics.median(cpu[k]):.3f} | {', '.join(f'{t:.3f}' for t in times[k])} |")
+    cratios = [o / n for o, n in zip(cpu["baseline"], cpu["this tree"])]
+    print(f"| speed-up per round (baseline / this) | wall: median {statistics.median(ratios):.2f}× | "
+          f"CPU: median {statistics.median(cratios):.2f}× | wall: {', '.join(f'{r:.2f}' for r in ratios)} |")
+    print(f"| same shared dims on every module | {same_dims} | |")
+    print(f"| unique parts, max relative difference (sampled modules) | {worst:.1e} | |")
 
 
 if __name__ == "__main__":

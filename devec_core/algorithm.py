@@ -1,7 +1,7 @@
 """DeVec: split task vectors into a shared part and unique parts, on the low-rank factors.
 
 Paper: Damirchi, Abbasnejad, Zhang, Shi, "Decomposing Task Vectors for Refined Model Editing",
-arXiv 2512.22511, eqs. 6-14; the project's decisions are in shared/METHOD.md.
+arXiv 2512.22511, eqs. 6-14; the project's decisions are in docs/METHOD.md.
 
 For one module with task vectors ΔW_1..ΔW_k (each (n, m), PyTorch orientation):
   1. Q_i (n, r_i): orthonormal basis of the significant column space of ΔW_i.
@@ -39,9 +39,10 @@ import torch
 def rank_rtol(n: int, m: int, gram_dtype: torch.dtype) -> float:
     """Relative singular-value cut for a LoRA's numerical rank, computed from Gram matrices.
 
-    METHOD.md: singular values above max(n, m)·eps·s_max. A Gram matrix holds σ², so it cannot
-    resolve σ below ~√eps·s_max of the precision it was computed in; the cut is the larger of the
-    two (float32: 3.5e-3·s_max, i.e. directions with < 1.2e-5 of the energy; float64: 1.5e-7).
+    docs/METHOD.md "Rank of a LoRA": singular values above max(n, m)·eps·s_max. A Gram matrix holds
+    σ², so it cannot resolve σ below ~√eps·s_max of the precision it was computed in; the cut is
+    the larger of the two (float32: 3.5e-3·s_max, i.e. directions with < 1.2e-5 of the energy;
+    float64: 1.5e-7).
     """
     eps = torch.finfo(gram_dtype).eps
     return max(max(n, m) * eps, 10 * eps**0.5)
@@ -50,15 +51,24 @@ def rank_rtol(n: int, m: int, gram_dtype: torch.dtype) -> float:
 def lowrank_basis(G_B: torch.Tensor, G_A: torch.Tensor, rtol: float):
     """Basis of the column space of B @ A from the Grams G_B = BᵀB and G_A = A Aᵀ, (..., r, r).
 
-    With G_B = V Λ Vᵀ, B = Q̃ Λ^½ Vᵀ (Q̃ orthonormal), so B A = Q̃ (Λ^½ Vᵀ A) and its left singular
-    vectors are Q̃ U where U Σ² Uᵀ = Λ^½ Vᵀ G_A V Λ^½. Hence Q = B V Λ^-½ U = B T.
+    0. Balance: B A = (B D)(D⁻¹ A) with D = diag(1/‖column i of B‖), done on the Grams
+       (G_B → D G_B D, unit diagonal; G_A → D⁻¹ G_A D⁻¹). A column of B that is 1000× weaker but
+       carries a 1000× stronger row of A is then judged by its product (step 1's second cut), not
+       cut by B's own scale; and the first eigen-solve sees an equilibrated matrix (its rounding
+       no longer grows with the spread of B's column norms).
+    1. With G_B = V Λ Vᵀ, B = Q̃ Λ^½ Vᵀ (Q̃ orthonormal), so B A = Q̃ (Λ^½ Vᵀ A) and its left
+       singular vectors are Q̃ U where U Σ² Uᵀ = Λ^½ Vᵀ G_A V Λ^½. Hence Q = B D V Λ^-½ U = B T.
     Returns:
         T: (..., r, r) with Q = B T orthonormal on kept columns, zero columns where cut
            (σ ≤ rtol·σ_max, the numerical rank).
         sv: (..., r) singular values of B @ A, descending.
     """
+    nb = G_B.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (..., r) column norms of B
+    d = torch.where(nb > 0, 1 / torch.where(nb > 0, nb, torch.ones_like(nb)), torch.zeros_like(nb))
+    G_B = d.unsqueeze(-1) * G_B * d.unsqueeze(-2)
+    G_A = nb.unsqueeze(-1) * G_A * nb.unsqueeze(-2)
     lam, V = torch.linalg.eigh(G_B)
-    okB = lam > rtol**2 * lam[..., -1:].clamp_min(0)  # directions of B resolvable at all
+    okB = lam > rtol**2 * lam[..., -1:].clamp_min(0)  # directions of B D resolvable at all
     half = torch.where(okB, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
     K = half.unsqueeze(-1) * (V.mT @ G_A @ V) * half.unsqueeze(-2)
     s2, U = torch.linalg.eigh(K)
@@ -66,7 +76,7 @@ def lowrank_basis(G_B: torch.Tensor, G_A: torch.Tensor, rtol: float):
     sv = s2.clamp_min(0).sqrt()
     keep = sv > rtol * sv[..., :1]
     inv = torch.where(okB, 1 / torch.where(okB, half, torch.ones_like(half)), torch.zeros_like(half))
-    T = V @ (inv.unsqueeze(-1) * U) * keep.unsqueeze(-2)
+    T = d.unsqueeze(-1) * (V @ (inv.unsqueeze(-1) * U)) * keep.unsqueeze(-2)
     return T, sv
 
 
@@ -122,9 +132,15 @@ def chain_spectrum(chain: list[torch.Tensor], symmetric: bool = False):
     return eigvals, eigvecs
 
 
-def selection_tolerance(dtype: torch.dtype) -> float:
-    """Slack on τ so that τ = 1 keeps directions that are shared exactly up to rounding."""
-    return 64 * torch.finfo(dtype).eps
+def selection_tolerance(precision: torch.dtype) -> float:
+    """Slack on τ so that τ = 1 keeps directions that are shared exactly up to rounding.
+
+    ``precision`` is the dtype the spectrum's inputs (the Gram matrices of the factors) were
+    computed in, not the float64 of the r×r steps: a float32 Gram carries float32 rounding into
+    every eigenvalue (measured: exactly shared directions at 1 − λ up to ~7·eps of float32 for
+    n = 64..18432, conditioned factors; docs/METHOD.md "τ slack").
+    """
+    return 64 * torch.finfo(precision).eps
 
 
 def check_tau(tau: float) -> float:
@@ -133,18 +149,21 @@ def check_tau(tau: float) -> float:
     return float(tau)
 
 
-def select_shared(eigvals: torch.Tensor, eigvecs: torch.Tensor, tau: float):
+def select_shared(eigvals: torch.Tensor, eigvecs: torch.Tensor, tau: float, precision: torch.dtype | None = None):
     """Orthonormal shared basis, in Q_1 coordinates, of the eigenvectors with Re λ > τ.
 
     A complex-conjugate pair has one real part, so it is kept or dropped as a whole; its real
     invariant subspace is span(Re y, Im y). Real eigenvectors have Im y = 0.
+    Args:
+        precision: dtype the Grams behind the spectrum were computed in (sets the τ slack);
+            default: the eigenvectors' own precision.
     Returns:
         Y: (..., r_1, r_1) orthonormal columns spanning the kept subspace, zero columns after.
         dim: (...) integer shared dimension s.
     """
     tau = check_tau(tau)
     real_dtype = eigvecs.real.dtype
-    keep = eigvals.real > tau - selection_tolerance(real_dtype)  # (..., r_1)
+    keep = eigvals.real > tau - selection_tolerance(precision or real_dtype)  # (..., r_1)
     span = torch.cat([eigvecs.real, eigvecs.imag], dim=-1) * torch.cat([keep, keep], -1).unsqueeze(-2)
     U, sv, _ = torch.linalg.svd(span, full_matrices=False)  # (..., r_1, r_1)
     # eigenvectors have unit norm, so an independent kept one gives sv ≈ 1 (≥ ~0.7 for a pair)
@@ -152,20 +171,52 @@ def select_shared(eigvals: torch.Tensor, eigvecs: torch.Tensor, tau: float):
     return U * basis.unsqueeze(-2), basis.sum(-1)
 
 
-def union_basis(Ys: list[torch.Tensor], tau: float) -> torch.Tensor:
+def copy_cos2(tau: float) -> float:
+    """cos² within which a shared direction must lie of the union (isolate/pairwise rule).
+
+    Two directions count as copies of one when cos² of their angle exceeds τ, i.e. the angle is
+    below θ_τ = arccos √τ. One direction (their bisector) serves both iff each lies within θ_τ/2
+    of it: cos²(θ_τ/2) = (1 + √τ)/2 (τ = 0.85: 0.961, 11.3°).
+    """
+    return (1 + check_tau(tau) ** 0.5) / 2
+
+
+def union_basis(Ys: list[torch.Tensor], tau: float, precision: torch.dtype | None = None) -> torch.Tensor:
     """Orthonormal basis of the union of several shared bases (same coordinates), (..., r, r).
 
-    The union is the eigenspace of Σ_j Y_j Y_jᵀ with eigenvalue above τ (squared singular values
-    of [Y_1 … Y_J]). A direction inside any one shared subspace has eigenvalue ≥ 1; what a plain
-    span adds besides is the small tilt between the pairs' copies of the *same* directions
-    (eigenvalues ~0.01). Measured on planted data (4 vectors, 3 shared directions, tilt 0.05–0.2,
-    10 seeds): the plain span removed 9 dimensions every time, this rule exactly the 3 planted.
+    The rule (docs/METHOD.md "Isolate"): take the eigenvectors u_1, u_2, … of Σ_j Y_j Y_jᵀ by
+    descending eigenvalue (the left singular vectors of [Y_1 … Y_J]; order-free) and keep the
+    fewest leading ones, R_s = span(u_1 … u_s), such that every direction of every Y_j lies
+    within half the copy angle of R_s: cos² ≥ copy_cos2(τ), i.e. the largest squared residual
+    ‖(I − R_sR_sᵀ) Y_j‖₂² ≤ 1 − copy_cos2(τ). Consequences: two shared directions at cos² ≤ τ
+    can never share one kept direction (both are removed, however close); tilted copies of one
+    direction (cos² > τ) count once; s never exceeds the dimension of the plain span, where
+    every residual is 0.
+    Args:
+        Ys: shared bases (..., r, r_j) with orthonormal or zero columns.
+        precision: dtype of the Grams behind them (slack on the residual, as for τ).
     """
     if len(Ys) == 1:
         return Ys[0]
-    U, sv, _ = torch.linalg.svd(torch.cat(Ys, -1), full_matrices=False)
-    keep = sv**2 > tau - selection_tolerance(sv.dtype)
-    return (U * keep.unsqueeze(-2))[..., : Ys[0].shape[-1]]
+    r = Ys[0].shape[-2]
+    U, sv, _ = torch.linalg.svd(torch.cat(Ys, -1), full_matrices=False)  # U (..., r, r), descending
+    slack = selection_tolerance(precision or U.dtype)
+    allowed = 1 - copy_cos2(tau) + slack  # largest squared residual sin² allowed
+    span_dim = (sv > torch.finfo(U.dtype).eps ** 0.5).sum(-1)  # the plain union's dimension
+    W = torch.stack([U.mT @ Y for Y in Ys], -3)  # (..., J, r, r_j): Y_j in the u coordinates
+    lower = torch.stack([(Y.abs().sum(-2) > 0).sum(-1) for Y in Ys], -1).amax(-1)  # dim R ≥ dim Y_j
+    s = span_dim.clone()
+    found = torch.zeros_like(span_dim, dtype=torch.bool)
+    for cand in range(int(lower.min()) if lower.numel() else 0, r + 1):
+        if bool(found.all()):
+            break
+        tail = W[..., cand:, :]  # residual coordinates of each Y_j outside R_cand
+        resid = torch.linalg.matrix_norm(tail, ord=2) ** 2 if cand < r else torch.zeros(W.shape[:-2], dtype=W.dtype)
+        ok = (resid.amax(-1) <= allowed) & (cand >= lower) & ~found
+        s = torch.where(ok, torch.minimum(torch.full_like(s, cand), span_dim), s)
+        found |= ok
+    keep = torch.arange(r, device=U.device) < s.unsqueeze(-1)  # (..., r)
+    return U * keep.unsqueeze(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +242,7 @@ def merge_weights(shared_sq_norms: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def principal_vectors(Q1: torch.Tensor, Q2: torch.Tensor, tau: float):
+def principal_vectors(Q1: torch.Tensor, Q2: torch.Tensor, tau: float, precision: torch.dtype | None = None):
     """Principal vectors of two subspaces whose cos² exceeds τ (subspace-intersection route).
 
     SVD Q_1ᵀ Q_2 = U Σ Vᵀ: cos θ_j = σ_j, principal vectors p_j = Q_1 u_j, q_j = Q_2 v_j.
@@ -201,7 +252,7 @@ def principal_vectors(Q1: torch.Tensor, Q2: torch.Tensor, tau: float):
     tau = check_tau(tau)
     U, sv, Vh = torch.linalg.svd(Q1.mT @ Q2, full_matrices=False)
     cos2 = sv**2
-    keep = cos2 > tau - selection_tolerance(cos2.dtype)
+    keep = cos2 > tau - selection_tolerance(precision or cos2.dtype)
     p, q = (Q1 @ U)[..., keep], (Q2 @ Vh.mT)[..., keep]
     bis = p + q
     bis = bis / bis.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(bis.dtype).tiny)

@@ -5,11 +5,11 @@ plus the load options) and every ``Config`` field, the method version and this f
 version — everything except τ. τ is re-applied on a hit with ``Decomposition.with_tau``-style
 re-selection (r×r work, no SVD).
 
-What an entry stores: the τ-independent tensors of the decomposition (per block of stacked
-modules: the factors X (scaled B or dense W), A, bases Q, ranks, norms, Gram matrices, and the
-spectra: eigenvalues, eigenvectors, projections), plus each vector's extras and metadata. A hit
-rebuilds the ``Decomposition`` from them with no SVD or eigendecomposition; the alternative
-(store the inputs, recompute) was measured slower: see README "Benchmarks" and bench/bench_cache.py.
+What an entry stores: ``Decomposition.state_dict()`` — the small τ-independent tensors (per block
+of stacked modules: scales, Gram matrices, A Aᵀ, the bases' r×r matrices T, ranks, norms, spectra,
+projections; dense members' kept singular vectors), not the inputs' factors. A hit rebuilds the
+``Decomposition`` from them and the pool's vectors (``get(key, tau, vectors)``) with no SVD or
+eigendecomposition. An entry is a few percent of the inputs (docs/METHOD.md "Cheap τ").
 
 Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
 folder and renamed into place (atomic). Integrity (``_digest_tensors``, ``_seal``): the manifest
@@ -217,17 +217,15 @@ def _decode(x, T: dict[str, torch.Tensor], classes: dict, dev):
 
 
 def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Decomposition → (manifest dict, flat tensors): its blocks (τ-independent), vectors' extras/meta."""
+    """Decomposition → (manifest dict, flat tensors): ``dec.state_dict()``, the small τ-independent
+    tensors only (Grams, bases' r×r matrices, spectra, norms; dense members' kept singular vectors).
+    The inputs' factors are not stored: a hit rebuilds from the vectors (``_from_entry``)."""
     enc = _Encoder()
-    blocks = enc(list(dec.blocks))
-    vectors = [{"name": v.name, "extras": enc(dict(v.extras)), "meta": _jsonable(v.meta)} for v in dec.vectors]
     manifest = {
         "cache_format": CACHE_FORMAT,
         "schema": _schema(),
         "names": list(dec.names),
-        "config": dataclasses.asdict(dec.config),
-        "blocks": blocks,
-        "vectors": vectors,
+        "state": enc(dec.state_dict()),
     }
     return manifest, enc.tensors
 
@@ -236,27 +234,14 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float):
-    """(manifest, tensors) → Decomposition at τ (no SVD / eig: everything τ-independent is read)."""
-    from .pool import Config, Decomposition, _Block, _Spectrum
+def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float, vectors: list[TaskVector]):
+    """(manifest, tensors) + the pool's vectors → Decomposition at τ (no SVD / eigen-solve)."""
+    from .pool import Decomposition
 
     if manifest.get("cache_format") != CACHE_FORMAT or manifest.get("schema") != _schema():
         raise ValueError("cache entry written by another version")
-    cfg_d = dict(manifest["config"])
-    if cfg_d.get("references") is not None:
-        cfg_d["references"] = tuple(cfg_d["references"])
-    cfg = Config(**cfg_d)
-    dev = cfg.torch_device()
-    classes = {"_Block": _Block, "_Spectrum": _Spectrum}
-    blocks = _decode(manifest["blocks"], T, classes, dev)
-    vectors = [
-        TaskVector(v["name"], {}, _decode(v["extras"], T, classes, torch.device("cpu")), {**v["meta"], "from_cache": True})
-        for v in manifest["vectors"]
-    ]
-    dec = Decomposition(manifest["names"], cfg, blocks, tau, vectors)
-    for v in vectors:  # the deltas, as the engine holds them (scale folded into B)
-        v.modules = dec.component("delta", v.name)
-    return dec
+    state = _decode(manifest["state"], T, {}, torch.device("cpu"))
+    return Decomposition.from_state_dict(state, vectors, tau)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +393,9 @@ class DecompositionCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str, tau: float):
-        """The cached decomposition at τ, or None (missing, or unusable: reported, removed).
+    def get(self, key: str, tau: float, vectors: list[TaskVector] | None = None):
+        """The cached decomposition at τ, rebuilt with the pool's ``vectors`` (an entry holds no
+        input factors), or None (no vectors given, missing, or unusable: reported, removed).
 
         Unusable: a partial entry, a manifest whose seal or key does not match, a tensor whose
         digest (name, dtype, shape, bytes) does not match, an entry of another version, or any
@@ -420,7 +406,7 @@ class DecompositionCache:
         tau = check_tau(tau)
         d = self.path(key)
         try:
-            if not d.is_dir():
+            if vectors is None or not d.is_dir():
                 return None
         except OSError:
             return None
@@ -440,7 +426,7 @@ class DecompositionCache:
             bad = [n for n, h in _digest_tensors(T).items() if want[n] != h]
             if bad:
                 raise ValueError(f"tensor {bad[0]!r} does not match its SHA-256 (name, dtype, shape, bytes)")
-            dec = _from_entry(manifest, T, tau)
+            dec = _from_entry(manifest, T, tau, vectors)
         except Exception as e:  # partial, corrupt, or from another version: recompute
             self.report(f"cache entry {str(d)!r} is unusable ({type(e).__name__}: {' '.join(str(e).split())[:160]}); recomputing")
             shutil.rmtree(d, ignore_errors=True)
@@ -544,7 +530,7 @@ def cached_decompose(vectors: list[TaskVector], tau: float = 0.85, *, cache: Dec
         cfg = Config(mode=mode, target=target, **options)
         key = cache.key_for_vectors(vectors, cfg)
         options.update(mode=mode, target=target)
-    dec = cache.get(key, tau)
+    dec = cache.get(key, tau, vectors)
     if dec is not None:
         return dec, True
     dec = decompose(vectors, tau=tau, progress=progress, **options)

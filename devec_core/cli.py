@@ -323,31 +323,27 @@ def run_decompose(args) -> int:
     report_msg = lambda m: (msgs.append(m), print(f"note: {m}", file=sys.stderr))  # noqa: E731
     _clean_stale_temps(out)
 
-    # 2. Cache lookup by file content (no loading on a hit)
+    # 2. Cache key by file content; 3. load, and decompose through the cache (a hit rebuilds the
+    #    decomposition from the loaded inputs and the entry's small tensors: no SVD, no eigen-solve)
     cache = None if args.no_cache else DecompositionCache(args.cache_dir, report=report_msg)
-    key = dec = None
+    key = None
     if cache is not None:
         load_opts = {"base": args.base, "allow_pickle": args.allow_pickle, "compress": compress}
         key = cache.key_for_sources(paths, names, cfg, load_opts)
-        dec = cache.get(key, args.tau)
-    hit = dec is not None
+    vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress)
+    for v, s in zip(vectors, inputs):
+        v.meta["input"] = s
+    bars.close()
+    try:
+        if cache is not None:
+            dec, hit = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars, **options)
+        else:
+            from .pool import decompose
 
-    # 3. Load and decompose
-    if dec is None:
-        vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress)
-        for v, s in zip(vectors, inputs):
-            v.meta["input"] = s
-        bars.close()
-        try:
-            if cache is not None:
-                dec, _ = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars, **options)
-            else:
-                from .pool import decompose
-
-                dec = decompose(vectors, tau=args.tau, progress=bars, **options)
-        except ValueError as e:  # the engine names the vector; say which input that is
-            raise ValueError(_with_inputs(str(e), names, inputs)) from None
-        bars.close()
+            dec, hit = decompose(vectors, tau=args.tau, progress=bars, **options), False
+    except ValueError as e:  # the engine names the vector; say which input that is
+        raise ValueError(_with_inputs(str(e), names, inputs)) from None
+    bars.close()
     t_dec = time.perf_counter() - t0
 
     # 4. Write everything in a temp folder next to --out, then swap it in

@@ -1,6 +1,6 @@
 """Task-vector parts out: LoRA files that diffusers, PEFT and ComfyUI load like any other.
 
-A LoRA's unique part is a LoRA of the same rank (METHOD.md); its shared part has rank s per
+A LoRA's unique part is a LoRA of the same rank (docs/METHOD.md); its shared part has rank s per
 module. Both are written with the scale folded into B (alpha = r, so every loader's scale is 1):
   * FLUX (diffusers) family: one ``.safetensors`` with ``transformer.<module>.lora_A.weight`` /
     ``lora_B.weight`` keys (the layout ``FluxPipeline.save_lora_weights`` writes; never

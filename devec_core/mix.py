@@ -9,7 +9,7 @@ source — a ``devec_core.Decomposition`` (``dec.component(kind, name)``) or a p
     W = W0 + Σ_terms coefficient · ΔW_component           (per touched Linear weight)
 
 Extras (biases etc. in ``TaskVector.extras``) follow the coefficient of their vector's "delta" or
-"unique" term (METHOD.md: not decomposed, they stay with their vector).
+"unique" term (docs/METHOD.md: not decomposed, they stay with their vector).
 
 Public API:
     Component(kind, name=None)             frozen; str(c) == "unique:a"; Component.parse("unique:a")

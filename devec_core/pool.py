@@ -6,7 +6,7 @@ a handful of batched calls instead of thousands of tiny ones. Everything that do
 τ (bases, spectra, projections onto the first basis, Gram matrices) is kept; ``with_tau`` then
 re-selects eigenvectors with small r×r operations only — no new SVD of any factor.
 
-Modes (METHOD.md):
+Modes (docs/METHOD.md):
   joint     one shared subspace common to all vectors that have the module; parts per vector
             and the merged shared vector S (eq. 14).
   pairwise  the shared vector of every pair (i, j), i before j in pool order; a vector's unique
@@ -19,6 +19,8 @@ A module that fewer than two vectors have is entirely unique (nothing to share w
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -29,9 +31,20 @@ from .taskvec import Delta, Dense, LowRank, TaskVector
 
 MODES = ("joint", "pairwise", "isolate")
 ISOLATE_ORDERS = ("union", "sequential")
-METHOD_VERSION = "devec-1"
+METHOD_VERSION = "devec-2"  # devec-2: isolate union rule, balanced bases, precision-aware τ slack
+STATE_FORMAT = 1  # Decomposition.state_dict layout
 
 Progress = Callable[[int, int, str], None]
+
+# Budget defaults (docs/METHOD.md "Work budget"). Calibrated on this project's 2-core CPU, where the
+# estimate runs at ~2e10 per second: the FLUX pool (494 modules, 4 rank-16 LoRAs) is ~4e10, a 7B LLM
+# pool of 4 rank-64 LoRAs on all 224 projections ~3e11; the default allows ~2 minutes.
+MAX_WORK = 2e12
+MAX_MEMORY = 8 * 2**30
+
+
+class WorkBudgetError(ValueError):
+    """A pool whose estimated cost exceeds ``Config.max_work`` / ``max_memory`` (refused before any work)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class Config:
     dense_energy: float | None = 0.9  # dense deltas: keep this fraction of ‖ΔW‖_F²
     dtype: str = "float32"  # "float32" | "float64"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_work: float = MAX_WORK  # budget: estimated floating-point operations (``estimate_work``)
+    max_memory: int = MAX_MEMORY  # budget: estimated bytes of the engine's own matrices
 
     def validate(self, names: list[str]) -> None:
         if self.mode not in MODES:
@@ -59,6 +74,10 @@ class Config:
             raise ValueError(f"dense_rank must be a positive integer; got {self.dense_rank!r}")
         if self.dense_energy is not None and not (0.0 < self.dense_energy <= 1.0):
             raise ValueError(f"dense_energy must be in (0, 1]; got {self.dense_energy!r}")
+        for key in ("max_work", "max_memory"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{key} must be a positive number; got {v!r}")
         if self.mode == "isolate":
             if self.target not in names:
                 raise ValueError(f"isolate mode needs a target among {names}; got {self.target!r}")
@@ -96,7 +115,10 @@ class _Spectrum:
 class _Block:
     """Modules with the same shapes, kinds and members. Per member (position p in `members`):
     F[p][b] is the tall factor of module b (a LoRA's B, unscaled, or a dense delta's kept left
-    singular vectors), scale[b, p] its scale, so the basis is Q = scale·F·T[p][b]."""
+    singular vectors), scale[b, p] its scale, so the basis is Q = scale·F·T[p][b].
+
+    Gram matrices of the scaled factors are computed per pair of members when first needed
+    (``gram``): joint mode's spectrum needs only the diagonal blocks and the chain C_12 … C_k1."""
 
     modules: list[str]
     members: tuple[int, ...]  # vector indices in pool order
@@ -105,8 +127,8 @@ class _Block:
     A: list[list[torch.Tensor] | None]  # per member, per module: (r, m); None for dense
     W: list[list[torch.Tensor] | None]  # per member, per module: dense (n, m); None for LoRA
     scale: torch.Tensor  # (b, k) SMALL
-    G: torch.Tensor  # (b, P, P) SMALL: Grams of the scaled factors [s_1F_1 … s_kF_k]
-    offsets: list[int]  # column offset of each member in G
+    wide: torch.Tensor  # (b,) bool: Grams of these modules computed in float64 (range edge)
+    grams: dict[tuple[int, int], torch.Tensor]  # (i, j) -> (b, p_i, p_j) SMALL: (s_iF_i)ᵀ(s_jF_j)
     GA: list[torch.Tensor | None]  # per member: A Aᵀ (b, r, r) SMALL; None for dense
     T: list[torch.Tensor]  # per member: (b, p_i, p_i) SMALL, Q = sF T
     ranks: torch.Tensor  # (b, k)
@@ -115,8 +137,13 @@ class _Block:
     _proj: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def gram(self, i: int, j: int) -> torch.Tensor:
-        oi, oj = self.offsets[i], self.offsets[j]
-        return self.G[:, oi : oi + self.T[i].shape[-1], oj : oj + self.T[j].shape[-1]]
+        """(s_iF_i)ᵀ (s_jF_j), (b, p_i, p_j) SMALL; one GEMM per module on first use."""
+        if (i, j) not in self.grams:
+            if (j, i) in self.grams:
+                return self.grams[(j, i)].mT
+            G = _grams(self.F[i], self.F[j], self.wide)
+            self.grams[(i, j)] = G * (self.scale[:, i] * self.scale[:, j])[:, None, None]
+        return self.grams[(i, j)]
 
     def cross(self, i: int, j: int) -> torch.Tensor:
         """C_ij = Q_iᵀ Q_j = T_iᵀ (s_iF_i)ᵀ(s_jF_j) T_j, (b, p_i, p_j)."""
@@ -147,11 +174,13 @@ class _Block:
     def project(self, f: int, Y: torch.Tensor, i: int) -> list[torch.Tensor]:
         """Z Zᵀ X_i per module with Z = Q_f Y: s_f F_f (T_f Y Yᵀ Q_fᵀ X_i), one GEMM each."""
         K = self.T[f] @ Y @ (Y.mT @ self.proj(f, i)) * self.scale[:, f, None, None]
-        return [Ff @ k.to(Ff.dtype) for Ff, k in zip(self.F[f], K)]
+        K = _in_range(K, self.F[f][0].dtype, self.modules)
+        return [Ff @ k for Ff, k in zip(self.F[f], K)]
 
     def basis(self, p: int, b: int) -> torch.Tensor:
         """The orthonormal basis Q (n, p_i) of member p for module b (zero columns where cut)."""
-        return self.F[p][b] * float(self.scale[b, p]) @ self.T[p][b].to(self.F[p][b].dtype)
+        Tb = _in_range(self.T[p][b : b + 1] * self.scale[b, p], self.F[p][b].dtype, self.modules[b : b + 1])[0]
+        return self.F[p][b] @ Tb
 
     def shared_sq_norm(self, f: int, Y: torch.Tensor, i: int) -> torch.Tensor:
         """‖Z Zᵀ ΔW_i‖_F² = ‖Yᵀ Q_fᵀ X_i · A_i‖² from small products; (b,)."""
@@ -161,12 +190,44 @@ class _Block:
         return ((core @ self.GA[i]) * core).sum((-1, -2))
 
 
+def _in_range(K: torch.Tensor, dtype: torch.dtype, mods: list[str]) -> torch.Tensor:
+    """K (SMALL) cast to the factors' dtype; an error naming the module if it overflows there."""
+    out = K.to(dtype)
+    bad = ~torch.isfinite(out).flatten(1).all(-1) & torch.isfinite(K).flatten(1).all(-1)
+    if bad.any():
+        mod = mods[int(bad.nonzero()[0])]
+        raise ValueError(
+            f"module {mod!r}: overflow: an intermediate of {float(K.abs().max()):.3g} exceeds the {dtype} range "
+            "(the pool's factors differ in scale by more than it can hold); decompose with dtype='float64'"
+        )
+    return out
+
+
+def _grams(Fi: list[torch.Tensor], Fj: list[torch.Tensor], wide: torch.Tensor) -> torch.Tensor:
+    """Per module F_iᵀ F_j, stacked (b, p_i, p_j) in SMALL; GEMM in the factors' dtype, or in
+    float64 for the ``wide`` modules (factors whose squares under- or overflow that dtype)."""
+    out = []
+    for a, b_, w in zip(Fi, Fj, wide.tolist()):
+        if w and a.dtype != SMALL:
+            a, b_ = a.to(SMALL), b_.to(SMALL)
+        out.append(a.mT @ b_)
+    return torch.stack(out).to(SMALL)
+
+
+def _edge(G: torch.Tensor) -> torch.Tensor:
+    """(b,) True where a Gram's diagonal left the normal range of its dtype: an entry below
+    tiny/eps (its factor column underflowed, or is zero) or not finite (overflow, or NaN)."""
+    d = G.diagonal(dim1=-2, dim2=-1)
+    lim = torch.finfo(G.dtype).tiny / torch.finfo(G.dtype).eps
+    return (~torch.isfinite(d) | (d < lim)).any(-1)
+
+
 def _signature(deltas: list[tuple[int, Delta]]):
     return tuple((i, type(d).__name__, tuple(d.shape), getattr(d, "rank", None)) for i, d in deltas)
 
 
-def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: Progress | None) -> list[_Block]:
-    # 1. Which vectors have which module, with shape checks (error names module and shapes)
+def _group_modules(vectors: list[TaskVector]) -> dict[tuple, list[str]]:
+    """Modules grouped by signature (members, kinds, shapes, ranks); shapes checked across vectors."""
     present: dict[str, list[tuple[int, Delta]]] = {}
     for i, v in enumerate(vectors):
         for mod, d in v.modules.items():
@@ -181,75 +242,122 @@ def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: 
                     f"in {vectors[i].name!r} (task vectors for different base models?)"
                 )
         groups.setdefault(_signature(deltas), []).append(mod)
+    return groups
 
-    # 2. Per block: tall factors (no copies where dtype and device match), Grams, bases
-    blocks, done, total = [], 0, len(present)
+
+def _block_inputs(vectors, members, mods, dev, dtype):
+    """Per member: (F, A, W, scale) lists for the block's modules, no copies where dtype/device match.
+    Dense members get F = None here (their basis needs an SVD)."""
+    F, A, W, scales = [], [], [], []
+    for i in members:
+        ds = [vectors[i].modules[mod] for mod in mods]
+        if isinstance(ds[0], LowRank):
+            F.append([d.B.to(dev, dtype) for d in ds])
+            A.append([d.A.to(dev, dtype) for d in ds])
+            W.append(None)
+            scales.append(torch.tensor([float(d.scale) for d in ds], dtype=SMALL))
+        else:
+            F.append(None)
+            A.append(None)
+            W.append([d.W.to(dev, dtype) for d in ds])
+            scales.append(torch.ones(len(mods), dtype=SMALL))
+    return F, A, W, torch.stack(scales, -1).to(dev)
+
+
+def _build_blocks(vectors: list[TaskVector], cfg: Config, dev, dtype, progress: Progress | None) -> list[_Block]:
+    # 1. Which vectors have which module, with shape checks (error names module and shapes)
+    groups = _group_modules(vectors)
+    total = sum(len(m) for m in groups.values())
+
+    # 2. Per block: tall factors, diagonal Grams, bases (cross Grams come later, when needed)
+    blocks, done = [], 0
     for sig, mods in groups.items():
         members = tuple(i for i, *_ in sig)
-        n, m = sig[0][2]
-        F, A, W, GA, T, scales, sq = [], [], [], [], [], [], []
-        for i in members:
-            ds = [vectors[i].modules[mod] for mod in mods]
-            if isinstance(ds[0], LowRank):
-                F.append([d.B.to(dev, dtype) for d in ds])
-                A.append([d.A.to(dev, dtype) for d in ds])
-                W.append(None)
-                scales.append(torch.tensor([float(d.scale) for d in ds], dtype=SMALL))
-                GA.append(torch.stack([(a @ a.mT).to(SMALL) for a in A[-1]]).to(dev))
+        k, (n, m) = len(members), sig[0][2]
+        F, A, W, scale = _block_inputs(vectors, members, mods, dev, dtype)
+        sq: list[torch.Tensor | None] = [None] * k
+        for p in range(k):
+            if W[p] is not None:  # dense: ‖W‖² in float64 (no underflow), basis by truncated SVD
+                sq[p] = torch.stack([torch.linalg.vector_norm(w, dtype=SMALL) ** 2 for w in W[p]])
+                _check_finite(sq[p], vectors, members[p], mods)
+                U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
+                width = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
+                F[p] = [u[:, :width].contiguous() for u in U]
+        # 2a. diagonal Grams in the compute dtype; modules whose Grams left its range are redone in
+        #     float64 (factors ~1e-30 square to 0 in float32, ~1e+30 to inf)
+        diag = [torch.stack([f.mT @ f for f in F[p]]) for p in range(k)]
+        GA = [None if A[p] is None else torch.stack([a @ a.mT for a in A[p]]) for p in range(k)]
+        wide = torch.zeros(len(mods), dtype=torch.bool, device=dev)
+        for p in range(k):
+            if A[p] is not None:
+                wide |= _edge(diag[p]) | _edge(GA[p])
+        diag = [g.to(SMALL) for g in diag]
+        GA = [None if g is None else g.to(SMALL) for g in GA]
+        if dtype != SMALL:
+            for b in wide.nonzero().flatten().tolist():
+                for p in range(k):
+                    f = F[p][b].to(SMALL)
+                    diag[p][b] = f.mT @ f
+                    if A[p] is not None:
+                        a = A[p][b].to(SMALL)
+                        GA[p][b] = a @ a.mT
+        grams = {(p, p): diag[p] * (scale[:, p] ** 2)[:, None, None] for p in range(k)}
+        # 2b. norms (checked before any eigen-solve), bases
+        T: list[torch.Tensor | None] = [None] * k
+        for p in range(k):
+            if W[p] is not None:
+                keep = grams[(p, p)].diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
+                T[p] = torch.diag_embed(keep.to(SMALL))
             else:
-                Ws = [d.W.to(dev, dtype) for d in ds]
-                sq.append((len(F), torch.stack([w.pow(2).sum().to(SMALL) for w in Ws])))
-                _check_finite(sq[-1][1], vectors[i].name, mods)
-                U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in Ws]
-                p = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
-                F.append([u[:, :p].contiguous() for u in U])
-                A.append(None), W.append(Ws), GA.append(None)
-                scales.append(torch.ones(len(mods), dtype=SMALL))
-        scale = torch.stack(scales, -1).to(dev)  # (b, k)
-        widths = [F[p][0].shape[1] for p in range(len(members))]
-        offsets = [sum(widths[:p]) for p in range(len(members))]
-        col_scale = torch.cat([scale[:, p : p + 1].expand(-1, w) for p, w in enumerate(widths)], -1)  # (b, P)
-        # one Gram GEMM per module over the concatenated factors: the only pass over them
-        G = torch.stack([_gram([F[p][b] for p in range(len(members))]) for b in range(len(mods))])
-        G = G * col_scale.unsqueeze(-1) * col_scale.unsqueeze(-2)
-        norms = []
-        for p in range(len(members)):
-            o, w = offsets[p], widths[p]
-            Gpp = G[:, o : o + w, o : o + w]
-            if GA[p] is None:
-                norms.append(dict(sq)[p])
-                keep = Gpp.diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
-                T.append(torch.diag_embed(keep.to(SMALL)))
-            else:
-                norms.append(D.sq_norm_from_grams(Gpp, GA[p]))
-                _check_finite(norms[-1], vectors[members[p]].name, mods)  # before any eigh
-                T.append(None)  # below: one batched call for the LoRA members of each width
+                sq[p] = D.sq_norm_from_grams(grams[(p, p)], GA[p])
+                _check_finite(sq[p], vectors, members[p], mods)
         rtol = D.rank_rtol(n, m, dtype)
-        for w in {widths[p] for p in range(len(members)) if T[p] is None}:
-            ps = [p for p in range(len(members)) if T[p] is None and widths[p] == w]
-            GB = torch.stack([G[:, offsets[p] : offsets[p] + w, offsets[p] : offsets[p] + w] for p in ps], 1)
+        widths = [F[p][0].shape[1] for p in range(k)]
+        for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
+            ps = [p for p in range(k) if T[p] is None and widths[p] == w]
+            GB = torch.stack([grams[(p, p)] for p in ps], 1)
             Ts = D.lowrank_basis(GB, torch.stack([GA[p] for p in ps], 1), rtol)[0]  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
         ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
-        blocks.append(_Block(mods, members, (n, m), F, A, W, scale, G, offsets, GA, T, ranks, torch.stack(norms, -1)))
+        blocks.append(_Block(mods, members, (n, m), F, A, W, scale, wide, grams, GA, T, ranks, torch.stack(sq, -1)))
         done += len(mods)
         if progress:
             progress(done, total, "bases")
     return blocks
 
 
-def _gram(Fs: list[torch.Tensor]) -> torch.Tensor:
-    """[F_1 … F_k]ᵀ [F_1 … F_k] in float64 (GEMM in the factors' dtype)."""
-    Fc = torch.cat(Fs, 1) if len(Fs) > 1 else Fs[0]
-    return (Fc.mT @ Fc).to(SMALL)
-
-
-def _check_finite(sq_norms: torch.Tensor, name: str, mods: list[str]) -> None:
-    """A NaN/Inf anywhere in a delta makes its squared norm non-finite."""
+def _check_finite(sq_norms: torch.Tensor, vectors: list[TaskVector], i: int, mods: list[str]) -> None:
+    """A squared norm that is not finite: NaN/Inf in the input, or an overflow (named as such)."""
     bad = ~torch.isfinite(sq_norms)
-    if bad.any():
-        raise ValueError(f"task vector {name!r}, module {mods[int(bad.nonzero()[0])]!r}: contains NaN/Inf")
+    if not bad.any():
+        return
+    mod = mods[int(bad.nonzero()[0])]
+    d = vectors[i].modules[mod]
+    tensors = {"B": d.B, "A": d.A} if isinstance(d, LowRank) else {"W": d.W}
+    for part, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"task vector {vectors[i].name!r}, module {mod!r}: {part} contains NaN/Inf")
+    big = max(float(t.abs().max()) for t in tensors.values()) if all(t.numel() for t in tensors.values()) else 0.0
+    raise ValueError(
+        f"task vector {vectors[i].name!r}, module {mod!r}: overflow: its squared norm exceeds the float64 range "
+        f"(largest factor entry {big:.3g}, scale {getattr(d, 'scale', 1.0):.3g}); rescale the input"
+    )
+
+
+def _check_not_zero(vectors: list[TaskVector], blocks: list[_Block]) -> None:
+    """A vector whose every module is exactly zero has nothing to decompose: refuse it plainly."""
+    total = torch.zeros(len(vectors), dtype=SMALL)
+    for blk in blocks:
+        for p, i in enumerate(blk.members):
+            total[i] += blk.sq_norms[:, p].sum().cpu()
+    zero = [v for i, v in enumerate(vectors) if total[i] == 0 and v.modules]
+    if zero:
+        v = zero[0]
+        raise ValueError(
+            f"task vector {v.name!r} is all zero (all {len(v.modules)} of its module deltas are 0): "
+            "nothing to decompose; remove it from the pool"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +373,7 @@ def decompose(
     progress: Progress | None = None,
     **options,
 ) -> "Decomposition":
-    """Decompose a pool of task vectors (pool order matters: see METHOD.md "Order").
+    """Decompose a pool of task vectors (pool order matters: see docs/METHOD.md "Order").
 
     Args:
         vectors: the pool, in the user's order.
@@ -276,6 +384,7 @@ def decompose(
     """
     vectors = list(vectors)
     names = [v.name for v in vectors]
+    # 1. Check inputs (cheap: names, options, ranks, the work budget; no tensor is read)
     if not vectors:
         raise ValueError("empty pool: give at least one task vector")
     if len(set(names)) != len(names):
@@ -284,11 +393,76 @@ def decompose(
     cfg = Config(mode=mode, target=target, **options)
     cfg.validate(names)
     D.check_tau(tau)
+    for v in vectors:
+        v.check_ranks()
+    check_budget(vectors, cfg)
+    # 2. Bases (Grams, numerical ranks), refusing all-zero vectors; 3. spectra
     dev, dtype = cfg.torch_device(), cfg.torch_dtype
     blocks = _build_blocks(vectors, cfg, dev, dtype, progress)
+    _check_not_zero(vectors, blocks)
     dec = Decomposition(names, cfg, blocks, tau, vectors)
     dec._precompute_spectra(progress)
     return dec
+
+
+def _n_orders(cfg: Config, members: list[int], names: list[str]) -> int:
+    """How many spectra a module with these members needs in this mode."""
+    k = len(members)
+    if k < 2:
+        return 0
+    if cfg.mode == "joint":
+        return 1
+    if cfg.mode == "pairwise":
+        return k * (k - 1)
+    t = names.index(cfg.target)
+    refs = [names.index(r) for r in cfg.references] if cfg.references else [i for i in range(len(names)) if i != t]
+    return len([i for i in refs if i in members]) if t in members else 0
+
+
+def estimate_work(vectors: list[TaskVector], cfg: Config) -> tuple[float, float, str]:
+    """Estimated cost of decomposing a pool, from shapes and ranks only (no tensor is read).
+
+    Per module with members of widths r_i (a LoRA's rank; a dense delta's min(n, m), its SVD
+    bound), P = Σ r_i, r = max r_i and o spectra (1 joint, k(k−1) pairwise, #references isolate):
+        work  = 2nP² + Σ_LoRA 2m r_i² + Σ_dense 6nm·min(n, m) + 30(k + o) r³   (flops)
+        bytes = 8P² + 32 Σ r_i² + 32 o r²          (the Grams, bases, complex eigenvectors)
+    The r³ term is the r×r eigen-solves (measured: two rank-2048 LoRAs on a 1×1 module, 39 s).
+    Returns (work, bytes, the costliest module).
+    """
+    names = [v.name for v in vectors]
+    present: dict[str, list[tuple[int, Delta]]] = {}
+    for i, v in enumerate(vectors):
+        for mod, d in v.modules.items():
+            present.setdefault(mod, []).append((i, d))
+    work = memory = 0.0
+    worst, worst_work = "", -1.0
+    for mod, deltas in present.items():
+        n, m = deltas[0][1].shape
+        widths = [d.rank if isinstance(d, LowRank) else min(n, m) for _, d in deltas]
+        P, r, o = sum(widths), max(widths), _n_orders(cfg, [i for i, _ in deltas], names)
+        w = 2.0 * n * P * P + 30.0 * (len(deltas) + o) * r**3
+        for (_, d), ri in zip(deltas, widths):
+            w += 2.0 * m * ri * ri if isinstance(d, LowRank) else 6.0 * n * m * min(n, m)
+        work += w
+        memory += 8.0 * P * P + 32.0 * sum(x * x for x in widths) + 32.0 * o * r * r
+        if w > worst_work:
+            worst, worst_work = mod, w
+    return work, memory, worst
+
+
+def check_budget(vectors: list[TaskVector], cfg: Config) -> None:
+    """Refuse a pool whose estimated work or memory exceeds the config's budget (``WorkBudgetError``)."""
+    work, memory, worst = estimate_work(vectors, cfg)
+    if work <= cfg.max_work and memory <= cfg.max_memory:
+        return
+    ranks = {v.name: v.modules[worst].rank for v in vectors if isinstance(v.modules.get(worst), LowRank)}
+    shape = next(v.modules[worst].shape for v in vectors if worst in v.modules)
+    what = (f"estimated work {work:.3g} flops exceeds max_work = {cfg.max_work:.3g}" if work > cfg.max_work
+            else f"estimated memory {memory / 2**30:.3g} GiB exceeds max_memory = {cfg.max_memory / 2**30:.3g} GiB")
+    raise WorkBudgetError(
+        f"pool refused before any work: {what} (costliest module {worst!r}, shape {shape}, ranks {ranks}); "
+        "raise the budget (Config.max_work / max_memory) if this pool is meant"
+    )
 
 
 class Decomposition:
@@ -332,6 +506,76 @@ class Decomposition:
             if progress:
                 progress(done, total, "spectra")
 
+    # --- τ-independent state without the inputs (cache entries) -------------------------------
+    def state_dict(self) -> dict:
+        """The τ-independent tensors that are small, as plain containers (no factor of the inputs).
+
+        Per block: module names, members, scales, the Gram matrices computed so far, A Aᵀ, the
+        bases' small matrices T, ranks, norms, spectra (eigenvalues, eigenvectors) and the
+        projections computed so far; for dense members also their kept left singular vectors
+        (an SVD of the input: not cheap to redo). The LoRA factors and dense deltas themselves are
+        not stored: ``from_state_dict`` takes them from the vectors.
+        """
+        blocks = []
+        for blk in self.blocks:
+            blocks.append({
+                "modules": list(blk.modules), "members": tuple(blk.members), "shape": tuple(blk.shape),
+                "scale": blk.scale, "wide": blk.wide, "grams": dict(blk.grams),
+                "GA": list(blk.GA), "T": list(blk.T), "ranks": blk.ranks, "sq_norms": blk.sq_norms,
+                "spectra": {o: (sp.eigvals, sp.eigvecs) for o, sp in blk.spectra.items()},
+                "proj": dict(blk._proj),
+                "dense_F": {p: blk.F[p] for p in range(len(blk.members)) if blk.W[p] is not None},
+            })
+        return {"format": STATE_FORMAT, "method_version": METHOD_VERSION, "names": list(self.names),
+                "config": dataclasses.asdict(self.config), "blocks": blocks}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, vectors: list[TaskVector], tau: float = 0.85) -> "Decomposition":
+        """Rebuild a decomposition from ``state_dict()`` and the same vectors (no SVD, no eigen-solve).
+
+        Raises ValueError if the state was written by another format, or the vectors do not fit it
+        (names, modules, kinds, shapes or ranks differ).
+        """
+        if state.get("format") != STATE_FORMAT or state.get("method_version") != METHOD_VERSION:
+            raise ValueError(f"decomposition state of another format ({state.get('format')!r}, {state.get('method_version')!r})")
+        vectors = list(vectors)
+        names = [v.name for v in vectors]
+        if names != list(state["names"]):
+            raise ValueError(f"decomposition state is for vectors {list(state['names'])}, not {names}")
+        cfg_d = dict(state["config"])
+        if cfg_d.get("references") is not None:
+            cfg_d["references"] = tuple(cfg_d["references"])
+        cfg = Config(**cfg_d)
+        dev, dtype = cfg.torch_device(), cfg.torch_dtype
+        groups = _group_modules(vectors)
+        seen = {m: sig for sig, mods in groups.items() for m in mods}
+        blocks = []
+        for st in state["blocks"]:
+            mods, members = list(st["modules"]), tuple(st["members"])
+            sigs = {seen.get(m) for m in mods}
+            want = tuple(
+                (i, "Dense" if st["GA"][p] is None else "LowRank", tuple(st["shape"]),
+                 None if st["GA"][p] is None else st["T"][p].shape[-1])
+                for p, i in enumerate(members)
+            )
+            if sigs != {want}:
+                raise ValueError(f"decomposition state does not fit the vectors (block of {mods[0]!r})")
+            F, A, W, _ = _block_inputs(vectors, members, mods, dev, dtype)
+            for p, Fs in st["dense_F"].items():
+                F[p] = [f.to(dev) for f in Fs]
+            to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+            blk = _Block(
+                mods, members, tuple(st["shape"]), F, A, W, to(st["scale"]), to(st["wide"]),
+                {tuple(k): to(g) for k, g in st["grams"].items()}, [to(g) for g in st["GA"]], [to(t) for t in st["T"]],
+                to(st["ranks"]), to(st["sq_norms"]),
+                {tuple(o): _Spectrum(tuple(o), to(v), to(e)) for o, (v, e) in st["spectra"].items()},
+                {tuple(k): to(x) for k, x in st["proj"].items()},
+            )
+            blocks.append(blk)
+        if sum(len(b.modules) for b in blocks) != len(seen):
+            raise ValueError("decomposition state does not cover every module of the vectors")
+        return cls(names, cfg, blocks, tau, vectors)
+
     def with_tau(self, tau: float) -> "Decomposition":
         """The same decomposition at another τ: re-selects eigenvectors, no new SVD."""
         return Decomposition(self.names, self.config, self.blocks, tau, self.vectors)
@@ -341,7 +585,7 @@ class Decomposition:
         key = (bi, order)
         if key not in self._sel:
             sp = self.blocks[bi].spectrum(order, self.config.symmetric)
-            self._sel[key] = D.select_shared(sp.eigvals, sp.eigvecs, self.tau)
+            self._sel[key] = D.select_shared(sp.eigvals, sp.eigvecs, self.tau, self.precision)
         return self._sel[key]
 
     def _removed(self, bi: int, pos: int) -> tuple[int, torch.Tensor] | None:
@@ -358,7 +602,12 @@ class Decomposition:
         if mode == "isolate" and pos != self._target_pos(blk):
             return None
         Ys = [self._select(bi, order)[0] for order in self._orders(blk) if order[0] == pos]
-        return (pos, D.union_basis(Ys, self.tau)) if Ys else None
+        return (pos, D.union_basis(Ys, self.tau, self.precision)) if Ys else None
+
+    @property
+    def precision(self) -> torch.dtype:
+        """The dtype the Grams were computed in: it sets the slack on τ (docs/METHOD.md "τ slack")."""
+        return self.config.torch_dtype
 
     @property
     def _sequential(self) -> bool:
@@ -397,7 +646,7 @@ class Decomposition:
                         Qr = Rs @ D.lowrank_basis(Rs.mT @ Rs, As @ As.mT, D.rank_rtol(*blk.shape, R.dtype))[0]
                     C = Qr.mT @ Qp
                     vals, vecs = D.chain_spectrum([C, C.mT], symmetric=cfg.symmetric)
-                    Y, _ = D.select_shared(vals, vecs, self.tau)
+                    Y, _ = D.select_shared(vals, vecs, self.tau, self.precision)
                     R = R - (Qr @ (Y @ (Y.mT @ (Qr.mT @ R.to(SMALL))))).to(R.dtype)
                 out.append(X - R)
             self._sel[key] = out
@@ -457,16 +706,22 @@ class Decomposition:
         Y, dims = self._select(bi, order)
         sq = torch.stack([blk.shared_sq_norm(f, Y, p) for p in order], -1)
         w = D.merge_weights(sq)  # (b, k)
-        Zsmall = blk.T[f] @ Y * blk.scale[:, f, None, None]  # Z = F_f · Zsmall
+        Zsmall = blk.T[f] @ Y * blk.scale[:, f, None, None]  # Z = F_f · Zsmall, (b, p_f, r_f)
         out = {}
         for b, mod in enumerate(blk.modules):
             s = int(dims[b])
             Ff = blk.F[f][b]
+            cs = [(Y[b].mT @ blk.proj(f, p)[b])[:s] for p in order]  # Zᵀ X_p, (s, r|m) SMALL
+            # range guard: S = (αZ)(core/α) with α a power of two near max|Zᵀ X_p| when that is far
+            # from 1, so factors ~1e±30 (float32) keep S's factors in range; exact (α = 2^k)
+            big = max((float(c.abs().max()) for c in cs if c.numel()), default=1.0)
+            e = round(math.log2(big)) if big > 0 else 0
+            alpha = 2.0**e if abs(e) > 30 else 1.0
             core = torch.zeros(s, blk.shape[1], dtype=Ff.dtype, device=Ff.device)
-            for j, p in enumerate(order):
-                c = (Y[b].mT @ blk.proj(f, p)[b])[:s].to(Ff.dtype)  # Zᵀ X_p, (s, r|m)
+            for j, (p, c) in enumerate(zip(order, cs)):
+                c = _in_range((c / alpha).unsqueeze(0), Ff.dtype, [mod])[0]
                 core = core + float(w[b, j]) * (c if blk.A[p] is None else c @ blk.A[p][b])
-            Z = Ff @ Zsmall[b, :, :s].to(Ff.dtype)
+            Z = Ff @ _in_range(Zsmall[b : b + 1, :, :s] * alpha, Ff.dtype, [mod])[0]
             out[mod] = LowRank(Z.cpu().contiguous(), core.cpu().contiguous())
         return out
 
@@ -562,7 +817,7 @@ class Decomposition:
             return torch.tensor(out, dtype=SMALL)
         removed = self._removed(bi, pos)
         if removed is None:
-            return torch.zeros(len(blk.modules), dtype=SMALL, device=blk.G.device)
+            return torch.zeros(len(blk.modules), dtype=SMALL, device=blk.scale.device)
         f, Y = removed
         return blk.shared_sq_norm(f, Y, pos)
 

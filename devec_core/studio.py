@@ -121,7 +121,7 @@ class Coefficients:
 
 
 def default_coefficients(session: Session) -> Coefficients:
-    """Defaults per mode (METHOD.md "Recomposition").
+    """Defaults per mode (docs/METHOD.md "Recomposition").
 
     joint/pairwise (style mixing): every vector at its usual strength, shared part 0.
     isolate (behaviour removal): the target at −strength, references 0; DeVec negates only the
@@ -433,7 +433,7 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
                 from .pool import Config
 
                 key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs, **_device_option()))
-                dec = disk.get(key_d, 0.85)
+                dec = disk.get(key_d, 0.85, vectors)
             except Exception as e:  # noqa: BLE001
                 log.warning("decomposition cache read failed (%s); recomputing", e)
         if dec is None:
@@ -680,7 +680,7 @@ def describe(dec: Decomposition) -> Report:
 
 
 def build_mixes(dec: Decomposition, c: Coefficients, pool_key: str = ""):
-    """(left, DeVec) mixes for the sliders (METHOD.md "Recomposition").
+    """(left, DeVec) mixes for the sliders (docs/METHOD.md "Recomposition").
 
     left: W0 + Σ λ_i ΔW_i (vanilla), or the TIES / DARE merge of the vectors with those λ's
     (``c.left``, ``devec_core.merge``).  DeVec: W0 + Σ λ_i^u U_i + λ^s S, where S is the merged

@@ -84,7 +84,10 @@ class TaskVector:
     """A named task vector: module name → delta, plus parameters that are not matrices.
 
     ``extras`` holds biases / norm scales (name → tensor delta). They are not decomposed
-    (METHOD.md): they stay with their vector and follow its unique coefficient.
+    (docs/METHOD.md): they stay with their vector and follow its unique coefficient.
+    An input LoRA's rank may not exceed min(n, m) of its module (``check_ranks``, called first
+    thing by ``decompose``): a larger declared rank adds no direction, only cost. Internal sums
+    of LoRAs (e.g. a merge's concatenated factors) may exceed it; they are not decomposed.
     """
 
     name: str
@@ -94,6 +97,18 @@ class TaskVector:
 
     def __len__(self) -> int:
         return len(self.modules)
+
+    def check_ranks(self) -> None:
+        """Raise ValueError naming the vector (and its source file) and module if a LoRA's rank
+        exceeds min(n, m): such a file declares more directions than the module has."""
+        for mod, d in self.modules.items():
+            if isinstance(d, LowRank) and d.rank > min(d.shape):
+                src = self.meta.get("source") or self.meta.get("input")
+                where = f"task vector {self.name!r}" + (f" ({src})" if src else "")
+                raise ValueError(
+                    f"{where}, module {mod!r}: LoRA rank {d.rank} exceeds min(out, in) = {min(d.shape)} of its "
+                    f"{d.shape[0]}×{d.shape[1]} delta; refused (a rank above that adds no direction, only work)"
+                )
 
     def check_finite(self) -> None:
         """Raise ValueError naming the vector, module and the bad value if anything is NaN/Inf."""

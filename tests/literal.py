@@ -6,6 +6,8 @@ eigen-decomposition of P. Used to check the fast path in devec_core.decompose / 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,15 +50,43 @@ def parts(Ws: list[torch.Tensor], Z: torch.Tensor):
     return S, U, merged
 
 
-def isolate(target: torch.Tensor, refs: list[torch.Tensor], tau: float, **cut) -> torch.Tensor:
-    """Union of the pair shared subspaces (target, ref_j), projected out of the target once.
+def copies_cos2(tau: float) -> float:
+    """Two directions are copies of one when cos² of their angle exceeds τ (angle < θ_τ =
+    arccos √τ); one direction serves both iff each is within θ_τ/2 of it: cos²(θ_τ/2)."""
+    return math.cos(math.acos(math.sqrt(tau)) / 2) ** 2
 
-    The union keeps the eigenvectors of Σ_j Z_j Z_jᵀ with eigenvalue above τ (see
-    devec_core.algorithm.union_basis for why not the plain span)."""
+
+def union(Zs: list[torch.Tensor], tau: float, tol: float = 64 * 2.2e-16) -> torch.Tensor:
+    """The isolate/pairwise union of shared subspaces Z_j (n, s_j), from its definition (docs/METHOD.md):
+    the fewest leading eigenvectors R of Σ_j Z_j Z_jᵀ (an n×n matrix here) such that every principal
+    angle between each Z_j and R is within half the copy angle (cos² ≥ copies_cos2(τ))."""
+    n = Zs[0].shape[0]
+    Zs = [Z for Z in Zs if Z.shape[1]]
+    if not Zs:
+        return torch.zeros(n, 0, dtype=torch.float64)
+    G = sum(Z @ Z.T for Z in Zs)  # n×n
+    vals, vecs = torch.linalg.eigh(G)
+    vecs = vecs.flip(-1)  # descending eigenvalues
+    need = copies_cos2(tau) - tol
+    for s in range(max(Z.shape[1] for Z in Zs), n + 1):
+        R = vecs[:, :s]
+        # cos of the principal angles between span(Z) and span(R): singular values of Zᵀ R
+        if all(float(torch.linalg.svdvals(Z.T @ R).min()) ** 2 >= need for Z in Zs):
+            return R
+    raise AssertionError("unreachable: the plain span covers every Z_j")
+
+
+def isolate(target: torch.Tensor, refs: list[torch.Tensor], tau: float, **cut) -> torch.Tensor:
+    """Remove from the target the union of its pair shared subspaces (target, ref_j), once."""
     Zs = [shared_basis([target, R], tau, **cut)[0] for R in refs]
-    span = torch.cat(Zs, 1)
-    if span.shape[1] == 0:
-        return target.clone()
-    U, sv, _ = torch.linalg.svd(span, full_matrices=False)
-    Z = U[:, sv**2 > tau - 64 * 2.2e-16]
+    Z = union(Zs, tau)
     return target - Z @ (Z.T @ target)
+
+
+def sequential(target: torch.Tensor, refs: list[torch.Tensor], tau: float, **cut) -> torch.Tensor:
+    """The other reading of "iteratively": remove what the remainder shares with ref 1, then ref 2, …"""
+    R = target
+    for ref in refs:
+        Z, _ = shared_basis([R, ref], tau, **cut)
+        R = R - Z @ (Z.T @ R)
+    return R

@@ -118,3 +118,20 @@ def test_isolate_and_pairwise_nulls_follow_the_mode():
     assert null_eigenvalues(N, (R, R, R), [(0, 1), (0, 2)], draws=40).shape == (40, 2 * R)
     pw = decompose(vecs, tau=0.85, mode="pairwise")
     assert pool_chance(pw, draws=40).regime == "shared"
+
+
+def test_saturated_when_chance_explains_most_of_what_lies_above_tau():
+    """Every module beats chance (4 planted directions), yet at rank 120 in ℝ³⁰⁰ most eigenvalues
+    above τ come from chance: the regime must say so (the dense rank-160 SmolLM2 case)."""
+    g = torch.Generator().manual_seed(0)
+    n, r = 300, 120
+    vecs = [dict(), dict()]
+    for j in range(4):
+        S = torch.linalg.qr(torch.randn(n, 4, generator=g))[0]
+        for i in range(2):
+            own = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+            vecs[i][f"l.{j}.w"] = LowRank(torch.cat([S, own[:, 4:]], 1), torch.randn(r, 200, generator=g))
+    rep = pool_chance(decompose([TaskVector(f"v{i}", v) for i, v in enumerate(vecs)], tau=0.85), draws=40)
+    assert rep.fdr(0.85) > 0.5
+    assert rep.regime == "saturated"
+    assert "expected by chance" in rep.message

@@ -284,14 +284,16 @@ def test_module_in_only_one_vector_is_unique():
     assert row["members"] == ["v0"]
 
 
-def test_zero_vector():
-    pool = planted(3)
+def test_zero_module():
+    # one module of a vector is exactly zero (the vector as a whole is not: an all-zero vector is
+    # refused, tests/test_stress_engine.py)
+    pool = planted(3, modules=("mod", "other"))
     pool[1].modules["mod"] = LowRank(torch.zeros(48, 6, dtype=torch.float64), torch.zeros(6, 40, dtype=torch.float64))
     dec = decompose(pool, tau=0.85, **F64)
     assert dec.shared_dims()["mod"] == 0  # nothing is shared with a zero vector
     assert dec.component("unique", "v1")["mod"].dense().abs().max() == 0
     assert torch.equal(dec.component("unique", "v0")["mod"].dense(), pool[0].modules["mod"].dense())
-    assert dec.summary()[0]["ranks"][1] == 0
+    assert {r["module"]: r for r in dec.summary()}["mod"]["ranks"][1] == 0
 
 
 def test_rank_deficient_factors_use_numerical_rank():

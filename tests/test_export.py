@@ -6,10 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from devec_core import decompose
+from devec_core import METHOD_VERSION, decompose
 from devec_core.export import export_decomposition, read_devec_metadata, save_flux_lora, to_lowrank
 from devec_core.formats import load_pool
-from devec_core.pool import METHOD_VERSION
 from devec_core.taskvec import Dense, LowRank
 from tests.tiny_models import LLAMA_TARGETS, random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama
 

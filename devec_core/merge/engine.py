@@ -162,7 +162,7 @@ def merge(
     """Merge a pool of task vectors with a registered method.
 
     Args:
-        vectors: the pool (order matters for DeVec, see METHOD.md).
+        vectors: the pool (order matters for DeVec, see docs/METHOD.md "Order").
         method: a name in ``registry.METHODS`` (or an alias: ta, vanilla, linear, devec_ta).
         weights: one coefficient for all, a list in pool order, or name → coefficient
             (DeVec methods: the unique parts' coefficients).
