@@ -12,10 +12,18 @@ What the CLI does on each path (``devec_core.cli.run_decompose`` minus the expor
   baseline    no cache: load + decompose at τ=0.5 (what every run costs without the cache)
   alt design  "store the normalised inputs, recompute": read the pool from one safetensors of
               normalised factors + decompose (the other candidate for what an entry holds)
+Integrity check on a hit: the SHA-256 per tensor (name, dtype, shape, bytes; cache format 3) timed
+on the entry's tensors against the byte sum it replaced (format 2, copied here as the baseline).
 Also: the first touch of the parts (``component("unique")`` for every vector) on both paths,
 entry size vs input size. Medians over rounds; numbers for the README, no assertions.
 
     python bench/bench_cache.py --stream-memory       # the full-checkpoint reader's peak memory
+    python bench/bench_cache.py --baseline-ref main   # hit: the cache at git REF vs this tree, same run
+
+With ``--baseline-ref REF`` only the hit is timed: ``devec_core`` at commit REF is extracted to a
+temp folder and imported beside this tree's; each stores its own entry for the same files, then
+rounds alternate (REF's hit, this tree's hit, no cache: load + decompose), so a busy machine slows
+all three alike and their ratios stay meaningful.
 
 The I/O bench's second section: peak RSS of reading a base + 2 fine-tuned synthetic checkpoints
 (24 × 2048² float32 each, 384 MiB per checkpoint), each variant in a fresh process: streamed
@@ -40,7 +48,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
-from devec_core.cache import DecompositionCache, cached_decompose  # noqa: E402
+from devec_core.cache import DecompositionCache, _digest_tensors, cached_decompose  # noqa: E402
 from devec_core.formats import load_pool  # noqa: E402
 from devec_core.pool import Config  # noqa: E402
 
@@ -82,6 +90,17 @@ def write_loras(folder: Path, shapes: dict, k: int, rank: int) -> list[Path]:
         save_file(sd, str(p))
         paths.append(p)
     return paths
+
+
+def old_byte_sum(T: dict) -> dict:
+    """The format-2 check (baseline): per tensor, the sum of its bytes as int32 words."""
+    out = {}
+    for name, t in T.items():
+        v = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if v.numel() % 4 == 0:
+            v = v.view(torch.int32)
+        out[name] = int(v.sum(dtype=torch.int64)) if v.numel() else 0
+    return out
 
 
 def timed(fn):
@@ -131,6 +150,81 @@ def stream_memory() -> None:
         print(f"| {label} | {float(out):.0f} |")
 
 
+def load_baseline(ref: str):
+    """``devec_core`` as it was at git commit ``ref``, imported as ``devec_baseline``."""
+    import importlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="devec-baseline-"))
+    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "devec_core"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+    (tmp / "devec_core").rename(tmp / "devec_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("devec_baseline")
+
+
+def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: float) -> None:
+    """Hit at τ=0.5: the cache at ``args.baseline_ref`` vs this tree's, alternating rounds."""
+    import inspect
+    import shutil
+
+    old = load_baseline(args.baseline_ref)
+    oc_mod, of_mod, op_mod = (importlib_module(f"devec_baseline.{m}") for m in ("cache", "formats", "pool"))
+    opts = {"base": None, "allow_pickle": False}
+    sides = {}
+    for label, C, lp, cfg, dec_fn in ((f"cache at {args.baseline_ref}", oc_mod.DecompositionCache, of_mod.load_pool, op_mod.Config(),
+                                       old.decompose),
+                                      ("this tree", DecompositionCache, load_pool, Config(), decompose)):
+        cache = C(tmp / f"cmp-{len(sides)}")
+        key = cache.key_for_sources(paths, names, cfg, opts)
+        cache.put(key, dec_fn(lp(paths, names), tau=0.85))
+        size = sum(f.stat().st_size for f in cache.path(key).rglob("*") if f.is_file()) / 2**20
+        sides[label] = (cache, cfg, size)
+    times = {k: [] for k in list(sides) + ["no cache: load + decompose (this tree)"]}
+    for _ in range(args.rounds):
+        for label, (cache, cfg, _) in sides.items():
+            t = time.perf_counter()
+            key = cache.key_for_sources(paths, names, cfg, opts)
+            if "vectors" in inspect.signature(cache.get).parameters:  # entries without the inputs' factors
+                hit = cache.get(key, 0.5, load_pool(paths, names))
+            else:
+                hit = cache.get(key, 0.5)
+            times[label].append(time.perf_counter() - t)
+            assert hit is not None
+            del hit
+        times["no cache: load + decompose (this tree)"].append(timed(lambda: decompose(load_pool(paths, names), tau=0.5))[0])
+    # the integrity check alone, on the largest entry's tensors: SHA-256 (this tree) vs the byte sum (format 2)
+    big = max(sides.values(), key=lambda sd: sd[2])[0]
+    (entry,) = [e for e, _, _ in big.entries()]
+    T = load_file(str(entry / "tensors.safetensors"))
+    checks = {"SHA-256 per tensor (this tree)": [], "byte sum per tensor (format 2)": []}
+    for _ in range(args.rounds):
+        checks["SHA-256 per tensor (this tree)"].append(timed(lambda: _digest_tensors(T))[0])
+        checks["byte sum per tensor (format 2)"].append(timed(lambda: old_byte_sum(T))[0])
+    mib = sum(t.numel() * t.element_size() for t in T.values()) / 2**20
+    del T
+    base = statistics.median(times["no cache: load + decompose (this tree)"])
+    print(f"\n## Hit at another τ (hash files, read + check the entry, re-threshold): {args.rounds} alternating rounds")
+    print("| path | median s | all rounds (s) | vs no cache | entry MiB (entry / input) |")
+    print("|---|---:|---|---:|---:|")
+    for k, v in times.items():
+        size = f"{sides[k][2]:.0f} ({sides[k][2] / in_mb:.2f})" if k in sides else ""
+        print(f"| {k} | {statistics.median(v):.3f} | {', '.join(f'{t:.3f}' for t in v)} | "
+              f"{base / statistics.median(v):.1f}× | {size} |")
+    print(f"\n| integrity check of a {mib:.0f} MiB entry (the largest here) | median s |")
+    print("|---|---:|")
+    for k, v in checks.items():
+        print(f"| {k} | {statistics.median(v):.3f} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def importlib_module(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=None, help="double blocks kept (single: 2×); default all 19 + 38")
@@ -139,6 +233,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stream-memory", action="store_true", help="only the checkpoint reader's memory section")
+    ap.add_argument("--baseline-ref", default=None, help="only the hit: the cache at this git commit vs this tree")
     args = ap.parse_args()
     if args.stream_memory:
         return stream_memory()
@@ -153,6 +248,8 @@ def main() -> None:
     cfg = Config()
     print(f"# {args.loras} rank-{args.rank} FLUX LoRAs, {len(shapes)} modules at real shapes, {in_mb:.0f} MiB of inputs, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds")
+    if args.baseline_ref:
+        return compare_hit(args, tmp, paths, names, in_mb)
 
     # the alternative design's entry: the normalised pool in one safetensors
     vecs = load_pool(paths, names)
@@ -170,8 +267,8 @@ def main() -> None:
         return [TaskVector(n, {m: LowRank(d["B"], d["A"]) for m, d in out[n].items()}) for n in names]
 
     rows = {k: [] for k in ("cold", "cold: hash", "cold: load", "cold: decompose", "cold: store", "warm (hit)", "warm: hash",
-                            "warm: load", "warm: read", "baseline", "baseline: load", "baseline: decompose", "alt design", "parts after hit",
-                            "parts after recompute")}
+                            "warm: load", "warm: read", "warm: SHA-256 check", "warm: old byte sum", "baseline",
+                            "baseline: load", "baseline: decompose", "alt design", "parts after hit", "parts after recompute")}
     entry_mb = 0.0
     for r in range(args.rounds):
         cache = DecompositionCache(tmp / f"cache{r}")
@@ -195,6 +292,11 @@ def main() -> None:
         rows["warm: read"].append(t_get)
         rows["parts after hit"].append(timed(lambda: touch_parts(hit))[0])
         del hit
+        (entry,) = [e for e, _, _ in cache.entries()]
+        T = load_file(str(entry / "tensors.safetensors"))
+        rows["warm: SHA-256 check"].append(timed(lambda: _digest_tensors(T))[0])
+        rows["warm: old byte sum"].append(timed(lambda: old_byte_sum(T))[0])
+        del T
 
         t_l, vecs = timed(lambda: load_pool(paths, names))
         t_d, dec = timed(lambda: decompose(vecs, tau=0.5))
@@ -212,7 +314,10 @@ def main() -> None:
     for k, v in rows.items():
         med = statistics.median(v)
         print(f"| {k} | {med:.3f} | {base / med:.1f}× |" if not k.startswith(("cold:", "warm:", "baseline:")) else f"| {k} | {med:.3f} | |")
-    print(f"\ncache entry {entry_mb:.0f} MiB for {in_mb:.0f} MiB of inputs; kept {sum(len(rows[k]) for k in ['cold'])} entries in {tmp}")
+    print(f"\ncache entry {entry_mb:.0f} MiB for {in_mb:.0f} MiB of inputs (entry / input {entry_mb / in_mb:.2f})")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

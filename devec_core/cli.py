@@ -8,8 +8,15 @@
     inspect INPUT... [--base MODEL]
         Format, base model guess, modules, ranks, norms, pairwise overlap.
 
+Every argument (τ, mode, target, names, ``--out``, ranks, energies, device) is checked before any
+tensor is read. DIR is replaced atomically: the outputs are written in a sibling temp folder that
+is then swapped in, so DIR holds the old run's files or the new run's, never a mix; temp folders
+left by killed runs are removed by the next run. DIR must be new, empty, or an earlier output
+(its report.json lists everything in it): nothing else is ever replaced.
+
 Exit codes: 0 success; 1 bad input or failure (one line ``error: <input>: <reason>``, nothing
-left in DIR); 2 usage error; 3 internal error (add ``--debug`` for the traceback).
+left in DIR); 2 usage error (one line ``error: <argument>: <reason>``); 3 internal error (add
+``--debug`` for the traceback).
 """
 
 from __future__ import annotations
@@ -24,6 +31,18 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """A bad argument: exit 2 with one line naming the argument and the value."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: …``) and exit 2."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 class _Bars:
@@ -51,9 +70,9 @@ class _Bars:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m devec_core", description="DeVec: split task vectors into shared and unique parts.")
+    p = _Parser(prog="python -m devec_core", description="DeVec: split task vectors into shared and unique parts.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("decompose", help="decompose LoRAs / adapters / checkpoints and export the parts as LoRAs")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="LoRA file, PEFT folder, checkpoint, or Hub id")
@@ -79,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the decomposition cache")
     d.add_argument("--cache-dir", type=Path, help="cache folder (default $DEVEC_CACHE_DIR or ~/.cache/devec)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--max-work", type=float, metavar="FLOPS",
+                   help="refuse a pool whose estimated work exceeds this many flops (default: the engine's, ~2 min here)")
+    d.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="refuse a pool whose estimated memory exceeds this many GiB (default: the engine's)")
 
     i = sub.add_parser("inspect", help="describe inputs: format, base model, modules, ranks, norms, overlap")
     i.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -99,15 +122,53 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_args(args) -> None:
+    """Every argument that needs no file: τ, ranks, energies, mode/target, device (UsageError)."""
+    import math
+
+    from .algorithm import check_tau
+
+    try:
+        check_tau(args.tau)
+    except ValueError:
+        raise UsageError(f"--tau: must be a number in (0, 1]; got {args.tau!r}") from None
+    for flag, v in (("--energy", args.energy), ("--export-energy", args.export_energy)):
+        if v is not None and not (math.isfinite(v) and 0.0 < v <= 1.0):
+            raise UsageError(f"{flag}: must be a number in (0, 1]; got {v!r}")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank: must be a positive integer; got {args.rank}")
+    if args.mode == "isolate" and not args.target:
+        raise UsageError("--mode isolate needs --target NAME (the vector to clean)")
+    if args.target is not None and args.mode != "isolate":
+        raise UsageError(f"--target: used only with --mode isolate; got --mode {args.mode}")
+    if args.mode != "joint" and len(args.inputs) < 2:
+        raise UsageError(f"--mode {args.mode}: needs at least two inputs; got {len(args.inputs)}")
+    if args.device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device: not a device: {args.device!r} (auto, cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here")
+    for flag, v in (("--max-work", args.max_work), ("--max-memory-gb", args.max_memory_gb)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{flag}: must be a positive number; got {v!r}")
+    _budget_options(args)
+
+
 def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
     from .formats import default_name, resolve_source
 
-    if names_arg:
+    if names_arg is not None:
         names = [n.strip() for n in names_arg.split(",")]
         if len(names) != len(inputs):
-            raise ValueError(f"--names has {len(names)} names for {len(inputs)} inputs")
+            raise UsageError(f"--names: {len(names)} names for {len(inputs)} inputs")
+        if not all(names):
+            raise UsageError(f"--names: empty name in {names_arg!r}")
         if len(set(names)) != len(names):
-            raise ValueError(f"--names must be unique; got {names}")
+            raise UsageError(f"--names: must be unique; got {names}")
         return names
     names: list[str] = []
     for s in inputs:
@@ -140,49 +201,127 @@ def _target_name(target: str | None, inputs: list[str], names: list[str]) -> str
         return target
     if target in inputs:
         return names[inputs.index(target)]
-    raise ValueError(f"--target {target!r} is neither a name {names} nor one of the inputs")
+    raise UsageError(f"--target: {target!r} is neither a name {names} nor one of the inputs")
+
+
+def _listed_files(report: dict) -> set[str]:
+    files = report.get("files") if isinstance(report, dict) else None
+    if not isinstance(files, list):
+        raise ValueError("no file list")
+    return {f["file"] if isinstance(f, dict) else str(f) for f in files}
+
+
+def _check_out(out: Path, paths: list[Path], cache_dir: Path | None) -> None:
+    """--out must be new, empty, or an earlier output (everything in it listed by its report.json),
+    and must neither hold nor sit inside an input or the cache: it is replaced as a whole."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r}: exists and is not a folder")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"--out {str(out)!r}: {str(out.parent)!r} is not a folder")
+    ro = out.resolve()
+    for p in paths:
+        rp = p.resolve()
+        if rp == ro or ro in rp.parents:
+            raise UsageError(f"--out {str(out)!r}: holds the input {str(p)!r}, and would be replaced")
+        if rp in ro.parents:
+            raise UsageError(f"--out {str(out)!r}: lies inside the input {str(p)!r}")
+    if cache_dir is not None:
+        rc = cache_dir.resolve()
+        if rc == ro or ro in rc.parents or rc in ro.parents:
+            raise UsageError(f"--out {str(out)!r}: overlaps the cache folder {str(cache_dir)!r}")
+    if not out.is_dir():
+        return
+    items = sorted(p.name for p in out.iterdir())
+    if not items:
+        return
+    try:
+        listed = _listed_files(json.loads((out / "report.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        raise UsageError(f"--out {str(out)!r}: holds {items[0]!r} and is not an earlier DeVec output (no readable "
+                         "report.json); it would be replaced: choose a new folder") from None
+    extra = [n for n in items if n not in listed | {"report.json"}]
+    if extra:
+        raise UsageError(f"--out {str(out)!r}: holds {extra[0]!r}, which no earlier DeVec run wrote; "
+                         "it would be replaced: move it or choose a new folder")
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Remove ``.<out>.tmp-<pid>-*`` / ``.<out>.old-<pid>-*`` folders whose process is gone."""
+    import glob
+
+    from .cache import stale_temp
+
+    if not out.parent.is_dir():
+        return
+    for pat in (f".{glob.escape(out.name)}.tmp-*", f".{glob.escape(out.name)}.old-*"):
+        for d in out.parent.glob(pat):
+            if d.is_dir() and stale_temp(d):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished outputs from tmp into out (renames on one filesystem)."""
+    """Put the finished folder ``tmp`` at ``out`` (a sibling: renames on one filesystem).
+
+    out new: one rename. out existing: an atomic exchange, then the old folder is removed; where
+    the exchange is missing, two renames (out is briefly absent, never a mix of two runs).
+    """
     if not out.exists():
         os.replace(tmp, out)
         return
-    for item in tmp.iterdir():
-        dest = out / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        os.replace(item, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _exchange(tmp, out):  # tmp now holds the old outputs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.replace(out, old / "out")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_decompose(args) -> int:
     from .cache import DecompositionCache, cached_decompose
-    from .export import export_decomposition
+    from .export import write_parts
     from .formats import load_pool, module_report
     from .pool import Config
 
     t0 = time.perf_counter()
     inputs = [str(s) for s in args.inputs]
-    # 1. Check inputs (cheap): paths, duplicates, names, options
+    # 1. Check every argument, then the inputs' paths: no tensor is read before this is done
+    _check_args(args)
     paths = _check_duplicate_paths(inputs)
     names = _names_for(inputs, args.names)
     target = _target_name(args.target, inputs, names)
-    if args.mode == "isolate" and target is None:
-        raise ValueError("--mode isolate needs --target NAME")
+    out: Path = args.out
+    _check_out(out, paths, None if args.no_cache else (args.cache_dir or _default_cache_dir()))
     options = dict(
         mode=args.mode, target=target, symmetric=args.symmetric, isolate_order=args.isolate_order,
         dense_rank=args.rank, dense_energy=args.energy if args.energy is not None else (None if args.rank else 0.9),
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, device=args.device, **_budget_options(args),
     )
-    cfg = Config(**options)
-    cfg.validate(names)
+    try:
+        cfg = Config(**options)
+        cfg.validate(names)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
     compress = (args.rank, args.energy if args.energy is not None else args.export_energy) if args.compress else None
     bars = _Bars(enabled=not args.quiet)
     msgs: list[str] = []
     report_msg = lambda m: (msgs.append(m), print(f"note: {m}", file=sys.stderr))  # noqa: E731
+    _clean_stale_temps(out)
 
     # 2. Cache key by file content; 3. load, and decompose through the cache (a hit rebuilds the
     #    decomposition from the loaded inputs and the entry's small tensors: no SVD, no eigen-solve)
@@ -195,24 +334,24 @@ def run_decompose(args) -> int:
     for v, s in zip(vectors, inputs):
         v.meta["input"] = s
     bars.close()
-    if cache is not None:
-        dec, hit = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars, **options)
-    else:
-        from .pool import decompose
+    try:
+        if cache is not None:
+            dec, hit = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars, **options)
+        else:
+            from .pool import decompose
 
-        dec, hit = decompose(vectors, tau=args.tau, progress=bars, **options), False
+            dec, hit = decompose(vectors, tau=args.tau, progress=bars, **options), False
+    except ValueError as e:  # the engine names the vector; say which input that is
+        raise ValueError(_with_inputs(str(e), names, inputs)) from None
     bars.close()
     t_dec = time.perf_counter() - t0
 
-    # 4. Write everything in a temp folder next to --out, then move it in
-    out: Path = args.out
+    # 4. Write everything in a temp folder next to --out, then swap it in
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        written = export_decomposition(
-            dec, tmp, family=args.format, rank=args.rank, energy=args.export_energy, dtype=None
-        )
-        report = make_report(dec, module_report(dec.vectors), hit=hit, seconds=t_dec, files=[p.name for p in written])
+        parts = write_parts(dec, tmp, family=args.format, rank=args.rank, energy=args.export_energy, dtype=None)
+        report = make_report(dec, module_report(dec.vectors), hit=hit, seconds=t_dec, files=[p.record() for p in parts])
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         _publish(tmp, out)
     except BaseException:
@@ -223,13 +362,49 @@ def run_decompose(args) -> int:
         f"decomposed {len(dec.names)} vectors ({', '.join(dec.names)}), {len(dims)} modules, mode {dec.config.mode}, "
         f"tau {dec.tau}: shared dims total {sum(dims.values())}; {'cache hit' if hit else 'computed'} in {t_dec:.2f} s"
     )
-    for p in written + [out / "report.json"]:
-        print(f"  wrote {out / Path(p).name}")
+    for p in parts:
+        print(f"  wrote {out / p.path.name}" + (f"  ({p.record()['renamed']})" if "renamed" in p.record() else ""))
+    print(f"  wrote {out / 'report.json'}")
     return EXIT_OK
 
 
-def make_report(dec, modules_of: dict[str, list[str]], *, hit: bool, seconds: float, files: list[str]) -> dict:
-    """report.json: versions, τ, config, inputs, which vectors have which module, per-module numbers."""
+def _default_cache_dir() -> Path:
+    from .cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _budget_options(args) -> dict:
+    """``--max-work`` / ``--max-memory-gb`` as the engine's Config fields ``max_work`` / ``max_memory``."""
+    import dataclasses
+
+    from .pool import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for flag, field, v in (("--max-work", "max_work", args.max_work),
+                           ("--max-memory-gb", "max_memory", None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30))):
+        if v is None:
+            continue
+        if field not in fields:
+            raise UsageError(f"{flag}: this engine has no work budget")
+        out[field] = v
+    return out
+
+
+def _with_inputs(msg: str, names: list[str], inputs: list[str]) -> str:
+    """An engine message naming vectors: say which input file each named vector is."""
+    named = [(n, s) for n, s in zip(names, inputs) if (f"'{n}'" in msg or f'"{n}"' in msg) and s not in msg]
+    if len(named) == 1:
+        return f"{named[0][1]}: {msg}"
+    if named:
+        return f"{msg} [inputs: {', '.join(f'{n} = {s}' for n, s in named)}]"
+    return msg
+
+
+def make_report(dec, modules_of: dict[str, list[str]], *, hit: bool, seconds: float, files: list[dict]) -> dict:
+    """report.json: versions, τ, config, inputs, each file's component and vector or pair (never
+    parsed back from a file name), which vectors have which module, per-module numbers."""
     from dataclasses import asdict
 
     from .pool import METHOD_VERSION
@@ -293,8 +468,13 @@ def describe(vectors, tau: float = 0.85) -> dict:
 
 
 def run_inspect(args) -> int:
+    from .algorithm import check_tau
     from .formats import load_task_vector
 
+    try:
+        check_tau(args.tau)
+    except ValueError:
+        raise UsageError(f"--tau: must be a number in (0, 1]; got {args.tau!r}") from None
     paths = _check_duplicate_paths([str(s) for s in args.inputs])
     names = _names_for([str(s) for s in args.inputs], None)
     vectors = []
@@ -337,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     run = {"decompose": run_decompose, "inspect": run_inspect, "mix": run_mix}[args.command]
     try:
         return run(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, OSError) as e:  # FormatError is a ValueError
         if args.debug:
             raise

@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -189,9 +190,59 @@ def read_devec_metadata(path: str | os.PathLike) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def safe_filename(name: str) -> str:
-    """A vector name as a file-name component (keeps letters, digits, ``._+-``)."""
-    return re.sub(r"[^\w.+-]", "_", name).strip("._") or "vector"
+def safe_filename(name: str, max_bytes: int = 120) -> str:
+    """A vector name as a file-name component (keeps letters, digits, ``._+-``; at most
+    ``max_bytes`` UTF-8 bytes). Lossy: ``x y`` and ``x_y`` give the same; ``unique_stems`` settles that."""
+    s = re.sub(r"[^\w.+-]", "_", name).strip("._") or "vector"
+    while len(s.encode()) > max_bytes:
+        s = s[:-1]
+    return s
+
+
+def unique_stems(wanted: list[str], exact: list[bool] | None = None) -> list[str]:
+    """File stems with no two alike (compared case-insensitively, as on macOS/Windows disks).
+
+    A stem already taken gets ``-2``, ``-3``, … . Stems flagged ``exact`` (the name needed no
+    change) are placed first, so a vector named ``x_y`` keeps ``unique-x_y`` even when a vector
+    named ``x y`` comes before it.
+    """
+    exact = exact or [True] * len(wanted)
+    out: list[str | None] = [None] * len(wanted)
+    used: set[str] = set()
+    for i, w in enumerate(wanted):  # 1. exact stems that are free keep themselves
+        if exact[i] and w.casefold() not in used:
+            out[i] = w
+            used.add(w.casefold())
+    for i, w in enumerate(wanted):  # 2. the rest get the first free suffix
+        if out[i] is None:
+            cand, k = w, 2
+            while cand.casefold() in used:
+                cand, k = f"{w}-{k}", k + 1
+            out[i] = cand
+            used.add(cand.casefold())
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class Part:
+    """One exported component: where it was written and what it holds (for report.json)."""
+
+    path: Path
+    component: str  # "unique", "merged_shared", "pair_shared" or "shared" (isolate: removed from the target)
+    vector: str | None = None  # unique / shared: the vector
+    pair: tuple[str, str] | None = None  # pair_shared: the two vectors, in pool order
+    wanted: str = ""  # the stem before de-duplication
+
+    def record(self) -> dict:
+        """report.json's entry: file name, component, vector or pair; ``renamed`` when a collision moved it."""
+        rec = {"file": self.path.name, "component": self.component}
+        if self.vector is not None:
+            rec["vector"] = self.vector
+        if self.pair is not None:
+            rec["pair"] = list(self.pair)
+        if self.wanted and self.path.name.removesuffix(".safetensors") != self.wanted:
+            rec["renamed"] = f"{self.wanted} was taken by another part"
+        return rec
 
 
 def export_family(vectors_meta: list[dict]) -> str:
@@ -222,18 +273,55 @@ def export_decomposition(
     dec, out_dir: str | os.PathLike, *, family: str | None = None, rank: int | None = None, energy: float | None = 0.99,
     dtype: torch.dtype | None = None,
 ) -> list[Path]:
-    """Write a decomposition's parts as LoRAs in ``out_dir`` (which must exist).
+    """Write a decomposition's parts as LoRAs in ``out_dir`` (which must exist); the paths written.
+
+    See ``write_parts``, which also says what each path holds.
+    """
+    return [p.path for p in write_parts(dec, out_dir, family=family, rank=rank, energy=energy, dtype=dtype)]
+
+
+def plan_parts(dec) -> list[tuple[str, str, str | None, tuple[str, str] | None, str]]:
+    """(stem, component, vector, pair, wanted stem) of every part a decomposition exports; stems all different.
 
     joint: ``unique-<name>`` per vector and ``shared`` (eq. 14 merged shared part);
     pairwise: ``unique-<name>`` per vector and ``shared-<a>+<b>`` per pair;
     isolate: ``unique-<target>`` and ``shared-<target>`` (what was removed from the target).
+    Names become file names through ``safe_filename`` and collisions get a suffix
+    (``unique_stems``); what a file holds is recorded, never parsed back from its name.
+    """
+    mode = dec.config.mode
+    rows: list[tuple[str, str, str | None, tuple[str, str] | None, bool]] = []
+    for name in [dec.config.target] if mode == "isolate" else list(dec.names):
+        rows.append((f"unique-{safe_filename(name)}", "unique", name, None, safe_filename(name) == name))
+    if mode == "joint":
+        rows.append(("shared", "merged_shared", None, None, True))
+    elif mode == "pairwise":
+        for i, a in enumerate(dec.names):
+            for b in dec.names[i + 1 :]:
+                exact = safe_filename(a) == a and safe_filename(b) == b
+                rows.append((f"shared-{safe_filename(a)}+{safe_filename(b)}", "pair_shared", None, (a, b), exact))
+    else:
+        t = dec.config.target
+        rows.append((f"shared-{safe_filename(t)}", "shared", t, None, safe_filename(t) == t))
+    stems = unique_stems([r[0] for r in rows], [r[4] for r in rows])
+    return [(stem, c, v, p, w) for stem, (w, c, v, p, _) in zip(stems, rows)]
+
+
+def write_parts(
+    dec, out_dir: str | os.PathLike, *, family: str | None = None, rank: int | None = None, energy: float | None = 0.99,
+    dtype: torch.dtype | None = None,
+) -> list[Part]:
+    """Write a decomposition's parts as LoRAs in ``out_dir`` (which must exist).
+
+    File names: ``plan_parts``. Each file's ``devec`` metadata and the returned ``Part`` say
+    which component (and vector or pair) it holds.
 
     Args:
         dec: a ``Decomposition``.
         family: "diffusers" or "peft" (default: the inputs' family, see ``export_family``).
         rank, energy: cut for dense parts. dtype: output dtype (default: the decomposition's).
     Returns:
-        Paths written.
+        One ``Part`` per file or folder written, in ``plan_parts`` order.
     """
     from .pool import METHOD_VERSION
 
@@ -253,29 +341,19 @@ def export_decomposition(
         "names": list(dec.names),
     }
     written = []
-    mode = dec.config.mode
-    targets = [dec.config.target] if mode == "isolate" else list(dec.names)
-    for name in targets:
-        v = dec.vectors[dec.names.index(name)]
-        meta = {**common, "component": "unique", "vector": name, "source": v.meta.get("input", v.meta.get("source"))}
-        written.append(
-            save_part(dec.component("unique", name), out_dir, f"unique-{safe_filename(name)}", family, metadata=meta,
-                      base_config=base_config, extras=v.extras, rank=rank, energy=energy, dtype=dtype)
-        )
-    if mode == "joint":
-        meta = {**common, "component": "merged_shared"}
-        written.append(save_part(dec.component("merged_shared"), out_dir, "shared", family, metadata=meta,
-                                 base_config=base_config, rank=rank, energy=energy, dtype=dtype))
-    elif mode == "pairwise":
-        for i, a in enumerate(dec.names):
-            for b in dec.names[i + 1 :]:
-                meta = {**common, "component": "pair_shared", "pair": [a, b]}
-                written.append(save_part(dec.component("pair_shared", f"{a}+{b}"), out_dir,
-                                         f"shared-{safe_filename(a)}+{safe_filename(b)}", family, metadata=meta,
-                                         base_config=base_config, rank=rank, energy=energy, dtype=dtype))
-    else:
-        t = dec.config.target
-        meta = {**common, "component": "shared", "vector": t}
-        written.append(save_part(dec.component("shared", t), out_dir, f"shared-{safe_filename(t)}", family, metadata=meta,
-                                 base_config=base_config, rank=rank, energy=energy, dtype=dtype))
+    for stem, component, vector, pair, wanted in plan_parts(dec):
+        extras = None
+        if component == "unique":
+            v = dec.vectors[dec.names.index(vector)]
+            meta = {**common, "component": "unique", "vector": vector, "source": v.meta.get("input", v.meta.get("source"))}
+            parts, extras = dec.component("unique", vector), v.extras
+        elif component == "merged_shared":
+            meta, parts = {**common, "component": "merged_shared"}, dec.component("merged_shared")
+        elif component == "pair_shared":
+            meta, parts = {**common, "component": "pair_shared", "pair": list(pair)}, dec.component("pair_shared", pair)
+        else:
+            meta, parts = {**common, "component": "shared", "vector": vector}, dec.component("shared", vector)
+        path = save_part(parts, out_dir, stem, family, metadata=meta, base_config=base_config, extras=extras,
+                         rank=rank, energy=energy, dtype=dtype)
+        written.append(Part(path, component, vector, pair, wanted))
     return written

@@ -827,9 +827,15 @@ def _as_delta(X: torch.Tensor, A: torch.Tensor | None) -> Delta:
     return Dense(X) if A is None else LowRank(X, A.cpu().contiguous())
 
 
-def _split_pair(name: str | None, names: list[str]) -> tuple[int, int]:
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            if name == f"{a}+{b}":
-                return i, names.index(b)
-    raise ValueError(f"Unknown pair {name!r}; pairs are named 'a+b' with a before b in {names}")
+def _split_pair(name, names: list[str]) -> tuple[int, int]:
+    """A pair's indices (pool order) from ``("a", "b")``, or from ``"a+b"`` where that string
+    names exactly one pair (names may contain ``+``: "a" + "b+c" and "a+b" + "c" read alike)."""
+    if isinstance(name, (tuple, list)) and len(name) == 2 and name[0] != name[1] and all(n in names for n in name):
+        i, j = sorted(names.index(n) for n in name)
+        return i, j
+    hits = [(i, j) for i, a in enumerate(names) for j in range(i + 1, len(names)) if name == f"{a}+{names[j]}"]
+    if len(hits) > 1:
+        raise ValueError(f"Pair name {name!r} is ambiguous in {names}; give the pair as a tuple (a, b)")
+    if not hits:
+        raise ValueError(f"Unknown pair {name!r}; pairs are named 'a+b' (or given as (a, b)) with a before b in {names}")
+    return hits[0]

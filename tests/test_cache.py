@@ -1,6 +1,8 @@
 """devec_core.cache: content keys without τ, exact round trip, corrupt entries, atomic writes, LRU."""
 
+import json
 import os
+import struct
 import time
 
 import pytest
@@ -87,10 +89,139 @@ def test_corrupt_and_partial_entries_are_reported_and_recomputed(tmp_path):
     assert len(msgs) == 3
 
 
+# --- integrity: corruptions of the files on disk (each one was served with rc 0 before) -----------
+
+
+def _header(tf):
+    data = tf.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return data, n, json.loads(data[8 : 8 + n])
+
+
+def _flip_dtype(old, new):
+    def corrupt(entry):
+        tf = entry / "tensors.safetensors"
+        data, n, _ = _header(tf)
+        if f'"dtype":"{old}"'.encode() not in data[8 : 8 + n]:
+            pytest.skip(f"this entry holds no {old} tensor")
+        i = data.index(f'"dtype":"{old}"'.encode(), 8, 8 + n)
+        tf.write_bytes(data[:i] + f'"dtype":"{new}"'.encode() + data[i + len(old) + 10 :])
+    return corrupt
+
+
+def _swap_two_values(entry):
+    """Swap the first two different values of the largest float tensor (byte sums unchanged)."""
+    tf = entry / "tensors.safetensors"
+    data, n, head = _header(tf)
+    name, info = max(((k, v) for k, v in head.items() if k != "__metadata__" and v["dtype"] in ("F32", "F64")),
+                     key=lambda kv: kv[1]["data_offsets"][1] - kv[1]["data_offsets"][0])
+    w = 4 if info["dtype"] == "F32" else 8
+    start = 8 + n + info["data_offsets"][0]
+    count = (info["data_offsets"][1] - info["data_offsets"][0]) // w
+    words = [data[start + w * i : start + w * i + w] for i in range(count)]
+    j = next(i for i in range(1, count) if words[i] != words[0])
+    buf = bytearray(data)
+    buf[start : start + w], buf[start + w * j : start + w * j + w] = words[j], words[0]
+    tf.write_bytes(bytes(buf))
+
+
+def _flip_manifest_bit(entry):
+    """One bit of manifest.json: a block's module "layers.0.proj" → "layers.1.proj" (still valid JSON)."""
+    mf = entry / "manifest.json"
+    data = bytearray(mf.read_bytes())
+    i = data.index(b'"layers.', data.index(b'"modules"')) + len(b'"layers.')
+    assert chr(data[i]).isdigit()
+    data[i] ^= 0x01
+    mf.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_flip_dtype("F64", "I64"), _flip_dtype("F32", "I32"), _swap_two_values, _flip_manifest_bit],
+                         ids=["F64->I64", "F32->I32", "swap-values", "manifest-bit"])
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_corrupt_entry_is_recomputed_exactly(tmp_path, corrupt, mode):
+    """Any change to an entry's files → unusable, recomputed, replaced: the exact fresh answer, never an error."""
+    msgs = []
+    cache = DecompositionCache(tmp_path, report=msgs.append)
+    vecs = _pool(dense=True)
+    cached_decompose(vecs, 0.85, cache=cache, mode=mode)
+    (entry,) = [e for e, _, _ in cache.entries()]
+    corrupt(entry)
+    dec, hit = cached_decompose(vecs, 0.5, cache=cache, mode=mode)
+    assert not hit and len(msgs) == 1 and "unusable" in msgs[0]
+    fresh = decompose(vecs, 0.5, mode=mode)
+    _same(dec, fresh)
+    dec2, hit2 = cached_decompose(vecs, 0.5, cache=cache, mode=mode)  # replaced by a good entry
+    assert hit2 and len(msgs) == 1
+    _same(dec2, fresh)
+
+
+def test_entry_under_another_key_is_not_served(tmp_path):
+    """A complete, intact entry copied (or renamed) to another key's folder is unusable there."""
+    cache = DecompositionCache(tmp_path)
+    a, b = _pool(seed=0), _pool(seed=1)
+    cached_decompose(a, 0.85, cache=cache)
+    (entry_a,) = [e for e, _, _ in cache.entries()]
+    key_b = cache.key_for_vectors(b, __import__("devec_core.pool", fromlist=["Config"]).Config())
+    os.rename(entry_a, tmp_path / key_b)
+    dec, hit = cached_decompose(b, 0.85, cache=cache)
+    assert not hit
+    _same(dec, decompose(b, 0.85))
+
+
+def test_unreadable_entry_and_unwritable_root_never_raise(tmp_path):
+    msgs = []
+    vecs = _pool()
+    cache = DecompositionCache(tmp_path / "c", report=msgs.append)
+    key = cache.key_for_vectors(vecs, __import__("devec_core.pool", fromlist=["Config"]).Config())
+    (tmp_path / "c" / key / "manifest.json").mkdir(parents=True)  # a folder where a file should be
+    dec, hit = cached_decompose(vecs, 0.85, cache=cache)
+    assert not hit and "unusable" in msgs[0]
+    (tmp_path / "f").write_text("a file, not a folder")
+    blocked = DecompositionCache(tmp_path / "f", report=msgs.append)
+    dec, hit = cached_decompose(vecs, 0.85, cache=blocked)  # cannot write: reported, result still right
+    assert not hit and "continuing without cache" in msgs[-1]
+    _same(dec, decompose(vecs, 0.85))
+
+
+def test_invalid_tau_never_touches_the_cache(tmp_path):
+    cache = DecompositionCache(tmp_path)
+    vecs = _pool()
+    cached_decompose(vecs, 0.85, cache=cache)
+    (entry,) = [e for e, _, _ in cache.entries()]
+    key = entry.name
+    for bad in (0.0, -1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            cache.get(key, bad)
+        with pytest.raises(ValueError, match="tau"):
+            cached_decompose(vecs, bad, cache=cache)
+        assert entry.exists()
+    assert cached_decompose(vecs, 0.5, cache=cache)[1]
+
+
+def test_file_hash_memo_sees_a_rewrite_with_the_same_size_and_mtime(tmp_path):
+    from devec_core.cache import hash_file
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"a" * 100)
+    st = f.stat()
+    memo = {}
+    h1 = hash_file(f, memo)
+    f.write_bytes(b"b" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime tells
+    assert hash_file(f, memo) != h1
+    assert hash_file(f, {str(f.resolve()): "garbage"}) == hash_file(f)
+
+
 def test_write_is_atomic_no_temp_left(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".tmp-{dead}-0123456789ab-x").mkdir()  # left by a killed writer
+    (tmp_path / f".tmp-{os.getpid()}-0123456789ab-y").mkdir()  # a live writer's (this process)
     cache = DecompositionCache(tmp_path)
     cached_decompose(_pool(), 0.85, cache=cache)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == [f".tmp-{os.getpid()}-0123456789ab-y"]
 
 
 def test_lru_eviction_keeps_recently_used(tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from devec_core import METHOD_VERSION
 from devec_core.cli import main
+from devec_core.export import read_devec_metadata
 from tests.test_formats import _kohya_real_shapes, _peft_folder, _tiny_llama_dir
 from tests.tiny_models import random_flux_lora, random_llama_lora
 
@@ -131,20 +132,20 @@ def test_full_checkpoints_with_base(tmp_path, cache_dir, capsys):
 
 def test_failures_leave_no_partial_output(tmp_path, flux_pair, cache_dir, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert _run(["decompose", *flux_pair, "--out", str(out), "--quiet"], capsys)[0] == 0  # an earlier output
+    before = _snapshot(out)
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(open(flux_pair[0], "rb").read()[:200])
     code, _, err = _run(["decompose", flux_pair[0], str(bad), "--out", str(out), "--quiet"], capsys)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "broken.safetensors" in lines[0] and "corrupt" in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert _snapshot(out) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     code, _, err = _run(["decompose", flux_pair[0], str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o2")], capsys)
     assert code == 1 and "missing.safetensors" in err and "no such file" in err and not (tmp_path / "o2").exists()
     code, _, err = _run(["decompose", *flux_pair, "--out", str(tmp_path / "o3"), "--mode", "isolate"], capsys)
-    assert code == 1 and "--target" in err
+    assert code == 2 and "--target" in err
     code, _, err = _run(["decompose", flux_pair[0], flux_pair[0], "--out", str(tmp_path / "o4")], capsys)
     assert code == 1 and "duplicate input" in err
     with pytest.raises(SystemExit) as e:  # usage errors: argparse, exit 2
@@ -152,11 +153,235 @@ def test_failures_leave_no_partial_output(tmp_path, flux_pair, cache_dir, capsys
     assert e.value.code == 2
 
 
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _rc(argv, capsys):
+    """(exit code, stderr) of main, argparse's SystemExit included."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+BAD_ARGS = {
+    "tau-zero": ["--tau", "0"], "tau-big": ["--tau", "1.5"], "tau-nan": ["--tau", "nan"], "tau-text": ["--tau", "abc"],
+    "mode": ["--mode", "bogus"], "isolate-no-target": ["--mode", "isolate"],
+    "target-unknown": ["--mode", "isolate", "--target", "nobody"], "target-in-joint": ["--target", "pixel"],
+    "names-count": ["--names", "a"], "names-dup": ["--names", "a,a"], "names-empty": ["--names", "a,"],
+    "rank": ["--rank", "0"], "energy": ["--energy", "1.5"], "export-energy": ["--export-energy", "0"],
+    "device": ["--device", "nonsense"], "out-file": "OUT_FILE", "out-holds-input": "OUT_INPUT", "out-foreign": "OUT_FOREIGN",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_exit_2_in_one_line_before_any_tensor_is_read(tmp_path, flux_pair, cache_dir, capsys, monkeypatch, case):
+    import devec_core.cache
+    import devec_core.formats
+
+    def no_read(*a, **k):
+        raise AssertionError("a tensor was read before the arguments were checked")
+
+    for mod, fn in ((devec_core.formats, "load_pool"), (devec_core.formats, "load_task_vector"), (devec_core.cache, "load_file")):
+        monkeypatch.setattr(mod, fn, no_read, raising=False)
+    monkeypatch.setattr("safetensors.torch.load_file", no_read)
+    extra, out = BAD_ARGS[case], tmp_path / "out"
+    if extra == "OUT_FILE":
+        out.write_text("a file")
+    elif extra == "OUT_INPUT":
+        out = tmp_path
+    elif extra == "OUT_FOREIGN":
+        out.mkdir()
+        (out / "thesis.pdf").write_text("mine")
+    extra = extra if isinstance(extra, list) else []
+    code, err = _rc(["decompose", *flux_pair, "--out", str(out), "--quiet", *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    if case == "out-foreign":
+        assert (out / "thesis.pdf").read_text() == "mine" and "thesis.pdf" in err
+    assert not (tmp_path / "out").is_dir() or case == "out-foreign"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_invalid_tau_on_a_warm_cache_keeps_the_entry(tmp_path, flux_pair, cache_dir, capsys):
+    assert _run(["decompose", *flux_pair, "--out", str(tmp_path / "o1"), "--quiet"], capsys)[0] == 0
+    entries = sorted(p.name for p in cache_dir.iterdir() if p.is_dir())
+    code, err = _rc(["decompose", *flux_pair, "--out", str(tmp_path / "o2"), "--tau", "0", "--quiet"], capsys)
+    assert code == 2 and "--tau" in err
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == entries
+    code, out, _ = _run(["decompose", *flux_pair, "--out", str(tmp_path / "o3"), "--tau", "0.5", "--quiet"], capsys)
+    assert code == 0 and "cache hit" in out
+
+
+def test_corrupt_cache_entry_is_recomputed_by_the_cli(tmp_path, flux_pair, cache_dir, capsys):
+    """A dtype byte flipped in the entry's header (F32→I32 made every later run exit 3): the next run
+    recomputes (rc 0, the right parts), the one after hits."""
+    assert _run(["decompose", *flux_pair, "--out", str(tmp_path / "o1"), "--quiet"], capsys)[0] == 0
+    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    tf = entry / "tensors.safetensors"
+    data = tf.read_bytes()
+    flip = next(f for f in ((b'"F32"', b'"I32"'), (b'"F64"', b'"I64"')) if f[0] in data[:4096])
+    tf.write_bytes(data.replace(flip[0], flip[1], 1))
+    code, out, err = _run(["decompose", *flux_pair, "--out", str(tmp_path / "o2"), "--tau", "0.5", "--quiet"], capsys)
+    assert code == 0 and "computed" in out and "unusable" in err
+    code, _, _ = _run(["decompose", *flux_pair, "--out", str(tmp_path / "ref"), "--tau", "0.5", "--no-cache", "--quiet"], capsys)
+    assert code == 0
+    got, ref = _snapshot(tmp_path / "o2"), _snapshot(tmp_path / "ref")
+    assert sorted(got) == sorted(ref)
+    for f in got:
+        if f.endswith(".safetensors"):
+            a, b = load_file(str(tmp_path / "o2" / f)), load_file(str(tmp_path / "ref" / f))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, out, _ = _run(["decompose", *flux_pair, "--out", str(tmp_path / "o3"), "--tau", "0.3", "--quiet"], capsys)
+    assert code == 0 and "cache hit" in out
+
+
+def _parts_of(folder):
+    """report.json's files → {file: record}; each file's product B·A per module."""
+    rep = json.loads((folder / "report.json").read_text())
+    return {r["file"]: r for r in rep["files"]}
+
+
+def _dense_of(path):
+    sd = load_file(str(path))
+    return {k[len("transformer."):-len(".lora_A.weight")]: sd[k[: -len("lora_A.weight")] + "lora_B.weight"] @ sd[k]
+            for k in sd if k.endswith("lora_A.weight")}
+
+
+def _assert_file_holds(path, part):
+    got = _dense_of(path)
+    for mod, d in part.items():
+        if torch.any(d.dense()):
+            torch.testing.assert_close(got[mod], d.dense(torch.float32), atol=1e-6, rtol=1e-5)
+
+
+def test_colliding_names_get_unique_files_recorded_in_the_report(tmp_path, tiny_flux, cache_dir, capsys):
+    from devec_core import decompose
+    from devec_core.formats import load_pool
+
+    srcs = []
+    for i in range(3):
+        p = tmp_path / f"in{i}.safetensors"
+        save_file(random_flux_lora(tiny_flux.transformer, rank=4, seed=10 + i), str(p))
+        srcs.append(str(p))
+    for names in (["x y", "x_y", "X_Y"], [".", "..", "vector"]):
+        out = tmp_path / f"o-{len(names[0])}"
+        code, _, err = _run(["decompose", *srcs, "--names", ",".join(names), "--out", str(out), "--quiet"], capsys)
+        assert code == 0, err
+        files = _parts_of(out)
+        uniques = {r["vector"]: f for f, r in files.items() if r["component"] == "unique"}
+        assert sorted(uniques) == sorted(names) and len(set(uniques.values())) == 3
+        assert len({f.lower() for f in files}) == len(files) == 4  # also distinct on case-insensitive disks
+        assert sorted(p.name for p in out.iterdir()) == sorted(list(files) + ["report.json"])
+        if "x_y" in names:
+            assert uniques["x_y"] == "unique-x_y.safetensors"  # an exact name keeps its file
+        dec = decompose(load_pool([__import__("pathlib").Path(s) for s in srcs], names), tau=0.85)
+        for n, f in uniques.items():
+            _assert_file_holds(out / f, dec.component("unique", n))
+            assert read_devec_metadata(out / f)["vector"] == n
+
+
+def test_pairwise_names_with_plus_are_unambiguous(tmp_path, tiny_flux, cache_dir, capsys):
+    """'a'+'b+c' and 'a+b'+'c' both read 'a+b+c': two files, each holding its own pair's part."""
+    from pathlib import Path
+
+    from devec_core import decompose
+    from devec_core.formats import load_pool
+
+    a = random_flux_lora(tiny_flux.transformer, rank=4, seed=21)
+    srcs = []
+    for i in range(4):
+        sd = random_flux_lora(tiny_flux.transformer, rank=4, seed=30 + i)
+        for k in sd:  # pairs share different directions, so every pair part differs
+            if k.endswith("lora_B.weight"):
+                sd[k][:, i % 2] = a[k][:, i // 2]
+        p = tmp_path / f"in{i}.safetensors"
+        save_file(sd, str(p))
+        srcs.append(str(p))
+    names = ["a", "b+c", "a+b", "c"]
+    out = tmp_path / "o"
+    code, _, err = _run(["decompose", *srcs, "--names", ",".join(names), "--mode", "pairwise", "--out", str(out), "--quiet"],
+                        capsys)
+    assert code == 0, err
+    pairs = {tuple(r["pair"]): f for f, r in _parts_of(out).items() if r["component"] == "pair_shared"}
+    assert len(pairs) == 6 and len(set(pairs.values())) == 6
+    dec = decompose(load_pool([Path(s) for s in srcs], names), tau=0.85, mode="pairwise")
+    for (x, y), f in pairs.items():
+        assert read_devec_metadata(out / f)["pair"] == [x, y]
+        _assert_file_holds(out / f, dec.component("pair_shared", (x, y)))
+    with pytest.raises(ValueError, match="ambiguous"):
+        dec.component("pair_shared", "a+b+c")
+
+
+KILL = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import devec_core.cli as cli, devec_core.export as ex
+where, out = sys.argv[1], Path(sys.argv[2]).resolve()
+if where == "export":  # killed while writing the second part
+    real, n = ex.save_part, [0]
+    def save_part(*a, **k):
+        n[0] += 1
+        if n[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    ex.save_part = save_part
+else:  # killed right after the first rename that touches --out
+    cli._exchange = lambda a, b: False
+    real = os.replace
+    def replace(a, b):
+        r = real(a, b)
+        if any(p == out or out in p.parents for p in (Path(a).resolve(), Path(b).resolve())):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return r
+    os.replace = replace
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["export", "publish"])
+def test_killed_run_never_mixes_outputs_and_its_temp_is_cleaned(tmp_path, flux_pair, where):
+    """--out holds the old run or the new one, never both; the next run removes the killed run's temp folder."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = tmp_path / "o"
+    run = lambda *a: subprocess.run([sys.executable, "-c", KILL.format(root=root), *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    args = ["decompose", *flux_pair, "--out", str(out), "--quiet", "--no-cache"]
+    r = subprocess.run([sys.executable, "-m", "devec_core", *args, "--tau", "0.85"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    old = _snapshot(out)
+    r = run(where, str(out), *args, "--tau", "0.5")
+    assert r.returncode == -9, r.stderr
+    assert not out.exists() or _snapshot(out) == old  # never a mix of τ = 0.85 and τ = 0.5 files
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # the killed run's temp folder
+    r = subprocess.run([sys.executable, "-m", "devec_core", *args, "--tau", "0.5"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == []
+    assert json.loads((out / "report.json").read_text())["tau"] == 0.5
+    assert {read_devec_metadata(p)["tau"] for p in out.glob("*.safetensors")} == {0.5}
+
+
+def test_replacing_an_earlier_output_is_a_swap(tmp_path, flux_pair, cache_dir, capsys):
+    out = tmp_path / "o"
+    assert _run(["decompose", *flux_pair, "--out", str(out), "--quiet"], capsys)[0] == 0
+    assert _run(["decompose", flux_pair[0], "--out", str(out), "--quiet"], capsys)[0] == 0  # fewer files now
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "shared.safetensors", "unique-pixel.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(["decompose", *flux_pair, "--out", str(empty), "--quiet"], capsys)[0] == 0
+
+
 def test_inspect(tmp_path, flux_pair, capsys):
     code, out, _ = _run(["inspect", *flux_pair], capsys)
     assert code == 0
     assert "format diffusers" in out and "base model: FLUX-like" in out and "modules 20 (r4×20)" in out
     assert "overlap pixel ~ ink: 20 common modules" in out and "mean max cos²" in out
+    assert _rc(["inspect", *flux_pair, "--tau", "2"], capsys)[0] == 2
     code, out, _ = _run(["inspect", "--json", flux_pair[0]], capsys)
     info = json.loads(out)
     assert info["inputs"][0]["name"] == "pixel" and info["inputs"][0]["modules"] == 20
@@ -166,3 +391,34 @@ def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "devec_core", "inspect", str(tmp_path / "nope.safetensors")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.safetensors" in r.stderr
+
+
+def _engine_has_budget():
+    import devec_core.pool
+
+    return hasattr(devec_core.pool, "WorkBudgetError")
+
+
+@pytest.mark.skipif(not _engine_has_budget(), reason="needs the engine's rank and budget checks (issue 11, engine side)")
+def test_hostile_files_fail_in_one_line_naming_file_and_module(tmp_path, flux_pair, cache_dir, capsys):
+    """A LoRA declaring rank 64 on a 1×1 module, and a pool over the work budget: one line, exit 1, nothing in --out."""
+    mod = "single_transformer_blocks.0.proj_out"
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        save_file({f"transformer.{mod}.lora_A.weight": torch.randn(64, 1, generator=g),
+                   f"transformer.{mod}.lora_B.weight": torch.randn(1, 64, generator=g)}, str(tmp_path / f"h{i}.safetensors"))
+    out = tmp_path / "o"
+    code, err = _rc(["decompose", str(tmp_path / "h0.safetensors"), str(tmp_path / "h1.safetensors"), "--out", str(out), "--quiet"],
+                    capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "h0.safetensors" in lines[0] and mod in lines[0] and "rank 64" in lines[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    code, err = _rc(["decompose", *flux_pair, "--out", str(out), "--quiet", "--max-work", "1000"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "max_work" in lines[0] and "module" in lines[0], err
+    assert "pixel.safetensors" in lines[0] and not out.exists()
+    code, _, err = _run(["decompose", *flux_pair, "--out", str(out), "--quiet", "--max-work", "1e15", "--max-memory-gb", "4"], capsys)
+    assert code == 0, err
+    assert _rc(["decompose", *flux_pair, "--out", str(tmp_path / "o2"), "--max-work", "-1"], capsys)[0] == 2

@@ -104,3 +104,73 @@ def test_dense_part_cut_by_rank_and_energy():
     assert to_lowrank(LowRank(torch.zeros(4, 2), torch.ones(2, 4))) is None
     lr = to_lowrank(LowRank(torch.ones(4, 2), torch.ones(2, 4), scale=-0.5))
     torch.testing.assert_close(lr.B, -0.5 * torch.ones(4, 2))
+
+
+def test_unique_stems_never_collide():
+    from devec_core.export import safe_filename, unique_stems
+
+    assert safe_filename("x y") == safe_filename("x_y") == "x_y"  # lossy: unique_stems settles it
+    assert safe_filename(".") == safe_filename("..") == "vector"
+    assert len(safe_filename("é" * 300).encode()) <= 120
+    stems = unique_stems(["u-x_y", "u-x_y", "u-X_Y", "u-x_y-2"], exact=[False, True, True, True])
+    assert stems[1] == "u-x_y" and stems[3] == "u-x_y-2"  # exact names keep theirs
+    assert len({s.casefold() for s in stems}) == 4
+
+
+def _tiny_pool(names):
+    from devec_core import TaskVector
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(8, 1, generator=g)
+    return [TaskVector(n, {"m": LowRank(torch.cat([shared, torch.randn(8, 2, generator=g)], 1), torch.randn(3, 6, generator=g))})
+            for n in names]
+
+
+@pytest.mark.parametrize("names", [["x y", "x_y"], [".", ".."], ["a", "A"]])
+def test_export_names_are_unique_and_recorded(tmp_path, names):
+    from devec_core.export import write_parts
+
+    dec = decompose(_tiny_pool(names), tau=0.85)
+    parts = write_parts(dec, tmp_path)
+    uniques = [p for p in parts if p.component == "unique"]
+    assert [p.vector for p in uniques] == names
+    assert len({p.path.name.lower() for p in parts}) == len(parts) == 3
+    for p in uniques:
+        assert read_devec_metadata(p.path)["vector"] == p.vector
+        got = load_file_pairs(p.path)
+        torch.testing.assert_close(got["m"], dec.component("unique", p.vector)["m"].dense(), atol=1e-6, rtol=1e-5)
+    assert any("renamed" in p.record() for p in parts)
+
+
+def load_file_pairs(path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    return {k[len("transformer."):-len(".lora_A.weight")]: sd[k.replace("lora_A", "lora_B")] @ sd[k] for k in sd if "lora_A" in k}
+
+
+def test_pairs_are_addressed_by_names_not_by_a_joined_string(tmp_path):
+    from devec_core.export import write_parts
+
+    from devec_core import TaskVector
+
+    names = ["a", "b+c", "a+b", "c"]
+    pairs_idx = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    g = torch.Generator().manual_seed(1)
+    dirs = torch.randn(16, 6, generator=g)  # one direction per pair: every pair's part differs
+    pool = [TaskVector(n, {"m": LowRank(torch.cat([dirs[:, [k for k, pr in enumerate(pairs_idx) if i in pr]],
+                                                   torch.randn(16, 1, generator=g)], 1), torch.randn(4, 6, generator=g))})
+            for i, n in enumerate(names)]
+    dec = decompose(pool, tau=0.85, mode="pairwise")
+    with pytest.raises(ValueError, match="ambiguous"):
+        dec.component("pair_shared", "a+b+c")
+    pairs = [p for p in write_parts(dec, tmp_path) if p.component == "pair_shared"]
+    assert sorted(p.pair for p in pairs) == sorted((a, b) for i, a in enumerate(names) for b in names[i + 1 :])
+    assert len({p.path.name for p in pairs}) == 6
+    parts = [dec.component("pair_shared", p.pair)["m"].dense() for p in pairs]
+    assert all(not torch.allclose(x, y, atol=1e-3) for i, x in enumerate(parts) for y in parts[i + 1 :])
+    for p in pairs:
+        assert read_devec_metadata(p.path)["pair"] == list(p.pair)
+        want = dec.component("pair_shared", p.pair)["m"].dense()
+        torch.testing.assert_close(load_file_pairs(p.path).get("m", torch.zeros_like(want)), want, atol=1e-6, rtol=1e-5)
+    assert dec.component("pair_shared", ("c", "a"))["m"].dense().equal(dec.component("pair_shared", ("a", "c"))["m"].dense())
