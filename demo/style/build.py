@@ -1,0 +1,489 @@
+"""Build the style demo: a tiny FLUX-architecture model trained from scratch + a pool of style LoRAs.
+
+    python demo/style/build.py [--out assets/style_flux] [--threads 2] [--small] [--only STAGE] [--force]
+
+Stages (each cached in ``<out>/.work`` or by its output file, so an interrupted build resumes):
+  1. base        rectified-flow training of the FluxTransformer2DModel on procedural scenes
+                 (demo/style/data.py) with frozen random text encoders (devec_core/toy_flux.py);
+                 checkpoints every 250 steps; the EMA weights become ``<out>/model``.
+  2. classifier  a small CNN that names the object class (6 classes), trained on the procedural
+                 images, plain and in every single style (the "content kept" measure).
+  3. check       the bar for "real": the classifier on the base model's own generations.
+  4. loras       the parent style (storybook) from the base; children (palette, stripes, outline,
+                 pixel) trained on base + parent merged; independent styles (mono, neon) from the
+                 base. Each exported as a diffusers FLUX LoRA file ``<out>/loras/<name>.safetensors``
+                 holding its whole task vector relative to the base (a child = parent ⊕ child factors,
+                 rank 8 + 8, exact).
+  5. refs        one reference image per style (and the base) for the app's pool description.
+
+Fixed seeds throughout; ``--small`` is a seconds-long configuration for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from demo.style import data as D  # noqa: E402
+from devec_core import toy_flux as TF  # noqa: E402
+
+CONFIG = {
+    "version": 1,
+    "seed": 0,
+    "n_data": 24000,
+    "base": {"steps": 3500, "batch": 32, "lr": 5e-4, "ema": 0.999, "drop": 0.1, "ckpt_every": 250},
+    "classifier": {"steps": 1200, "batch": 128, "lr": 2e-3, "n_per_style": 3000},
+    "check": {"per_class": 8},
+    "lora": {"rank": 8, "steps": 600, "batch": 32, "lr": 1e-3, "n_data": 4000},
+    "styles": {"storybook": 1, "palette": 2, "stripes": 3, "outline": 4, "pixel": 5, "mono": 6, "neon": 7},
+}
+SMALL = {
+    "version": 1,
+    "seed": 0,
+    "n_data": 256,
+    "base": {"steps": 6, "batch": 16, "lr": 5e-4, "ema": 0.9, "drop": 0.1, "ckpt_every": 3},
+    "classifier": {"steps": 5, "batch": 32, "lr": 2e-3, "n_per_style": 32},
+    "check": {"per_class": 1},
+    "lora": {"rank": 2, "steps": 3, "batch": 8, "lr": 1e-3, "n_data": 32},
+    "styles": {"storybook": 1, "palette": 2, "mono": 6},
+}
+STAGES = ("base", "classifier", "check", "loras", "refs")
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tqdm(it, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, mininterval=5, **kw)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ---- shared pieces ----------------------------------------------------------------------------
+def block_linear_names(transformer) -> list[str]:
+    """Linear layers inside the double and single blocks, AdaLN modulation excluded (a usual FLUX LoRA)."""
+    out = []
+    for name, mod in transformer.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".norm" not in name:
+            out.append(name)
+    return out
+
+
+class Trainer:
+    """Rectified-flow loss on the pipeline's transformer, with cached text embeddings."""
+
+    def __init__(self, pipe, captions: list[str]):
+        self.pipe = pipe
+        uniq = sorted(set(captions) | {""})
+        pe, pooled, tids = TF.text_embeddings(pipe, uniq)
+        self.index = {c: i for i, c in enumerate(uniq)}
+        self.pe, self.pooled, self.tids = pe, pooled, tids
+        self.img_ids = TF.latent_image_ids(pipe)
+        self.empty = self.index[""]
+
+    def loss(self, transformer, x01: torch.Tensor, caps: list[str], g: torch.Generator, drop: float = 0.0) -> torch.Tensor:
+        b = x01.shape[0]
+        x0 = TF.encode_images(self.pipe, x01)
+        idx = torch.tensor([self.index[c] for c in caps])
+        if drop > 0:
+            idx = torch.where(torch.rand(b, generator=g) < drop, torch.full_like(idx, self.empty), idx)
+        t = torch.sigmoid(torch.randn(b, generator=g))
+        noise = torch.randn(x0.shape, generator=g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        pred = transformer(
+            hidden_states=xt, timestep=t, pooled_projections=self.pooled[idx], encoder_hidden_states=self.pe[idx],
+            txt_ids=self.tids, img_ids=self.img_ids, return_dict=False,
+        )[0]
+        return F.mse_loss(pred, noise - x0)
+
+
+def _to_torch(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- stage 1: base ----------------------------------------------------------------------------
+def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force: bool = False) -> dict:
+    model_dir = out / "model"
+    if TF.is_toy_flux(model_dir) and not force:
+        return json.loads((out / ".work" / "base.json").read_text()) if (out / ".work" / "base.json").exists() else {}
+    c = cfg["base"]
+    x = _to_torch(imgs) * 2 - 1
+    scale = float(1 / x.std())
+    shift = float(x.mean())
+    pipe = TF.build_pipeline(seed=cfg["seed"], scaling_factor=scale, shift_factor=shift)
+    caps = [lab["caption"] for lab in labels]
+    tr = Trainer(pipe, caps)
+    model = pipe.transformer.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.0)
+    ck = out / ".work" / "base_ckpt.pt"
+    step, losses = 0, []
+    if ck.exists() and not force:
+        st = torch.load(ck, weights_only=True)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, losses = int(st["step"]), list(st["losses"])
+        print(f"[base] resumed at step {step}", flush=True)
+    xt = _to_torch(imgs)
+    n = len(caps)
+    t0 = time.time()
+    for s in _tqdm(range(step, c["steps"]), desc="base", initial=step, total=c["steps"]):
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + s)
+        warm = min(1.0, (s + 1) / 200)
+        for pg in opt.param_groups:
+            pg["lr"] = c["lr"] * warm
+        idx = torch.randint(n, (c["batch"],), generator=g)
+        loss = tr.loss(model, xt[idx], [caps[i] for i in idx.tolist()], g, drop=c["drop"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe_, pm in zip(ema.parameters(), model.parameters()):
+                pe_.lerp_(pm, 1 - c["ema"])
+        losses.append(loss.item())
+        if (s + 1) % c["ckpt_every"] == 0 or s + 1 == c["steps"]:
+            _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": s + 1, "losses": losses}, ck)
+            print(f"[base] step {s + 1}: loss(last {c['ckpt_every']}) {np.mean(losses[-c['ckpt_every']:]):.4f}", flush=True)
+    pipe.transformer = ema.eval()
+    TF.save_model(pipe, model_dir, fp16=True)
+    info = {"seconds": round(time.time() - t0, 1), "steps": c["steps"], "final_loss": float(np.mean(losses[-100:])), "scaling_factor": scale, "shift_factor": shift,
+            "parameters": sum(p.numel() for p in ema.parameters())}
+    _write_json(out / ".work" / "base.json", info)
+    return info
+
+
+# ---- stage 2: content classifier --------------------------------------------------------------
+class ContentNet(torch.nn.Module):
+    """Small CNN: 32×32 RGB in [0,1] → logits over the 6 classes."""
+
+    def __init__(self, n: int = len(TF.CLASSES)):
+        super().__init__()
+        self.f = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(24, 48, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(48, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(256, n),
+        )
+
+    def forward(self, x):
+        return self.f(x * 2 - 1)
+
+
+def load_classifier(path: Path) -> ContentNet:
+    from safetensors.torch import load_file
+
+    net = ContentNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def stage_classifier(cfg: dict, out: Path, force: bool = False) -> dict:
+    from safetensors.torch import save_file
+
+    path = out / "classifier.safetensors"
+    info_path = out / ".work" / "classifier.json"
+    if path.exists() and info_path.exists() and not force:
+        return json.loads(info_path.read_text())
+    c = cfg["classifier"]
+    torch.manual_seed(cfg["seed"] + 11)
+    xs, ys = [], []
+    names = [None] + list(D.STYLES)
+    for k, st in enumerate(names):
+        im, mk, lab = D.scenes(c["n_per_style"], seed=1000 + k)
+        xs.append(im if st is None else D.styled(st, im, mk))
+        ys += [TF.CLASSES.index(lab_["cls"]) for lab_ in lab]
+    x, y = _to_torch(np.concatenate(xs)), torch.tensor(ys)
+    net = ContentNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=c["lr"])
+    g = torch.Generator().manual_seed(cfg["seed"] + 12)
+    t0 = time.time()
+    for s in _tqdm(range(c["steps"]), desc="classifier"):
+        idx = torch.randint(len(y), (c["batch"],), generator=g)
+        xb = x[idx]
+        # robustness to the model's own slight blur / noise
+        xb = (xb + 0.03 * torch.randn(xb.shape, generator=g)).clamp(0, 1)
+        loss = F.cross_entropy(net(xb), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    # held-out accuracy, plain and per style
+    acc = {}
+    with torch.no_grad():
+        for k, st in enumerate(names):
+            im, mk, lab = D.scenes(max(60, c["n_per_style"] // 10), seed=5000 + k)
+            xi = _to_torch(im if st is None else D.styled(st, im, mk))
+            yi = torch.tensor([TF.CLASSES.index(lab_["cls"]) for lab_ in lab])
+            acc[st or "plain"] = float((net(xi).argmax(1) == yi).float().mean())
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    info = {"seconds": round(time.time() - t0, 1), "heldout_accuracy": acc}
+    _write_json(info_path, info)
+    return info
+
+
+# ---- stage 3: check the base model --------------------------------------------------------------
+def check_prompts(per_class: int) -> list[tuple[str, int, int]]:
+    """(prompt, class index, seed): each class in rotating colours, size/place unsaid."""
+    out = []
+    for ci, cls in enumerate(TF.CLASSES):
+        for k in range(per_class):
+            out.append((TF.caption(cls, TF.COLOURS[(ci + k) % len(TF.COLOURS)]), ci, 100 + k))
+    return out
+
+
+def stage_check(cfg: dict, out: Path, force: bool = False) -> dict:
+    path = out / ".work" / "check.json"
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    pipe = TF.load_model(out / "model")
+    net = load_classifier(out / "classifier.safetensors")
+    items = check_prompts(cfg["check"]["per_class"])
+    t0 = time.time()
+    imgs = TF.generate(pipe, [p for p, _, _ in items], [s for _, _, s in items])
+    gen_s = time.time() - t0
+    with torch.no_grad():
+        pred = net(imgs).argmax(1)
+    y = torch.tensor([c for _, c, _ in items])
+    per = {cls: float((pred[y == i] == i).float().mean()) for i, cls in enumerate(TF.CLASSES)}
+    info = {"class_accuracy": float((pred == y).float().mean()), "per_class": per, "n": len(items), "generate_seconds": round(gen_s, 2)}
+    _write_json(path, info)
+    return info
+
+
+# ---- stage 4: LoRAs ------------------------------------------------------------------------------
+def _lora_state(transformer, adapter: str = "default") -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone().float() for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
+
+
+def _fuse_lora(transformer, sd: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """W += scale · B @ A for every module of a (prefix-free) LoRA state dict."""
+    with torch.no_grad():
+        for k, a in sd.items():
+            if not k.endswith(".lora_A.weight"):
+                continue
+            mod = k[: -len(".lora_A.weight")]
+            b = sd[mod + ".lora_B.weight"]
+            transformer.get_submodule(mod).weight += scale * (b @ a)
+
+
+def train_lora(cfg: dict, base_transformer, trainer: Trainer, x01: torch.Tensor, caps: list[str], seed: int, desc: str) -> dict[str, torch.Tensor]:
+    """Train one LoRA (rank r, alpha r) on ``base_transformer`` (left untouched); return its state dict."""
+    from peft import LoraConfig
+
+    c = cfg["lora"]
+    model = copy.deepcopy(base_transformer)
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=c["rank"], lora_alpha=c["rank"], init_lora_weights="gaussian", target_modules=block_linear_names(model)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=0.0)
+    n = len(caps)
+    for s in _tqdm(range(c["steps"]), desc=desc):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        idx = torch.randint(n, (c["batch"],), generator=g)
+        loss = trainer.loss(model, x01[idx], [caps[i] for i in idx.tolist()], g, drop=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _lora_state(model)
+
+
+def concat_loras(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One LoRA equal to the sum of several (all alpha = rank): A stacked, B side by side (exact)."""
+    out = {}
+    mods = sorted({k[: -len(".lora_A.weight")] for p in parts for k in p if k.endswith(".lora_A.weight")})
+    for m in mods:
+        As = [p[m + ".lora_A.weight"] for p in parts if m + ".lora_A.weight" in p]
+        Bs = [p[m + ".lora_B.weight"] for p in parts if m + ".lora_B.weight" in p]
+        out[m + ".lora_A.weight"] = torch.cat(As, 0)
+        out[m + ".lora_B.weight"] = torch.cat(Bs, 1)
+    return out
+
+
+def save_flux_lora(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write a diffusers FLUX LoRA file (keys ``transformer.<module>.lora_A/B.weight``, fp16)."""
+    from diffusers import FluxPipeline
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.stem + ".tmpdir")
+    tmp.mkdir(exist_ok=True)
+    FluxPipeline.save_lora_weights(str(tmp), transformer_lora_layers={k: v.half() for k, v in sd.items()}, weight_name=path.name)
+    (tmp / path.name).replace(path)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return path
+
+
+def stage_loras(cfg: dict, out: Path, force: bool = False) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    lo = out / "loras"
+    work = out / ".work"
+    styles = cfg["styles"]
+    todo = [s for s in styles if force or not (lo / f"{s}.safetensors").exists()]
+    info_path = work / "loras.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() and not force else {}
+    if not todo:
+        return info
+    pipe = TF.load_model(out / "model")
+    base = pipe.transformer
+    c = cfg["lora"]
+    im, mk, lab = D.scenes(c["n_data"], seed=cfg["seed"] + 77)
+    caps = [x["caption"] for x in lab]
+    trainer = Trainer(pipe, caps)
+    parent_raw = work / f"{D.PARENT}.raw.safetensors"
+
+    def parent_sd():
+        if parent_raw.exists() and not force:
+            return load_file(str(parent_raw))
+        t0 = time.time()
+        sd = train_lora(cfg, base, trainer, _to_torch(D.styled(D.PARENT, im, mk)), caps, styles.get(D.PARENT, 1), D.PARENT)
+        save_file(sd, str(parent_raw))
+        info[D.PARENT] = {"seconds": round(time.time() - t0, 1), "rank": c["rank"], "parent": None}
+        return sd
+
+    psd = None
+    for name in todo:
+        t0 = time.time()
+        if name == D.PARENT:
+            psd = psd or parent_sd()
+            full = psd
+        elif name in D.CHILDREN:
+            psd = psd or parent_sd()
+            merged = copy.deepcopy(base)
+            _fuse_lora(merged, psd)
+            csd = train_lora(cfg, merged, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name)
+            full = concat_loras([psd, csd])
+            info[name] = {"seconds": round(time.time() - t0, 1), "rank": 2 * c["rank"], "parent": D.PARENT}
+        elif name in D.INDEPENDENT:
+            full = train_lora(cfg, base, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name)
+            info[name] = {"seconds": round(time.time() - t0, 1), "rank": c["rank"], "parent": None}
+        else:
+            raise ValueError(f"style {name!r} is neither the parent, a child ({D.CHILDREN}) nor independent ({D.INDEPENDENT})")
+        save_flux_lora(full, lo / f"{name}.safetensors")
+        _write_json(info_path, info)
+    return info
+
+
+# ---- stage 5: reference images ------------------------------------------------------------------
+REF_PROMPTS = ("a red house", "a blue boat", "a green tree")
+
+
+def stage_refs(cfg: dict, out: Path, force: bool = False) -> dict:
+    from PIL import Image
+
+    from devec_core.backends.flux import FluxBackend
+    from devec_core.formats import load_task_vector
+    from devec_core.mix import VectorPool, vanilla
+
+    rd = out / "refs"
+    names = ["base"] + list(cfg["styles"])
+    if all((rd / f"{n}.png").exists() for n in names) and not force:
+        return {"refs": names}
+    rd.mkdir(parents=True, exist_ok=True)
+    backend = FluxBackend(TF.load_model(out / "model"))
+    for n in names:
+        mix = None
+        if n != "base":
+            tv = load_task_vector(str(out / "loras" / f"{n}.safetensors"), name=n)
+            mix = vanilla(VectorPool([tv]), {n: 1.0}, label=n)
+        backend.apply(mix)
+        ims = TF.generate(backend.pipe, list(REF_PROMPTS), [0] * len(REF_PROMPTS))
+        row = torch.cat(list(ims), dim=2)  # side by side
+        arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(rd / f"{n}.png")
+    backend.restore()
+    return {"refs": names}
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = None, threads: int | None = None, only: list[str] | None = None, force: bool = False) -> dict:
+    """Run the stages (cached) and write ``<out>/build.json``. Returns its content."""
+    cfg = cfg or CONFIG
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    h = config_hash(cfg)
+    stamp = out / ".work" / "config.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("hash") != h and not force:
+        raise RuntimeError(f"{out} was built with a different configuration (hash {json.loads(stamp.read_text()).get('hash')} ≠ {h}); use --force or another --out")
+    _write_json(stamp, {"hash": h, "config": cfg})
+    only = list(only or STAGES)
+    for s in only:
+        if s not in STAGES:
+            raise ValueError(f"unknown stage {s!r}; expected some of {STAGES}")
+    report = {"config_hash": h, "config": cfg}
+    if (out / "build.json").exists():
+        report.update(json.loads((out / "build.json").read_text()))
+    imgs = labels = None
+    for s in STAGES:
+        if s not in only:
+            continue
+        t0 = time.time()
+        print(f"[build] stage {s}", flush=True)
+        if s == "base":
+            if not TF.is_toy_flux(out / "model") or force:
+                imgs, _, labels = D.scenes(cfg["n_data"], seed=cfg["seed"])
+            report["base"] = stage_base(cfg, out, imgs, labels, force)
+        elif s == "classifier":
+            report["classifier"] = stage_classifier(cfg, out, force)
+        elif s == "check":
+            report["check"] = stage_check(cfg, out, force)
+        elif s == "loras":
+            report["loras"] = stage_loras(cfg, out, force)
+        elif s == "refs":
+            report["refs"] = stage_refs(cfg, out, force)
+        print(f"[build] stage {s} done in {time.time() - t0:.1f} s", flush=True)
+        report["config_hash"], report["config"] = h, cfg
+        _write_json(out / "build.json", report)
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "assets" / "style_flux"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="seconds-long configuration (tests)")
+    ap.add_argument("--only", nargs="*", choices=STAGES)
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    rep = build(a.out, SMALL if a.small else CONFIG, a.threads, a.only, a.force)
+    print(json.dumps({k: v for k, v in rep.items() if k != "config"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The style demo's builder on a seconds-long configuration: stages, caching, exported LoRA files."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from demo.style import build as B  # noqa: E402
+from devec_core import toy_flux as TF  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("style_small")
+    rep = B.build(out, B.SMALL, threads=1)
+    return out, rep
+
+
+def test_concat_loras_is_the_exact_sum():
+    g = torch.Generator().manual_seed(0)
+    p = {"m.lora_A.weight": torch.randn(2, 5, generator=g), "m.lora_B.weight": torch.randn(4, 2, generator=g)}
+    c = {"m.lora_A.weight": torch.randn(3, 5, generator=g), "m.lora_B.weight": torch.randn(4, 3, generator=g)}
+    s = B.concat_loras([p, c])
+    want = p["m.lora_B.weight"] @ p["m.lora_A.weight"] + c["m.lora_B.weight"] @ c["m.lora_A.weight"]
+    assert s["m.lora_A.weight"].shape == (5, 5)
+    torch.testing.assert_close(s["m.lora_B.weight"] @ s["m.lora_A.weight"], want)
+
+
+def test_caption_language():
+    assert TF.caption("house", "red", "big", "left") == "a big red house on the left"
+    assert TF.caption("cup", "blue", None, "top") == "a blue cup at the top"
+    assert TF.caption("star", "green", "small", "middle") == "a small green star in the middle"
+    with pytest.raises(ValueError, match="place"):
+        TF.caption("star", "green", None, "nowhere")
+    tok = TF.build_tokenizer()
+    for text in ("a small purple fish at the bottom", "a big red house on the left"):
+        ids = tok(text)["input_ids"]
+        assert len(ids) <= TF.MAX_TOKENS and ids[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in ids
+
+
+def test_vae_stand_in_is_exact():
+    vae = TF.PixelUnshuffleVAE()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 12, 16, 16)
+    torch.testing.assert_close(vae.decode(z, return_dict=False)[0], x)
+
+
+@pytest.mark.slow
+def test_small_build_writes_every_stage(small_build):
+    out, rep = small_build
+    for stage in B.STAGES:
+        assert stage in rep, stage
+    assert TF.is_toy_flux(out / "model")
+    assert (out / "classifier.safetensors").exists()
+    assert 0.0 <= rep["check"]["class_accuracy"] <= 1.0 and rep["check"]["n"] == len(TF.CLASSES)
+    for name in B.SMALL["styles"]:
+        assert (out / "loras" / f"{name}.safetensors").exists(), name
+        assert (out / "refs" / f"{name}.png").exists(), name
+    assert (out / "refs" / "base.png").exists()
+    saved = json.loads((out / "build.json").read_text())
+    assert saved["config_hash"] == B.config_hash(B.SMALL)
+    # the model renders 32×32 images through FluxPipeline
+    pipe = TF.load_model(out / "model")
+    im = TF.generate(pipe, ["a red house", "a blue boat"], [0, 1], steps=2)
+    assert im.shape == (2, 3, 32, 32) and float(im.min()) >= 0 and float(im.max()) <= 1
+
+
+@pytest.mark.slow
+def test_lora_files_load_through_formats_and_diffusers(small_build):
+    from devec_core.formats import load_task_vector
+    from devec_core.mix import VectorPool, vanilla
+    from devec_core.backends.flux import FluxBackend
+
+    out, _ = small_build
+    r = B.SMALL["lora"]["rank"]
+    parent = load_task_vector(str(out / "loras" / "storybook.safetensors"))
+    child = load_task_vector(str(out / "loras" / "palette.safetensors"))
+    assert parent.meta["family"] == "flux"
+    mod = "transformer_blocks.0.attn.to_q"
+    assert mod in parent.modules and mod in child.modules
+    pa, ca = parent.modules[mod], child.modules[mod]
+    assert pa.rank == r and ca.rank == 2 * r  # the child file holds parent ⊕ child factors
+    # the child's first r factors are the parent's (same direction in weight space)
+    torch.testing.assert_close(ca.A[:r].float(), pa.A.float())
+    # diffusers loads the file too
+    pipe = TF.load_model(out / "model")
+    pipe.load_lora_weights(str(out / "loras" / "palette.safetensors"), adapter_name="palette")
+    pipe.unload_lora_weights()
+    # and the project's backend fuses it: a different image, then bit-identical base back
+    be = FluxBackend(TF.load_model(out / "model"))
+    w0 = be.pipe.transformer.get_submodule(mod).weight.detach().clone()
+    be.apply(vanilla(VectorPool([child]), {child.name: 1.0}))
+    assert not torch.equal(be.pipe.transformer.get_submodule(mod).weight, w0)
+    be.restore()
+    assert torch.equal(be.pipe.transformer.get_submodule(mod).weight, w0)
+
+
+@pytest.mark.slow
+def test_build_is_cached_and_refuses_another_config(small_build):
+    out, _ = small_build
+    files = [out / "model" / "transformer" / "diffusion_pytorch_model.safetensors", out / "loras" / "palette.safetensors", out / "classifier.safetensors"]
+    before = {f: f.stat().st_mtime_ns for f in files}
+    B.build(out, B.SMALL, threads=1)
+    assert {f: f.stat().st_mtime_ns for f in files} == before  # nothing retrained
+    other = json.loads(json.dumps(B.SMALL))
+    other["lora"]["steps"] += 1
+    with pytest.raises(RuntimeError, match="different configuration"):
+        B.build(out, other, threads=1)
+    with pytest.raises(ValueError, match="stage"):
+        B.build(out, B.SMALL, threads=1, only=["nonsense"])
+
+
+@pytest.mark.slow
+def test_base_training_resumes_from_its_checkpoint(tmp_path):
+    """Interrupt after the first checkpoint: a second run continues from it and ends with the same weights."""
+    cfg = json.loads(json.dumps(B.SMALL))
+    imgs, _, labels = B.D.scenes(cfg["n_data"], seed=cfg["seed"])
+    full = tmp_path / "full"
+    (full / ".work").mkdir(parents=True)
+    B.stage_base(cfg, full, imgs, labels)
+    part = tmp_path / "part"
+    (part / ".work").mkdir(parents=True)
+    half = json.loads(json.dumps(cfg))
+    half["base"]["steps"] = cfg["base"]["ckpt_every"]
+    B.stage_base(half, part, imgs, labels)  # writes a checkpoint at step ckpt_every and a model
+    st = torch.load(part / ".work" / "base_ckpt.pt", weights_only=True)
+    assert st["step"] == cfg["base"]["ckpt_every"]
+    import shutil
+
+    shutil.rmtree(part / "model")  # as if killed before the end
+    B.stage_base(cfg, part, imgs, labels)
+    a = TF.load_model(full / "model").transformer.state_dict()
+    b = TF.load_model(part / "model").transformer.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
