@@ -273,8 +273,12 @@ def on_generate_flux(session, tau, *args):
     why = studio.flux_can_generate(session)
     if why:
         raise StudioError(why)
-    r = run_generation(studio.flux_job(session, coef, prompt, int(seed), int(steps), int(width), int(height)))
-    return r.vanilla, r.devec, _timing(left_label(coef.left), r.vanilla_s), _timing("DeVec", r.devec_s), r.note
+    r = studio.score_job(session, run_generation(studio.flux_job(session, coef, prompt, int(seed), int(steps), int(width), int(height))))
+    return (
+        r.vanilla, r.devec,
+        _timing(left_label(coef.left), r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
+        r.note,
+    )
 
 
 @_ui_errors
@@ -367,7 +371,11 @@ def build_tab(backend: str, prefix: str):
             ]
         gen = gr.Button("Generate both", variant="primary", scale=1, elem_id=f"{prefix}-generate")
     if backend == "flux":
-        gr.Markdown(f"<small>{studio.FLUX_NEEDS}</small>")
+        gr.Markdown(
+            "<small>The offline *Tiny FLUX* presets render real images on the CPU (a small FLUX-architecture model built "
+            "by `python demo/style/build.py`; three seeds per side, scores under each). Other presets: "
+            f"{studio.FLUX_NEEDS}</small>"
+        )
     gen_note = gr.Markdown(elem_classes=["devec-note"])
     with gr.Row(equal_height=True):
         with gr.Column():

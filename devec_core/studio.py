@@ -513,7 +513,8 @@ def open_preset(preset_id: str, progress: Progress | None = None) -> tuple[Sessi
         notes=[f"{v.name}: {v.note}" for v in preset.vectors if v.note],
         prompts=list(preset.prompts),
         source=("preset", preset.id),
-        description=" ".join(preset.description.split()),
+        description=" ".join(preset.description.split())
+        + ("\n\n" + toy_reference_markdown(preset.names) if preset.base.id == TOY_BASE else ""),
         scores=tuple(preset.scores) if preset.backend == "llm" else (),
         start=(
             {"mode": preset.mode, "target": preset.target, **preset.coefficients.model_dump()} if preset.coefficients else None
@@ -798,6 +799,13 @@ def scores_markdown(scores: dict[str, float]) -> str:
         parts.append("title line ✓" if scores["title"] else "no title line")
     if "capitals" in scores:
         parts.append(f"capitals {100 * scores['capitals']:.0f}%")
+    for k, v in scores.items():  # toy FLUX: style strength relative to the single style
+        if k.startswith("style:"):
+            parts.append(f"{k[6:]} **{v:.2f}×**" if math.isfinite(v) else f"{k[6:]} –")
+    if "content" in scores:
+        parts.append(f"content **{scores['content']:.2f}**")
+    if "clipped" in scores:
+        parts.append(f"clipped {100 * scores['clipped']:.1f}%")
     return "".join(f" · {x}" for x in parts)
 
 
@@ -885,6 +893,8 @@ def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, step
     full = f"{prompt}, {trig}" if trig else prompt
     dec = decompose_cached(session)
     van, dv = build_mixes(dec, c, session.pool_key)
+    if session.base == TOY_BASE:  # the tiny model: its own size, steps and CFG; scored where it runs
+        return GenerationJob("flux", session.base, full, [van, dv], {"seed": int(seed), "styles": list(session.names)})
     w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
     return GenerationJob("flux", session.base, full, [van, dv], {"steps": max(1, int(steps)), "width": w, "height": h, "seed": int(seed)})
 
@@ -898,6 +908,8 @@ def run_job(job: GenerationJob) -> SideBySide:
     """Render both mixes with the same seed and settings. Returns plain data (text or PIL images,
     timings): what a ZeroGPU worker sends back. No scores (they are CPU work: ``score_job``)."""
     backend = job_backend(job)
+    if job.kind == "flux" and job.base == TOY_BASE:
+        return _generate_toy(backend, job)
     try:
         a, b = backend.side_by_side(job.prompt, list(job.mixes), **job.settings)
     except ValueError as e:
@@ -911,8 +923,10 @@ def run_job(job: GenerationJob) -> SideBySide:
 
 def score_job(session: Session, r: SideBySide) -> SideBySide:
     """Add the session's text scores to an LLM result (in the calling process)."""
-    if session.scores:
+    if session.backend == "llm" and session.scores:
         r.vanilla_scores, r.devec_scores = score_texts([r.vanilla, r.devec], session.scores)
+    elif session.backend == "flux" and not (r.vanilla_scores or r.devec_scores):
+        r.vanilla_scores, r.devec_scores = generic_image_scores(r.vanilla), generic_image_scores(r.devec)
     return r
 
 
@@ -927,8 +941,19 @@ FLUX_NEEDS = (
 )
 
 
+TOY_BASE = "toy-flux"  # the tiny FLUX-architecture model built by demo/style/build.py (CPU, offline)
+TOY_DIR = REPO_ROOT / "assets" / "style_flux"
+TOY_SEEDS = 3  # the toy model renders a strip of seeds seed, seed+1, seed+2 per side
+
+
 def flux_can_generate(session: Session) -> str | None:
     """None if images can be made for this session, else the reason in words."""
+    if session.base == TOY_BASE:
+        from .toy_flux import is_toy_flux
+
+        if not is_toy_flux(TOY_DIR / "model"):
+            return f"the tiny style model is missing from {str(TOY_DIR)!r}: build it with `python demo/style/build.py`"
+        return None
     if session.synthetic or session.base == "synthetic":
         return "This pool is SYNTHETIC (made-up LoRAs on FLUX's module layout at reduced width): there is no model to render it. " + FLUX_NEEDS
     if not torch.cuda.is_available() and os.environ.get("DEVEC_FLUX_ON_CPU") != "1":
@@ -942,6 +967,10 @@ def get_flux_backend(base: str):
 
     with _LOCK:
         key = ("flux", base)
+        if key not in _BACKENDS and base == TOY_BASE:
+            from .toy_flux import load_model
+
+            _BACKENDS[key] = FluxBackend(load_model(TOY_DIR / "model"))
         if key not in _BACKENDS:
             _check_gpu_load("flux", base)
             try:
@@ -954,7 +983,67 @@ def get_flux_backend(base: str):
 
 def generate_flux(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> SideBySide:
     """Vanilla and DeVec images with the same seed (needs FLUX.1-schnell and a GPU)."""
-    return run_job(flux_job(session, c, prompt, seed, steps, width, height))
+    return score_job(session, run_job(flux_job(session, c, prompt, seed, steps, width, height)))
+
+
+_TOY_EXTRAS: dict[str, object] = {}
+
+
+def _toy_extras() -> tuple[dict, object]:
+    """(calibration, content classifier) of the toy model, loaded once."""
+    from .toy_flux import load_calibration, load_classifier
+
+    with _LOCK:
+        if not _TOY_EXTRAS:
+            _TOY_EXTRAS["cal"] = load_calibration(TOY_DIR)
+            _TOY_EXTRAS["clf"] = load_classifier(TOY_DIR / "classifier.safetensors")
+        return _TOY_EXTRAS["cal"], _TOY_EXTRAS["clf"]
+
+
+def _generate_toy(backend, job: GenerationJob) -> SideBySide:
+    """The tiny model: a strip of TOY_SEEDS seeds per side (32×32, 16 steps, true CFG 3), scored."""
+    from .toy_flux import GEN, generate, score_images, strip
+
+    van, dv = job.mixes
+    prompt, seed, styles = job.prompt, int(job.settings["seed"]), job.settings["styles"]
+    seeds = [seed + k for k in range(TOY_SEEDS)]
+    cal, clf = _toy_extras()
+    res = []
+    with backend.lock:
+        for mix in (van, dv):
+            t0 = time.perf_counter()
+            try:
+                backend.editor.apply(mix)
+            except ValueError as e:
+                raise _wrong_base(e, job.base) from None
+            ims = generate(backend.pipe, [prompt] * len(seeds), seeds, cfg=GEN["true_cfg_scale"], steps=GEN["num_inference_steps"])
+            res.append((ims, time.perf_counter() - t0))
+    (iv, tv), (idv, tdv) = res
+    note = (
+        f"Tiny FLUX-architecture model (assets/style_flux), 32×32 px shown at 6×, seeds {seeds[0]}–{seeds[-1]}, "
+        f"{GEN['num_inference_steps']} steps, true CFG {GEN['true_cfg_scale']:g} (the Steps/Width/Height sliders are for real FLUX). "
+        "Style scores: 1.00× = that style alone at λ = 1, 0 = the base model; content = the classifier's "
+        "probability of the prompted object."
+    )
+    return SideBySide(
+        strip(iv), strip(idv), tv, tdv, note,
+        score_images(iv, prompt, styles, cal, clf), score_images(idv, prompt, styles, cal, clf),
+    )
+
+
+def toy_reference_markdown(names: list[str], folder: Path = TOY_DIR) -> str:
+    """Reference images of the base model and each single style, inline (for the pool description)."""
+    import base64
+
+    rows = []
+    for n in ["base", *names]:
+        f = folder / "refs" / f"{n}.png"
+        if f.is_file():
+            b64 = base64.b64encode(f.read_bytes()).decode()
+            rows.append(f'<div><small>{n}</small><br><img src="data:image/png;base64,{b64}" alt="{n}" style="image-rendering:pixelated;width:192px"></div>')
+    if not rows:
+        return ""
+    return '<div style="display:flex;flex-wrap:wrap;gap:8px">' + "".join(rows) + "</div>"
 
 
 # ---------------------------------------------------------------------------------------------

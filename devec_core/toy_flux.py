@@ -228,3 +228,95 @@ def generate(pipe, prompts, seeds, cfg: float = 3.0, steps: int = 16) -> torch.T
             width=RES, height=RES, generator=gens, max_sequence_length=MAX_TOKENS, output_type="pt",
         ).images
     return out.float().clamp(0, 1)
+
+
+class ContentNet(torch.nn.Module):
+    """Small CNN: 32×32 RGB in [0,1] → logits over the 6 classes (the "content kept" measure)."""
+
+    def __init__(self, n: int = len(CLASSES)):
+        super().__init__()
+        self.f = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(24, 48, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(48, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(256, n),
+        )
+
+    def forward(self, x):
+        return self.f(x * 2 - 1)
+
+
+def load_classifier(path: str | Path) -> ContentNet:
+    """The content classifier written by the builder (safetensors; never a pickle)."""
+    from safetensors.torch import load_file
+
+    net = ContentNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def prompt_class(prompt: str) -> str | None:
+    """The first class word in ``prompt`` (None if it names none)."""
+    for w in str(prompt).lower().replace(",", " ").split():
+        if w in CLASSES:
+            return w
+    return None
+
+
+# ---- the Studio's view of the toy model: image strips and per-image scores -----------------------
+CALIBRATION = "calibration.json"
+SHOW_SCALE = 6
+
+
+def strip(images: torch.Tensor, scale: int = SHOW_SCALE, gap: int = 4):
+    """(N,3,32,32) in [0,1] → one PIL image: the N images upscaled ``scale``× (nearest), side by side."""
+    from PIL import Image
+
+    import numpy as np
+
+    n = images.shape[0]
+    side = images.shape[-1] * scale
+    canvas = Image.new("RGB", (n * side + (n - 1) * gap, side), (255, 255, 255))
+    for i in range(n):
+        arr = (images[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        canvas.paste(Image.fromarray(arr).resize((side, side), Image.NEAREST), (i * (side + gap), 0))
+    return canvas
+
+
+def load_calibration(folder: str | Path) -> dict:
+    """Detector levels of the base model and of each single style (written by the builder's refs stage)."""
+    p = Path(folder) / CALIBRATION
+    if not p.is_file():
+        raise FileNotFoundError(f"no {CALIBRATION} in {str(folder)!r}; rebuild with: python demo/style/build.py")
+    return json.loads(p.read_text())
+
+
+def score_images(images: torch.Tensor, prompt: str, styles: list[str], calibration: dict, classifier=None) -> dict[str, float]:
+    """Scores of a batch of generations of one prompt (means over the batch).
+
+    ``style:<name>``: the style's detector relative to its calibration, 0 = the base model's level,
+    1 = the single style at λ = 1 (above 1 = stronger than the single LoRA);
+    ``content``: the classifier's probability of the prompted class (if the prompt names one);
+    ``clipped``: fraction of channel values at 0 or 1.
+    """
+    import numpy as np
+
+    from . import style_metrics as M
+
+    x = images.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    out: dict[str, float] = {}
+    for s in styles:
+        det = M.DETECTORS.get(s)
+        cal_b = calibration.get("base", {}).get(s)
+        cal_s = calibration.get("single", {}).get(s, {}).get(s)
+        if det is None or cal_b is None or cal_s is None:
+            continue
+        v = float(np.mean(det(x)))
+        out[f"style:{s}"] = float(M.relative_strength(v, cal_b, cal_s))
+    cls = prompt_class(prompt)
+    if classifier is not None and cls is not None:
+        with torch.no_grad():
+            p = torch.softmax(classifier(images.float()), 1)[:, CLASSES.index(cls)]
+        out["content"] = float(p.mean())
+    out["clipped"] = float(np.mean(M.clipping(x)))
+    return out

@@ -97,7 +97,7 @@ def test_bad_inputs_are_errors_and_the_server_survives(client):
 
     from devec_core import studio
 
-    client.predict(studio.default_preset("flux"), api_name="/flux_preset")
+    client.predict("flux-synthetic-offline", api_name="/flux_preset")
     with pytest.raises(AppError, match="minimum|τ"):  # τ = 0: refused (by the slider's bounds)
         client.predict(0.0, api_name="/flux_tau")
     with pytest.raises(AppError, match="SYNTHETIC"):

@@ -44,11 +44,11 @@ CONFIG = {
     "version": 1,
     "seed": 0,
     "n_data": 24000,
-    "base": {"steps": 3500, "batch": 32, "lr": 5e-4, "ema": 0.999, "drop": 0.1, "ckpt_every": 250},
+    "base": {"steps": 2000, "batch": 32, "lr": 5e-4, "ema": 0.999, "drop": 0.1, "ckpt_every": 250},
     "classifier": {"steps": 1200, "batch": 128, "lr": 2e-3, "n_per_style": 3000},
     "check": {"per_class": 8},
-    "lora": {"rank": 8, "steps": 600, "batch": 32, "lr": 1e-3, "n_data": 4000},
-    "styles": {"storybook": 1, "palette": 2, "stripes": 3, "outline": 4, "pixel": 5, "mono": 6, "neon": 7},
+    "lora": {"rank": 8, "steps": 200, "batch": 16, "lr": 2e-3, "n_data": 4000},
+    "styles": {"storybook": 1, "palette": 2, "stripes": 3, "outline": 4, "mono": 6, "neon": 7},
 }
 SMALL = {
     "version": 1,
@@ -58,13 +58,37 @@ SMALL = {
     "classifier": {"steps": 5, "batch": 32, "lr": 2e-3, "n_per_style": 32},
     "check": {"per_class": 1},
     "lora": {"rank": 2, "steps": 3, "batch": 8, "lr": 1e-3, "n_data": 32},
-    "styles": {"storybook": 1, "palette": 2, "mono": 6},
+    "styles": {"storybook": 1, "palette": 2, "stripes": 3, "mono": 6, "neon": 7},
 }
 STAGES = ("base", "classifier", "check", "loras", "refs")
 
 
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# which configuration entries each stage's output depends on (a stage is rebuilt only with --force)
+STAGE_KEYS = {
+    "base": ("seed", "n_data", "base"),
+    "classifier": ("seed", "classifier"),
+    "check": ("seed", "n_data", "base", "classifier", "check"),
+    "loras": ("seed", "n_data", "base", "lora", "styles"),
+    "refs": ("seed", "n_data", "base", "lora", "styles"),
+}
+
+
+def stage_hash(cfg: dict, stage: str) -> str:
+    return config_hash({k: cfg.get(k) for k in STAGE_KEYS[stage]})
+
+
+def _stage_done(out: Path, stage: str) -> bool:
+    return {
+        "base": lambda: TF.is_toy_flux(out / "model") or (out / ".work" / "base_ckpt.pt").exists(),
+        "classifier": lambda: (out / "classifier.safetensors").exists(),
+        "check": lambda: (out / ".work" / "check.json").exists(),
+        "loras": lambda: (out / "loras").is_dir() and any((out / "loras").iterdir()),
+        "refs": lambda: (out / "refs").is_dir() and any((out / "refs").iterdir()),
+    }[stage]()
 
 
 def _tqdm(it, **kw):
@@ -172,6 +196,13 @@ def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force
         if (s + 1) % c["ckpt_every"] == 0 or s + 1 == c["steps"]:
             _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": s + 1, "losses": losses}, ck)
             print(f"[base] step {s + 1}: loss(last {c['ckpt_every']}) {np.mean(losses[-c['ckpt_every']:]):.4f}", flush=True)
+    # bias-corrected EMA (as Adam's moments): the EMA starts at the random init, which still weighs
+    # d^steps (0.999^2000 = 0.14); remove it exactly — the init is rebuilt from the seed
+    d, n_steps = c["ema"], c["steps"]
+    init = TF.build_pipeline(seed=cfg["seed"], scaling_factor=scale, shift_factor=shift).transformer.state_dict()
+    with torch.no_grad():
+        corr = {k: (v - d**n_steps * init[k]) / (1 - d**n_steps) if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+    ema.load_state_dict(corr)
     pipe.transformer = ema.eval()
     TF.save_model(pipe, model_dir, fp16=True)
     info = {"seconds": round(time.time() - t0, 1), "steps": c["steps"], "final_loss": float(np.mean(losses[-100:])), "scaling_factor": scale, "shift_factor": shift,
@@ -181,28 +212,8 @@ def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force
 
 
 # ---- stage 2: content classifier --------------------------------------------------------------
-class ContentNet(torch.nn.Module):
-    """Small CNN: 32×32 RGB in [0,1] → logits over the 6 classes."""
-
-    def __init__(self, n: int = len(TF.CLASSES)):
-        super().__init__()
-        self.f = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(24, 48, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(48, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(256, n),
-        )
-
-    def forward(self, x):
-        return self.f(x * 2 - 1)
-
-
-def load_classifier(path: Path) -> ContentNet:
-    from safetensors.torch import load_file
-
-    net = ContentNet()
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
+ContentNet = TF.ContentNet
+load_classifier = TF.load_classifier
 
 
 def stage_classifier(cfg: dict, out: Path, force: bool = False) -> dict:
@@ -346,8 +357,46 @@ def save_flux_lora(sd: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def stage_loras(cfg: dict, out: Path, force: bool = False) -> dict:
-    from safetensors.torch import load_file, save_file
+def _lora_context(cfg: dict, out: Path):
+    pipe = TF.load_model(out / "model")
+    c = cfg["lora"]
+    im, mk, lab = D.scenes(c["n_data"], seed=cfg["seed"] + 77)
+    caps = [x["caption"] for x in lab]
+    return pipe.transformer, Trainer(pipe, caps), im, mk, caps
+
+
+def _train_style(cfg: dict, out: Path, name: str, ctx=None, threads: int | None = None) -> dict:
+    """Train style ``name`` (the parent's raw factors must exist for a child) and write its file."""
+    from safetensors.torch import load_file
+
+    if threads:
+        torch.set_num_threads(threads)
+    base, trainer, im, mk, caps = ctx or _lora_context(cfg, out)
+    c, styles = cfg["lora"], cfg["styles"]
+    t0 = time.time()
+    if name in D.CHILDREN:
+        psd = load_file(str(out / ".work" / f"{D.PARENT}.raw.safetensors"))
+        merged = copy.deepcopy(base)
+        _fuse_lora(merged, psd)
+        csd = train_lora(cfg, merged, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name)
+        full, rank, parent = concat_loras([psd, csd]), 2 * c["rank"], D.PARENT
+    elif name in D.INDEPENDENT:
+        full, rank, parent = train_lora(cfg, base, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name), c["rank"], None
+    else:
+        raise ValueError(f"style {name!r} is neither the parent, a child ({D.CHILDREN}) nor independent ({D.INDEPENDENT})")
+    save_flux_lora(full, out / "loras" / f"{name}.safetensors")
+    return {"seconds": round(time.time() - t0, 1), "rank": rank, "parent": parent}
+
+
+def _train_style_job(args):  # a worker process (spawned): one thread each
+    cfg, out, name, threads = args
+    return name, _train_style(cfg, Path(out), name, threads=threads)
+
+
+def stage_loras(cfg: dict, out: Path, force: bool = False, workers: int = 1, threads: int = 1) -> dict:
+    """The parent first, then children and independent styles (in ``workers`` processes if > 1;
+    every LoRA has its own seed, so the result does not depend on ``workers``)."""
+    from safetensors.torch import save_file
 
     lo = out / "loras"
     work = out / ".work"
@@ -357,63 +406,70 @@ def stage_loras(cfg: dict, out: Path, force: bool = False) -> dict:
     info = json.loads(info_path.read_text()) if info_path.exists() and not force else {}
     if not todo:
         return info
-    pipe = TF.load_model(out / "model")
-    base = pipe.transformer
     c = cfg["lora"]
-    im, mk, lab = D.scenes(c["n_data"], seed=cfg["seed"] + 77)
-    caps = [x["caption"] for x in lab]
-    trainer = Trainer(pipe, caps)
     parent_raw = work / f"{D.PARENT}.raw.safetensors"
+    ctx = None
+    if D.PARENT in styles and (force or not parent_raw.exists() or D.PARENT in todo):
+        ctx = _lora_context(cfg, out)
+        base, trainer, im, mk, caps = ctx
+        if force or not parent_raw.exists():
+            t0 = time.time()
+            sd = train_lora(cfg, base, trainer, _to_torch(D.styled(D.PARENT, im, mk)), caps, styles[D.PARENT], D.PARENT)
+            save_file(sd, str(parent_raw))
+            info[D.PARENT] = {"seconds": round(time.time() - t0, 1), "rank": c["rank"], "parent": None}
+        from safetensors.torch import load_file
 
-    def parent_sd():
-        if parent_raw.exists() and not force:
-            return load_file(str(parent_raw))
-        t0 = time.time()
-        sd = train_lora(cfg, base, trainer, _to_torch(D.styled(D.PARENT, im, mk)), caps, styles.get(D.PARENT, 1), D.PARENT)
-        save_file(sd, str(parent_raw))
-        info[D.PARENT] = {"seconds": round(time.time() - t0, 1), "rank": c["rank"], "parent": None}
-        return sd
-
-    psd = None
-    for name in todo:
-        t0 = time.time()
-        if name == D.PARENT:
-            psd = psd or parent_sd()
-            full = psd
-        elif name in D.CHILDREN:
-            psd = psd or parent_sd()
-            merged = copy.deepcopy(base)
-            _fuse_lora(merged, psd)
-            csd = train_lora(cfg, merged, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name)
-            full = concat_loras([psd, csd])
-            info[name] = {"seconds": round(time.time() - t0, 1), "rank": 2 * c["rank"], "parent": D.PARENT}
-        elif name in D.INDEPENDENT:
-            full = train_lora(cfg, base, trainer, _to_torch(D.styled(name, im, mk)), caps, styles[name], name)
-            info[name] = {"seconds": round(time.time() - t0, 1), "rank": c["rank"], "parent": None}
-        else:
-            raise ValueError(f"style {name!r} is neither the parent, a child ({D.CHILDREN}) nor independent ({D.INDEPENDENT})")
-        save_flux_lora(full, lo / f"{name}.safetensors")
+        save_flux_lora(load_file(str(parent_raw)), lo / f"{D.PARENT}.safetensors")
         _write_json(info_path, info)
+    rest = [n for n in todo if n != D.PARENT]
+    if workers > 1 and len(rest) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+            for name, inf in ex.map(_train_style_job, [(cfg, str(out), n, threads) for n in rest]):
+                info[name] = inf
+                _write_json(info_path, info)
+    else:
+        ctx = ctx or (_lora_context(cfg, out) if rest else None)
+        for name in rest:
+            info[name] = _train_style(cfg, out, name, ctx)
+            _write_json(info_path, info)
     return info
 
 
-# ---- stage 5: reference images ------------------------------------------------------------------
+# ---- stage 5: reference images and detector calibration ------------------------------------------
 REF_PROMPTS = ("a red house", "a blue boat", "a green tree")
 
 
+def calibration_items(per_class: int) -> list[tuple[str, int]]:
+    """(prompt, seed): every class in two colours, ``per_class`` seeds each (held apart from the check's seeds)."""
+    out = []
+    for ci, cls in enumerate(TF.CLASSES):
+        for k in range(per_class):
+            out.append((TF.caption(cls, TF.COLOURS[(ci + 2 * k) % len(TF.COLOURS)]), 300 + k))
+    return out
+
+
 def stage_refs(cfg: dict, out: Path, force: bool = False) -> dict:
+    """Reference strips (refs/<name>.png) and each detector's level on base and single-style images
+    (calibration.json: what the app's style scores are relative to; AUROC styled vs base)."""
     from PIL import Image
 
+    from devec_core import style_metrics as M
     from devec_core.backends.flux import FluxBackend
     from devec_core.formats import load_task_vector
     from devec_core.mix import VectorPool, vanilla
 
     rd = out / "refs"
     names = ["base"] + list(cfg["styles"])
-    if all((rd / f"{n}.png").exists() for n in names) and not force:
-        return {"refs": names}
+    cal_path = out / TF.CALIBRATION
+    if all((rd / f"{n}.png").exists() for n in names) and cal_path.exists() and not force:
+        return json.loads(cal_path.read_text()).get("summary", {})
     rd.mkdir(parents=True, exist_ok=True)
     backend = FluxBackend(TF.load_model(out / "model"))
+    items = calibration_items(cfg["check"]["per_class"])
+    feats = {}
     for n in names:
         mix = None
         if n != "base":
@@ -421,15 +477,25 @@ def stage_refs(cfg: dict, out: Path, force: bool = False) -> dict:
             mix = vanilla(VectorPool([tv]), {n: 1.0}, label=n)
         backend.apply(mix)
         ims = TF.generate(backend.pipe, list(REF_PROMPTS), [0] * len(REF_PROMPTS))
-        row = torch.cat(list(ims), dim=2)  # side by side
-        arr = (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(rd / f"{n}.png")
+        arr = (torch.cat(list(ims), dim=2).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(rd / f"{n}.png")
+        cal = TF.generate(backend.pipe, [p for p, _ in items], [sd for _, sd in items]).permute(0, 2, 3, 1).numpy()
+        feats[n] = {d: np.atleast_1d(f(cal)) for d, f in M.DETECTORS.items()}
     backend.restore()
-    return {"refs": names}
+    styles = [n for n in names if n != "base"]
+    cal = {
+        "base": {d: float(v.mean()) for d, v in feats["base"].items()},
+        "single": {s: {d: float(v.mean()) for d, v in feats[s].items()} for s in styles},
+        "auroc": {s: M.auroc(feats[s][s], feats["base"][s]) for s in styles if s in M.DETECTORS},
+        "n_per_side": len(items),
+    }
+    cal["summary"] = {"refs": names, "auroc_generated": cal["auroc"]}
+    _write_json(cal_path, cal)
+    return cal["summary"]
 
 
 # ---- driver --------------------------------------------------------------------------------------
-def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = None, threads: int | None = None, only: list[str] | None = None, force: bool = False) -> dict:
+def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = None, threads: int | None = None, only: list[str] | None = None, force: bool = False, workers: int = 1) -> dict:
     """Run the stages (cached) and write ``<out>/build.json``. Returns its content."""
     cfg = cfg or CONFIG
     if threads:
@@ -437,14 +503,17 @@ def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = N
     out = Path(out)
     (out / ".work").mkdir(parents=True, exist_ok=True)
     h = config_hash(cfg)
-    stamp = out / ".work" / "config.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("hash") != h and not force:
-        raise RuntimeError(f"{out} was built with a different configuration (hash {json.loads(stamp.read_text()).get('hash')} ≠ {h}); use --force or another --out")
-    _write_json(stamp, {"hash": h, "config": cfg})
     only = list(only or STAGES)
     for s in only:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r}; expected some of {STAGES}")
+    stamp = out / ".work" / "config.json"
+    if stamp.exists() and not force:
+        old = json.loads(stamp.read_text()).get("config", {})
+        changed = [s for s in only if stage_hash(old, s) != stage_hash(cfg, s) and _stage_done(out, s)]
+        if changed:
+            raise RuntimeError(f"{out}: stages {changed} were built with a different configuration; use --force or another --out")
+    _write_json(stamp, {"hash": h, "config": cfg})
     report = {"config_hash": h, "config": cfg}
     if (out / "build.json").exists():
         report.update(json.loads((out / "build.json").read_text()))
@@ -463,7 +532,7 @@ def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = N
         elif s == "check":
             report["check"] = stage_check(cfg, out, force)
         elif s == "loras":
-            report["loras"] = stage_loras(cfg, out, force)
+            report["loras"] = stage_loras(cfg, out, force, workers=workers, threads=threads or 1)
         elif s == "refs":
             report["refs"] = stage_refs(cfg, out, force)
         print(f"[build] stage {s} done in {time.time() - t0:.1f} s", flush=True)
@@ -479,8 +548,9 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="seconds-long configuration (tests)")
     ap.add_argument("--only", nargs="*", choices=STAGES)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--workers", type=int, default=1, help="processes for the LoRAs after the parent (each --threads threads)")
     a = ap.parse_args(argv)
-    rep = build(a.out, SMALL if a.small else CONFIG, a.threads, a.only, a.force)
+    rep = build(a.out, SMALL if a.small else CONFIG, a.threads, a.only, a.force, a.workers)
     print(json.dumps({k: v for k, v in rep.items() if k != "config"}, indent=1))
     return 0
 
