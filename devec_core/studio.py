@@ -802,6 +802,10 @@ def scores_markdown(scores: dict[str, float]) -> str:
     for k, v in scores.items():  # toy FLUX: style strength relative to the single style
         if k.startswith("style:"):
             parts.append(f"{k[6:]} **{v:.2f}×**" if math.isfinite(v) else f"{k[6:]} –")
+    if "saturation" in scores:
+        parts.append(f"saturation {scores['saturation']:.2f}")
+    if "edges" in scores:
+        parts.append(f"edges {100 * scores['edges']:.1f}%")
     if "content" in scores:
         parts.append(f"content **{scores['content']:.2f}**")
     if "clipped" in scores:
@@ -984,6 +988,17 @@ def get_flux_backend(base: str):
 def generate_flux(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> SideBySide:
     """Vanilla and DeVec images with the same seed (needs FLUX.1-schnell and a GPU)."""
     return score_job(session, run_job(flux_job(session, c, prompt, seed, steps, width, height)))
+
+
+def generic_image_scores(image) -> dict[str, float]:
+    """Measures that need no model and mean the same on any image (real FLUX included):
+    mean saturation, edge density, clipped channel values (devec_core.style_metrics)."""
+    from . import style_metrics as M
+
+    try:
+        return {"saturation": float(M.saturation(image)), "edges": float(M.edge_density(image)), "clipped": float(M.clipping(image))}
+    except (ValueError, TypeError):  # not an RGB image (e.g. output_type="latent"): no scores
+        return {}
 
 
 _TOY_EXTRAS: dict[str, object] = {}

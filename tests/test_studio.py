@@ -269,6 +269,13 @@ def test_flux_side_by_side_on_the_tiny_pipeline(monkeypatch, tiny_flux_loras):
         s, _ = studio.open_vectors(vecs, "flux", "tiny-flux")
         r = studio.generate_flux(s, studio.default_coefficients(s), "a fox", seed=1, steps=2, width=32, height=32)
         assert r.vanilla.size == r.devec.size and r.vanilla_s > 0 and r.devec_s > 0
+        # model-free measures under each real-FLUX image (issue 12, point 5)
+        from devec_core import style_metrics as M
+
+        for im, sc in ((r.vanilla, r.vanilla_scores), (r.devec, r.devec_scores)):
+            assert set(sc) == {"saturation", "edges", "clipped"}
+            assert sc["saturation"] == M.saturation(im) and sc["clipped"] == M.clipping(im)
+        assert "saturation" in studio.scores_markdown(r.vanilla_scores)
     finally:
         studio._BACKENDS.pop(("flux", "tiny-flux"), None)
 
