@@ -107,3 +107,46 @@ def test_pick_preset_move_tau_and_coefficient_generate(app_url):
         finally:
             browser.close()
     assert SHOT.stat().st_size > 10_000
+
+
+STYLE_SHOT = SHOT.parent / "screenshot_style.png"
+
+
+def test_style_tab_renders_two_different_scored_images(app_url):
+    """The FLUX tab's offline preset (the tiny FLUX-architecture model): Generate shows a vanilla and a
+    DeVec image strip that differ, each with its style and content scores."""
+    import hashlib
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app_url)
+            page.get_by_role("tab", name="Style mixing (FLUX)").click()
+            page.wait_for_function("document.querySelector('#flux-report')?.innerText.includes('τ =')", timeout=120_000)
+            page.wait_for_function("document.querySelector('#flux-prompt textarea')?.value === 'a red house'", timeout=60_000)
+            page.locator("#flux-generate").click()
+            page.wait_for_function(
+                "document.querySelector('#flux-out-vanilla img')?.src && document.querySelector('#flux-out-devec img')?.src"
+                " && document.querySelector('#flux-time-devec')?.innerText.includes('content')",
+                timeout=180_000,
+            )
+            srcs = [page.eval_on_selector(f"#flux-out-{k} img", "el => el.src") for k in ("vanilla", "devec")]
+            blobs = []
+            for s in srcs:
+                with urllib.request.urlopen(s, timeout=30) as r:  # the app's own file route (localhost)
+                    blobs.append(r.read())
+            assert all(len(b) > 1000 for b in blobs)
+            assert hashlib.sha256(blobs[0]).digest() != hashlib.sha256(blobs[1]).digest(), "vanilla and DeVec images are identical"
+            for k in ("vanilla", "devec"):
+                txt = page.locator(f"#flux-time-{k}").inner_text()
+                assert "palette" in txt and "×" in txt and "content" in txt, txt
+            # the pool description shows the single-style reference images
+            assert page.locator("img[alt='palette']").count() >= 1
+            page.screenshot(path=str(STYLE_SHOT), full_page=True)
+        finally:
+            browser.close()
+    assert STYLE_SHOT.stat().st_size > 10_000
