@@ -140,3 +140,27 @@ def test_base_training_resumes_from_its_checkpoint(tmp_path):
     b = TF.load_model(part / "model").transformer.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@pytest.mark.slow
+def test_evaluate_runs_on_the_small_build(small_build, tmp_path):
+    """The evaluation end to end on the small build: spectra, mixes, measures, files."""
+    from demo.style import evaluate as E
+
+    out, _ = small_build
+    res = tmp_path / "results"
+    assert E.main(["--assets", str(out), "--out", str(res), "--cache", str(tmp_path / "cache"), "--family", "palette,stripes",
+                   "--seeds", "1", "--threads", "1"]) == 0
+    rep = json.loads((res / "results.json").read_text())
+    for f in rep["files"]:
+        assert (res / f).is_file(), f
+    fam = rep["spectrum"]["family (palette, stripes)"]
+    # both children hold the parent's factors: every module shares at least the parent's rank
+    assert fam["modules_with_shared"] == fam["modules"] and fam["mean_shared_dim"] >= B.SMALL["lora"]["rank"]
+    r = rep["results"]
+    assert {"palette+stripes|vanilla_1", "palette+stripes|vanilla_1/k", "palette+stripes|devec_s1", "mono+neon|devec_s1"} <= set(r)
+    assert "parent" in r["palette+stripes|vanilla_1"] and "parent" not in r["mono+neon|vanilla_1"]
+    for k in ("content", "clipped", "hf_energy"):
+        d = r["palette+stripes|devec_s1"][k]
+        assert d["lo"] <= d["mean"] <= d["hi"]
+    assert set(rep["auroc"]) >= {"palette", "stripes", "mono", "neon", "storybook"}

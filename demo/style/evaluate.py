@@ -258,7 +258,7 @@ def save_grid(images: dict[str, np.ndarray], rows: list[tuple[str, str]], items,
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     for r, (label, cid) in enumerate(rows):
-        d.text((4, r * (s + gap) + s // 2 - 6), label, fill=(0, 0, 0))
+        d.text((4, r * (s + gap) + s // 2 - 6), label, fill=(0, 0, 0))  # ASCII: PIL's default font
         for j, i in enumerate(idx):
             arr = (images[cid][i] * 255).round().clip(0, 255).astype(np.uint8)
             canvas.paste(Image.fromarray(arr).resize((s, s), Image.NEAREST), (lab_w + j * (s + gap), r * (s + gap)))
@@ -362,12 +362,12 @@ def main(argv=None) -> int:
     for st in gsets:
         key = "+".join(st)
         rows = [("base", "base")] + [(f"{s} alone", f"single:{s}") for s in st]
-        rows += [("vanilla λ=1", f"{key}|vanilla_1"), ("vanilla λ=1/k", f"{key}|vanilla_1/k"), ("DeVec λˢ=1", f"{key}|devec_s1")]
+        rows += [("vanilla, lambda=1", f"{key}|vanilla_1"), ("vanilla, lambda=1/k", f"{key}|vanilla_1/k"), ("DeVec, shared once", f"{key}|devec_s1")]
         f = out / f"grid_{_fname(key)}.png"
         save_grid(images, rows, items, f, per_row=len(TF.CLASSES), n_seeds=a.seeds)
         grid_files.append(f.name)
     st = INDEPENDENT
-    rows = [("base", "base")] + [(f"{s} alone", f"single:{s}") for s in st] + [("vanilla λ=1", f"{'+'.join(st)}|vanilla_1"), ("DeVec λˢ=1", f"{'+'.join(st)}|devec_s1")]
+    rows = [("base", "base")] + [(f"{s} alone", f"single:{s}") for s in st] + [("vanilla, lambda=1", f"{'+'.join(st)}|vanilla_1"), ("DeVec, shared once", f"{'+'.join(st)}|devec_s1")]
     f = out / f"grid_{_fname('+'.join(st))}.png"
     save_grid(images, rows, items, f, per_row=len(TF.CLASSES), n_seeds=a.seeds)
     grid_files.append(f.name)
