@@ -151,7 +151,7 @@ class ChanceReport:
             "tau": self.tau, "draws": self.draws, "regime": self.regime, "message": self.message,
             "suggested_tau": self.suggested_tau, "significant_modules": self.significant,
             "modules": len(self.modules),
-            "fdr_at_tau": self.fdr(self.tau),
+            "fdr_at_tau": None if math.isnan(self.fdr(self.tau)) else self.fdr(self.tau),
             "per_module": [m.__dict__ for m in self.modules],
         }
 
@@ -171,6 +171,8 @@ def _bh(p: list[float]) -> list[float]:
 def _structure(dec, members: list[int]):
     """The tuples (positions into members) whose spectra the decomposition takes for a module."""
     k, cfg, names = len(members), dec.config, dec.names
+    if k < 2:  # a module in one vector has no spectrum: nothing to compare with chance
+        return []
     if cfg.mode == "joint":
         return [tuple(range(k))]
     if cfg.mode == "pairwise":
@@ -204,8 +206,8 @@ def pool_chance(dec, draws: int = DEFAULT_DRAWS, fdr: float = DEFAULT_FDR, min_g
         key = (row["shape"][0], tuple(int(r) for r in row["ranks"]), tuple(orders), draws, dec.config.symmetric, seed)
         null, ntop, n_exp, n_hist = _null_summary(key, bins)
         top = float(ev.max()) if ev.numel() else 0.0
-        std = float(ntop.std()) if draws > 1 else 0.0
-        z = (top - float(ntop.mean())) / std if std > 0 else (math.inf if top > float(ntop.mean()) + 1e-9 else 0.0)
+        std = max(float(ntop.std()) if draws > 1 else 0.0, 1e-9)  # finite z (strict JSON) when the null is a point
+        z = (top - float(ntop.mean())) / std
         p = (1 + int((ntop >= top - 1e-12).sum())) / (1 + draws)
         mods.append(ModuleChance(
             module=row["module"], top=top, null_median=float(ntop.median()), null_q95=float(ntop.quantile(0.95)),

@@ -407,6 +407,7 @@ def make_report(dec, modules_of: dict[str, list[str]], *, hit: bool, seconds: fl
     parsed back from a file name), which vectors have which module, per-module numbers."""
     from dataclasses import asdict
 
+    from .chance import pool_chance
     from .pool import METHOD_VERSION
 
     return {
@@ -422,6 +423,8 @@ def make_report(dec, modules_of: dict[str, list[str]], *, hit: bool, seconds: fl
         "files": files,
         "modules_of_vectors": {n: sorted(m for m, vs in modules_of.items() if n in vs) for n in dec.names},
         "modules": dec.summary(),
+        # how far each spectrum sits above random subspaces of the same ranks (docs/METHOD.md "Chance level")
+        "chance": pool_chance(dec).to_dict(),
     }
 
 
@@ -434,6 +437,7 @@ def describe(vectors, tau: float = 0.85) -> dict:
     """Per input: format, family, base guess, module count, ranks, norms; per pair: overlap."""
     from collections import Counter
 
+    from .chance import pool_chance
     from .pool import decompose
     from .taskvec import LowRank
 
@@ -456,15 +460,32 @@ def describe(vectors, tau: float = 0.85) -> dict:
                 out["pairs"].append({"pair": [a.name, b.name], "common_modules": 0})
                 continue
             sub = [type(v)(v.name, {m: v.modules[m] for m in common}, {}, {}) for v in (a, b)]
-            rows = decompose(sub, tau=tau).summary()
+            dec = decompose(sub, tau=tau)
+            rows = dec.summary()
             mx = [max((e[0] for e in r["eigenvalues"]), default=0.0) for r in rows]
+            ch = pool_chance(dec)
             out["pairs"].append({
                 "pair": [a.name, b.name], "common_modules": len(common),
                 "mean_max_cos2": sum(mx) / len(mx), "max_cos2": max(mx),
                 "modules_sharing_at_tau": sum(r["shared_dim"] > 0 for r in rows),
                 "shared_dims_total": sum(r["shared_dim"] for r in rows),
+                "chance": _chance_summary(ch),
             })
+    if len(vectors) > 1:
+        out["pool"] = _chance_summary(pool_chance(decompose(vectors, tau=tau)))  # joint, pool order
     return out
+
+
+def _chance_summary(ch) -> dict:
+    """The pool-level numbers of a chance report (devec_core.chance) for inspect."""
+    mods = ch.modules
+    med = (lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0)
+    return {
+        "regime": ch.regime, "suggested_tau": ch.suggested_tau, "significant_modules": ch.significant,
+        "modules": len(mods), "top_median": med([m.top for m in mods]), "chance_median": med([m.null_median for m in mods]),
+        "chance_q95_median": med([m.null_q95 for m in mods]), "z_median": med([m.z for m in mods]),
+        "fdr_at_tau": ch.to_dict()["fdr_at_tau"], "message": ch.message.replace("**", ""),
+    }
 
 
 def run_inspect(args) -> int:
@@ -501,7 +522,18 @@ def run_inspect(args) -> int:
         print(f"overlap {a} ~ {b}: {p['common_modules']} common modules, mean max cos² {p['mean_max_cos2']:.3f}, "
               f"max {p['max_cos2']:.3f}; at τ={args.tau}: {p['modules_sharing_at_tau']} modules share, "
               f"{p['shared_dims_total']} dims")
+        print("  " + _chance_line(p["chance"]))
+    if "pool" in info:
+        print("pool (joint, in the order given): " + _chance_line(info["pool"]))
+        print("  " + info["pool"]["message"])
     return EXIT_OK
+
+
+def _chance_line(c: dict) -> str:
+    sug = f"{c['suggested_tau']:.2f}" if c["suggested_tau"] is not None else "none"
+    return (f"chance level: top eigenvalue median {c['top_median']:.3f} vs chance {c['chance_median']:.3f} "
+            f"(95th pct {c['chance_q95_median']:.3f}); {c['significant_modules']}/{c['modules']} modules above chance "
+            f"(BH q < 0.05); regime {c['regime']}; suggested τ {sug}")
 
 
 # ---------------------------------------------------------------------------------------------

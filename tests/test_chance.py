@@ -135,3 +135,12 @@ def test_saturated_when_chance_explains_most_of_what_lies_above_tau():
     assert rep.fdr(0.85) > 0.5
     assert rep.regime == "saturated"
     assert "expected by chance" in rep.message
+
+
+def test_single_vector_and_unshared_modules_have_no_chance_rows():
+    vecs = _pool("planted", k=2)
+    vecs[1].modules.pop("layers.0.proj")  # a module only v0 has
+    rep = pool_chance(decompose(vecs, tau=0.85), draws=20)
+    assert len(rep.modules) == MODS - 1
+    alone = pool_chance(decompose(vecs[:1], tau=0.85), draws=20)
+    assert alone.modules == [] and alone.regime == "none" and alone.suggested_tau is None

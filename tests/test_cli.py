@@ -46,6 +46,8 @@ def test_decompose_flux_then_cache_hit_at_other_tau(tmp_path, flux_pair, cache_d
     files = sorted(p.name for p in (tmp_path / "o1").iterdir())
     assert files == ["report.json", "shared.safetensors", "unique-ink.safetensors", "unique-pixel.safetensors"]
     rep = json.loads((tmp_path / "o1" / "report.json").read_text())
+    assert rep["chance"]["modules"] == len(rep["modules"]) and rep["chance"]["regime"] in ("shared", "weak", "chance", "saturated")
+    assert all(0 < m["p"] <= 1 and m["null_median"] <= m["null_q95"] for m in rep["chance"]["per_module"])
     assert rep["cache"] == "miss" and rep["tau"] == 0.85 and rep["method_version"] == METHOD_VERSION
     row = rep["modules"][0]
     assert {"module", "ranks", "eigenvalues", "shared_dim", "norms"} <= set(row)
@@ -381,6 +383,13 @@ def test_inspect(tmp_path, flux_pair, capsys):
     assert code == 0
     assert "format diffusers" in out and "base model: FLUX-like" in out and "modules 20 (r4×20)" in out
     assert "overlap pixel ~ ink: 20 common modules" in out and "mean max cos²" in out
+    # every spectrum carries its chance level: the pair's line and the whole pool's regime
+    assert "chance level: top eigenvalue median" in out and "modules above chance" in out
+    assert "pool (joint, in the order given): chance level" in out and "regime " in out
+    code, js, _ = _run(["inspect", "--json", *flux_pair], capsys)
+    pair = json.loads(js)["pairs"][0]["chance"]
+    assert pair["regime"] in ("shared", "weak", "chance", "saturated") and pair["modules"] == 20
+    assert 0.0 <= pair["chance_median"] <= pair["chance_q95_median"] <= 1.0
     assert _rc(["inspect", *flux_pair, "--tau", "2"], capsys)[0] == 2
     code, out, _ = _run(["inspect", "--json", flux_pair[0]], capsys)
     info = json.loads(out)
