@@ -17,6 +17,21 @@ Scaling is folded in here: a LoRA's alpha/r (rsLoRA: alpha/√r, PEFT ``rank_pat
 arrive pre-scaled from diffusers' converter. DoRA deltas are dense (PEFT's merge math, needs the
 base weights); a full checkpoint's delta is fine-tuned − base, read one module at a time.
 
+A PEFT adapter keeps its alpha only in ``adapter_config.json``: a PEFT-named file without it
+(and without per-module ``.alpha`` keys or this project's own export header) is refused, with
+how to supply the config (the folder, a zip of it, ``config=`` / ``--config``, ``alpha=`` /
+``--alpha``); it is never given a silent scale.
+
+Dense deltas (DoRA adapters, full fine-tunes) can be cut to factors as they are read
+(``compress=(rank, energy)``, ``cut_dense``: a seeded randomized SVD, one module at a time), so
+a pool of 7B fine-tunes is held as factors, never as dense fp32 deltas. The base weights for
+those deltas come from a checkpoint (path / Hub id) or from a model already in memory
+(``ModuleWeights``: no second copy). Parameters whose shape differs between base and fine-tune
+(a resized vocabulary) are skipped for that vector and listed in ``meta["skipped"]``.
+
+Zipped folders (``.zip``) are unpacked safely (``extract_zip``: no absolute paths, no ``..``,
+no links, size and member caps, pickled members refused) into a private temp folder.
+
 Formats are detected and converted by diffusers (``FluxPipeline.lora_state_dict``) and PEFT
 where they parse them; this file only sniffs which one to call and normalises the names.
 Pickled files (.bin/.pt/.ckpt/.pth) are refused unless ``allow_pickle=True``, and then read with
@@ -25,10 +40,17 @@ Pickled files (.bin/.pt/.ckpt/.pth) are refused unless ``allow_pickle=True``, an
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import re
+import shutil
+import stat
+import tempfile
+import threading
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,6 +73,188 @@ class FormatError(ValueError):
     """A source could not be read as a task vector; the message names the source and why."""
 
 
+def _no_alpha(path: Path) -> FormatError:
+    return FormatError(
+        f"{str(path)!r}: a PEFT adapter file without its adapter_config.json: its scale lora_alpha/r is unknown "
+        f"(PEFT keeps alpha only in that config), so it is not loaded with a guessed scale. Supply the config: "
+        f"put adapter_config.json beside the file (or give the adapter folder), upload the folder as a .zip or "
+        f"adapter_config.json together with the file; CLI: --config adapter_config.json or --alpha ALPHA"
+    )
+
+
+def read_adapter_config(path: Path) -> dict:
+    """Parse an ``adapter_config.json``; a broken one is an error naming the file."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{str(path)!r}: not a readable adapter_config.json ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{str(path)!r}: adapter_config.json must hold a JSON object; got {type(cfg).__name__}")
+    for k in ("r", "lora_alpha"):
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise FormatError(f"{str(path)!r}: {k} must be a number; got {v!r}")
+    if isinstance(cfg.get("r"), (int, float)) and cfg["r"] <= 0:
+        raise FormatError(f"{str(path)!r}: r must be positive; got {cfg['r']!r}")
+    return cfg
+
+
+def _config_beside(path: Path) -> dict | None:
+    cfg = path / "adapter_config.json" if path.is_dir() else path.parent / "adapter_config.json"
+    return read_adapter_config(cfg) if cfg.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. Zipped folders, unpacked safely
+# ---------------------------------------------------------------------------------------------
+
+ZIP_MAX_MEMBERS = 2000
+ZIP_KEEP_SUFFIXES = (".safetensors", ".json")  # everything else (README.md, .txt, ...) is left in the zip
+_ZIP_DIRS: dict[tuple, Path] = {}  # (zip path, size, mtime) -> unpacked folder, removed at exit
+_ZIP_LOCK = threading.Lock()
+
+
+def zip_max_bytes() -> int:
+    """Cap on the unpacked size of a zip: ``$DEVEC_MAX_UNZIP_MB`` (default 4096 MB)."""
+    return int(float(os.environ.get("DEVEC_MAX_UNZIP_MB", "4096")) * 2**20)
+
+
+def extract_zip(path: Path, dest: Path, *, max_bytes: int | None = None, max_members: int = ZIP_MAX_MEMBERS) -> Path:
+    """Unpack the weights and configs of a zip into ``dest`` (which must be empty or absent).
+
+    Safe by construction: every member name is checked (no absolute path, drive, ``..`` or
+    backslash; no symlink or other special file; not encrypted) before anything is written; the
+    declared sizes must sum to at most ``max_bytes`` and the bytes actually written are counted
+    against the same cap (a lying header cannot grow a file); at most ``max_members`` entries.
+    Only ``.safetensors`` and ``.json`` members are written; pickled weights are refused.
+
+    Returns:
+        ``dest``.
+    Raises:
+        FormatError naming the zip and the offending member.
+    """
+    max_bytes = zip_max_bytes() if max_bytes is None else max_bytes
+    where = str(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise FormatError(f"{where!r}: not a readable zip file ({type(e).__name__}: {e})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise FormatError(f"{where!r}: {len(infos)} entries, more than the limit of {max_members}")
+        keep, total = [], 0
+        for info in infos:
+            name = info.filename
+            parts = name.replace("\\", "/").split("/")
+            if "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                raise FormatError(f"{where!r}: unsafe member name {name!r} (absolute path or '..'); refused")
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise FormatError(f"{where!r}: member {name!r} is a link or special file; refused")
+            if info.flag_bits & 0x1:
+                raise FormatError(f"{where!r}: member {name!r} is encrypted; refused")
+            if info.is_dir():
+                continue
+            low = name.lower()
+            if low.endswith(PICKLE_SUFFIXES):
+                raise FormatError(
+                    f"{where!r}: member {name!r} is a pickled file ({Path(name).suffix}); unpickling can run code. "
+                    f"Zip .safetensors weights instead"
+                )
+            if parts[0] == "__MACOSX" or parts[-1].startswith(".") or not low.endswith(ZIP_KEEP_SUFFIXES):
+                continue
+            total += info.file_size
+            keep.append(info)
+        if total > max_bytes:
+            raise FormatError(f"{where!r}: {total / 2**20:.0f} MB unpacked, over the limit of {max_bytes / 2**20:.0f} MB")
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        written = 0
+        for info in keep:
+            out = (dest / info.filename).resolve()
+            if root not in out.parents:
+                raise FormatError(f"{where!r}: member {info.filename!r} would be written outside the folder; refused")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise FormatError(f"{where!r}: unpacks to more than {max_bytes / 2**20:.0f} MB; refused")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+                raise FormatError(f"{where!r}: member {info.filename!r} is corrupt ({type(e).__name__}: {e})") from None
+    return dest
+
+
+def _cleanup_zip_dirs() -> None:
+    for d in list(_ZIP_DIRS.values()):
+        shutil.rmtree(d, ignore_errors=True)
+    _ZIP_DIRS.clear()
+
+
+atexit.register(_cleanup_zip_dirs)
+
+
+def unpacked_zip(path: Path) -> Path:
+    """The folder a zip unpacks to (unpacked once per process and file version; removed at exit)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _ZIP_LOCK:
+        d = _ZIP_DIRS.get(key)
+        if d is not None and d.is_dir():
+            return d
+        tmp = Path(tempfile.mkdtemp(prefix="devec_zip_"))
+        try:
+            extract_zip(path, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _ZIP_DIRS[key] = tmp
+        return tmp
+
+
+def forget_zip(path: Path) -> None:
+    """Remove the unpacked folder of a zip now (the Studio calls this once its vectors are read)."""
+    with _ZIP_LOCK:
+        for key in [k for k in _ZIP_DIRS if k[0] == str(Path(path).resolve())]:
+            shutil.rmtree(_ZIP_DIRS.pop(key), ignore_errors=True)
+
+
+def _is_vector_folder(d: Path) -> bool:
+    names = {p.name for p in d.iterdir() if p.is_file()}
+    return bool(names & ({"adapter_config.json"} | set(_LORA_FILE_NAMES) | set(_CKPT_INDEX_NAMES) | set(_CKPT_FILE_NAMES)))
+
+
+def zip_vectors(path: Path) -> list[tuple[str, Path]]:
+    """The task vectors inside a zip: (name, folder or file) for each adapter folder, checkpoint
+    folder or lone LoRA file, named by its folder (the Studio's own export zip gives
+    ``unique-<name>``, ``shared`` ...). A zip of one folder gives that folder.
+
+    Raises:
+        FormatError when the zip holds nothing loadable.
+    """
+    root = unpacked_zip(path)
+    while True:  # descend through single wrapping folders (a zip of "my_adapter/")
+        entries = [p for p in root.iterdir()]
+        if len(entries) == 1 and entries[0].is_dir() and not _is_vector_folder(root):
+            root = entries[0]
+        else:
+            break
+    if _is_vector_folder(root):
+        return [(_default_name(path), root)]
+    out = []
+    for d in sorted(p for p in root.rglob("*") if p.is_dir()):
+        if _is_vector_folder(d) and not any(_is_vector_folder(a) for a in d.parents if root in a.parents):
+            out.append((d.name, d))
+    for f in sorted(root.glob("*.safetensors")):
+        out.append((_default_name(f), f))
+    if not out:
+        raise FormatError(f"{str(path)!r}: the zip holds no adapter folder, LoRA file or checkpoint (.safetensors)")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Resolving a source: local file / folder, or a Hub id
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +271,14 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None) ->
         The local file or folder.
     """
     p = Path(os.path.expanduser(str(source)))
+    if p.is_file() and p.suffix.lower() == ".zip":
+        found = zip_vectors(p)
+        if len(found) > 1:
+            raise FormatError(
+                f"{str(p)!r}: the zip holds {len(found)} task vectors ({', '.join(n for n, _ in found)}); "
+                f"give one per input (unzip it and pass the folders you want)"
+            )
+        return found[0][1]
     if p.exists():
         return p
     s = str(source)
@@ -166,8 +378,7 @@ class Sniffed:
 def sniff(path: Path) -> Sniffed:
     """Decide what a local file or folder holds (by names and safetensors headers, no tensor reads)."""
     if path.is_dir():
-        cfg_path = path / "adapter_config.json"
-        config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+        config = _config_beside(path)
         for n in _LORA_FILE_NAMES:
             if (path / n).exists():
                 return Sniffed("lora", path / n, config, path)
@@ -186,16 +397,14 @@ def sniff(path: Path) -> Sniffed:
         raise FormatError(f"{str(path)!r}: no adapter, LoRA file or checkpoint found in this folder")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        cfg = path.parent / "adapter_config.json"
-        return Sniffed("lora", path, json.loads(cfg.read_text()) if cfg.exists() else None, path.parent)
+        return Sniffed("lora", path, _config_beside(path), path.parent)
     if suffix == ".json" and path.name.endswith(".index.json"):
         return Sniffed("checkpoint", path, None, path.parent)
     if suffix not in SAFE_SUFFIXES:
         raise FormatError(f"{str(path)!r}: unknown file type {path.suffix!r}; expected .safetensors or a folder")
     keys = safetensors_keys(path)
     if any(m in k for k in keys for m in _LORA_MARKERS) or any(".processor." in k or k.endswith(".alpha") for k in keys):
-        cfg = path.parent / "adapter_config.json"
-        return Sniffed("lora", path, json.loads(cfg.read_text()) if cfg.exists() else None, path.parent)
+        return Sniffed("lora", path, _config_beside(path), path.parent)
     return Sniffed("checkpoint", path, None, path.parent)
 
 
@@ -374,9 +583,15 @@ def _strip_component(groups: dict, prefix: str) -> dict:
 
 
 def load_lora(
-    path: Path, config: dict | None, *, name: str, base: str | None, allow_pickle: bool, dtype: torch.dtype
+    path: Path, config: dict | None, *, name: str, base, allow_pickle: bool, dtype: torch.dtype,
+    alpha: float | None = None, compress: tuple[int | None, float | None] | None = None,
 ) -> TaskVector:
-    """A LoRA file (any FLUX layout, or PEFT naming) → TaskVector. DoRA needs ``base``."""
+    """A LoRA file (any FLUX layout, or PEFT naming) → TaskVector. DoRA needs ``base``.
+
+    A PEFT-named file needs its alpha: from ``config`` (adapter_config.json), per-module
+    ``.alpha`` keys, this project's export header (scale folded in, alpha = r) or ``alpha``
+    (one lora_alpha for every module); otherwise it is refused (``_no_alpha``).
+    """
     sd, meta = read_state_dict(path, allow_pickle=allow_pickle)
     if not sd:
         raise FormatError(f"{str(path)!r}: the file holds no tensors")
@@ -389,7 +604,14 @@ def load_lora(
         fmt = "peft"
         stripped = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
         groups = _group_lora(stripped, path)
+        if config is None and alpha is None and not any(k.endswith(".alpha") for k in keys):
+            if "devec" not in meta:  # this project's exports fold the scale into B (alpha = r)
+                raise _no_alpha(path)
         cfg = dict(config or {})
+        if config is None and alpha is not None:
+            if not math.isfinite(float(alpha)):
+                raise FormatError(f"{str(path)!r}: alpha must be a finite number; got {alpha!r}")
+            cfg = {"lora_alpha": float(alpha)}
         scale_of = lambda mod, r: peft_scale(cfg, mod, r)  # noqa: E731
         family = "flux" if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in groups) else "llm"
         if family == "flux" and config is None:
@@ -420,7 +642,7 @@ def load_lora(
                 f"{str(path)!r}: DoRA adapter ({len(mags)} modules with lora_magnitude_vector): its delta depends on "
                 f"the base weights; pass base=... / --base MODEL"
             )
-        modules = dora_deltas(modules, mags, base, dtype=dtype, source=path)
+        modules = dora_deltas(modules, mags, base, dtype=dtype, source=path, compress=compress)
     return TaskVector(name, modules, extras, tv_meta)
 
 
@@ -491,6 +713,9 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
     def get(self, key: str) -> torch.Tensor:
         f = self._where[key]
         self.reads.append((str(f), key))
@@ -509,14 +734,149 @@ def _module_of(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
+class ModuleWeights:
+    """The weights of a model already in memory, as the base of DoRA / checkpoint deltas.
+
+    Nothing is copied up front: ``get(key)`` copies one parameter (under ``lock``, from
+    ``original(key)`` when given — the Studio passes the weight editor's saved originals, so a
+    mix fused into the model for generation never leaks into a delta). The copy stays on the
+    parameter's device, so on a GPU the delta and its SVD run there.
+
+    Args:
+        module: the model (``LlamaForCausalLM``, a FLUX transformer, ...); keys are its
+            ``state_dict`` names (``model.layers.0.self_attn.q_proj.weight``).
+        label: how messages name it (e.g. the base model id).
+        original: key → the unedited tensor, or None when the parameter is unedited.
+        lock: held while a parameter is copied (the backend's lock).
+    """
+
+    def __init__(self, module: torch.nn.Module, label: str, original: Callable[[str], torch.Tensor | None] | None = None, lock=None):
+        self._params = module.state_dict(keep_vars=True)  # references, no copies
+        self.path = label
+        self._original = original
+        self._lock = lock or threading.RLock()
+        self.reads: list[tuple[str, str]] = []
+
+    def keys(self) -> list[str]:
+        return list(self._params)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._params
+
+    def get(self, key: str) -> torch.Tensor:
+        self.reads.append((str(self.path), key))
+        with self._lock, torch.no_grad():
+            t = self._original(key) if self._original is not None else None
+            if t is None:
+                t = self._params[key]
+            return t.detach().clone()
+
+
+def open_base(base) -> "CheckpointReader | ModuleWeights":
+    """A weight source for ``base``: a path or Hub id (``CheckpointReader``, lazy), an object with
+    ``keys()`` / ``get(key)`` / ``in`` (``ModuleWeights``), or a zero-argument callable that returns
+    one of these (called only when a delta needs the base)."""
+    if isinstance(base, (str, os.PathLike)):
+        return CheckpointReader(resolve_source(base))
+    if hasattr(base, "get") and hasattr(base, "keys"):
+        return base
+    if callable(base):
+        return open_base(base())
+    raise FormatError(f"base must be a path, a Hub id or loaded weights; got {type(base).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5b. Dense deltas → factors as they are read
+# ---------------------------------------------------------------------------------------------
+
+CUT_SEED = 0  # the randomized SVD is seeded: the same delta always gives the same factors (and content hash)
+CUT_OVERSAMPLE = 8
+CUT_POWER_ITERS = 2
+CUT_START_RANK = 64  # energy-only cuts start here and double until the energy is reached
+
+
+def randomized_svd(W: torch.Tensor, q: int, *, niter: int = CUT_POWER_ITERS, seed: int = CUT_SEED):
+    """Top-q singular triplets of W (n, m) by a seeded randomized range finder (Halko, Martinsson
+    & Tropp 2011, alg. 4.4 with QR-stabilised power iterations; what ``torch.svd_lowrank`` does,
+    with its own generator so the result does not depend on the global RNG).
+
+    Returns:
+        U (n, q), S (q,), Vh (q, m), in W's dtype and device.
+    """
+    n, m = W.shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    G = torch.randn(m, q, generator=g, dtype=W.dtype).to(W.device)  # (m, q)
+    Q = torch.linalg.qr(W @ G).Q  # (n, q): an orthonormal basis of the sampled range
+    for _ in range(niter):
+        Q = torch.linalg.qr(W.mT @ Q).Q  # (m, q)
+        Q = torch.linalg.qr(W @ Q).Q  # (n, q)
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)  # (q, q), (q,), (q, m)
+    return Q @ Ub, S, Vh
+
+
+def cut_dense(W: torch.Tensor, rank: int | None = None, energy: float | None = 0.9, *, start: int = CUT_START_RANK) -> LowRank | None:
+    """A dense delta cut to LoRA factors (scale 1): the leading directions holding ``energy`` of
+    ‖W‖_F², at most ``rank`` of them (both None: the numerical rank), by a randomized SVD.
+
+    The same rule as ``algorithm.dense_basis`` (keep direction j while the energy before it is
+    short of the target; drop singular values below max(n, m)·eps·σ_max). The energy is measured
+    against the true ‖W‖_F², so when the sketch's leading values fall short of the target the
+    sketch is doubled (up to ``rank``); once it would cover half of min(n, m) an exact SVD is used.
+
+    Args:
+        W: (n, m) delta, float32/float64 (any device; the factors stay there).
+        rank: at most this many directions. energy: fraction in (0, 1].
+    Returns:
+        LowRank(B = U·S, A = Vh, 1.0), or None for an all-zero W.
+    """
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise ValueError(f"energy must be in (0, 1]; got {energy!r}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer; got {rank!r}")
+    total = float(W.double().pow(2).sum())
+    if total == 0.0:
+        return None
+    if not math.isfinite(total):
+        raise ValueError("the delta contains NaN/Inf")
+    n, m = W.shape
+    p = min(n, m)
+    cap = min(rank, p) if rank is not None else p
+    q = cap if rank is not None else min(start, p)
+    while True:
+        exact = q + CUT_OVERSAMPLE >= p // 2
+        if exact:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        else:
+            U, S, Vh = randomized_svd(W, q + CUT_OVERSAMPLE)
+        S64 = S.double()
+        keep = S64 > max(n, m) * torch.finfo(W.dtype).eps * S64[0]
+        reached = True
+        if energy is not None:
+            before = torch.cumsum(S64**2, 0) - S64**2
+            keep &= before < energy * total
+            reached = float((S64[:q] ** 2).sum()) >= energy * total
+        k = min(int(keep.sum()), cap)
+        if exact or reached or q >= cap:
+            break
+        q = min(2 * q, cap)
+    k = max(k, 1)
+    return LowRank((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), 1.0)
+
+
+def _shape_skip(key: str, got, want) -> dict:
+    return {"parameter": key, "shape": list(got), "base_shape": list(want)}
+
+
 def iter_checkpoint_deltas(
-    finetuned: list[CheckpointReader], base: CheckpointReader, *, dtype: torch.dtype = torch.float32
+    finetuned: list[CheckpointReader], base, *, dtype: torch.dtype = torch.float32,
+    skipped: list[list[dict]] | None = None,
 ) -> Iterator[tuple[str, list[torch.Tensor | None]]]:
     """Stream deltas, one parameter at a time across all k fine-tuned checkpoints.
 
     For each parameter of the base, reads it once and the same key from each fine-tuned
     checkpoint, yields (key, [ft_i − base]), and drops them: memory holds one tensor × (k + 1).
-    A fine-tuned checkpoint lacking the key gets None. Shapes must match (error names them).
+    A fine-tuned checkpoint lacking the key gets None; so does one whose shape differs from the
+    base's (a resized vocabulary): it is recorded in ``skipped[i]`` (parameter, both shapes).
     """
     for key in base.keys():
         w0 = base.get(key)
@@ -524,23 +884,34 @@ def iter_checkpoint_deltas(
             continue
         w0 = w0.to(dtype)
         out: list[torch.Tensor | None] = []
-        for r in finetuned:
-            if key not in r._where:
+        for i, r in enumerate(finetuned):
+            if key not in r:
                 out.append(None)
                 continue
             w = r.get(key)
             if tuple(w.shape) != tuple(w0.shape):
-                raise FormatError(
-                    f"{str(r.path)!r}: parameter {key!r} has shape {tuple(w.shape)} but the base "
-                    f"{str(base.path)!r} has {tuple(w0.shape)} (fine-tuned from a different base model?)"
-                )
-            out.append(w.to(dtype) - w0)
+                if skipped is not None:
+                    skipped[i].append(_shape_skip(key, w.shape, w0.shape))
+                out.append(None)
+                continue
+            out.append(w.to(w0.device, dtype) - w0)
         del w0
         yield key, out
 
 
+def _check_mostly_same_base(reader: CheckpointReader, skipped: list[dict], compared: int, base_label: str) -> None:
+    """Skipping a resized embedding is fine; a checkpoint whose matrices mostly differ in shape
+    is from another base model: an error naming it and the first shapes."""
+    if skipped and len(skipped) * 2 > max(compared, 1):
+        ex = ", ".join(f"{d['parameter']!r} {tuple(d['shape'])} vs {tuple(d['base_shape'])}" for d in skipped[:3])
+        raise FormatError(
+            f"{str(reader.path)!r}: {len(skipped)} of {compared} parameters differ in shape from the base "
+            f"{base_label!r} (e.g. {ex}): fine-tuned from a different base model?"
+        )
+
+
 def load_checkpoint_deltas(
-    sources: list[Path], base: str | os.PathLike, names: list[str], *, allow_pickle: bool = False,
+    sources: list[Path], base, names: list[str], *, allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32, progress: Callable[[int, int, str], None] | None = None,
     compress: tuple[int | None, float | None] | None = None,
 ) -> list[TaskVector]:
@@ -548,50 +919,72 @@ def load_checkpoint_deltas(
 
     2-D ``*.weight`` parameters become ``Dense`` modules named by their module path; other
     floating parameters (biases, norms) go to ``extras``. Unchanged parameters are dropped.
-    With ``compress=(rank, energy)`` each dense delta is cut by SVD to LoRA factors as soon as
-    it is read (``export.to_lowrank``), so the pool holds factors, not dense deltas (big models;
-    the residual beyond the cut is dropped, so unique parts are of the cut delta).
+    Memory holds one base parameter and one delta at a time: for each parameter of the base, the
+    fine-tunes are read one after another, each delta is formed, (cut,) stored and dropped.
+    With ``compress=(rank, energy)`` each 2-D delta is cut to LoRA factors as soon as it is read
+    (``cut_dense``, on the base weights' device), so the pool holds factors, not dense deltas
+    (the residual beyond the cut is dropped, so unique parts are of the cut delta).
+    Parameters whose shape differs from the base's are skipped for that vector and listed in
+    its ``meta["skipped"]``; a checkpoint where most do is refused (another base model).
 
     Args:
         sources: the fine-tuned checkpoints (file, folder, or index.json), all of one base.
-        base: the base checkpoint (path or Hub id).
+        base: the base (path or Hub id, ``ModuleWeights`` of a loaded model, or a callable
+            returning one; see ``open_base``).
         names: one name per source.
         compress: None (keep exact dense deltas) or (rank, energy) for the cut.
     Returns:
         One TaskVector per source.
     """
-    base_reader = CheckpointReader(resolve_source(base), allow_pickle=allow_pickle)
+    base_reader = open_base(base)
+    base_label = str(base_reader.path)
     readers = [CheckpointReader(s, allow_pickle=allow_pickle) for s in sources]
     for r in readers:
-        extra = [k for k in r.keys() if k not in base_reader._where]
+        extra = [k for k in r.keys() if k not in base_reader]
         if extra:
             raise FormatError(
-                f"{str(r.path)!r}: {len(extra)} parameters are not in the base {str(base_reader.path)!r}, e.g. {extra[:3]} "
+                f"{str(r.path)!r}: {len(extra)} parameters are not in the base {base_label!r}, e.g. {extra[:3]} "
                 f"(fine-tuned from a different base model?)"
             )
-    vecs = [TaskVector(n, {}, {}, {"format": "checkpoint", "source": str(s), "base": str(base)}) for n, s in zip(names, sources)]
+    vecs = [TaskVector(n, {}, {}, {"format": "checkpoint", "source": str(s), "base": base_label}) for n, s in zip(names, sources)]
+    skipped: list[list[dict]] = [[] for _ in readers]
+    compared = [0] * len(readers)
     keys = base_reader.keys()
-    for done, (key, deltas) in enumerate(iter_checkpoint_deltas(readers, base_reader, dtype=dtype), 1):
-        for v, d in zip(vecs, deltas):
-            if d is None or not torch.any(d):
+    for done, key in enumerate(keys, 1):
+        w0 = None
+        for i, (r, v) in enumerate(zip(readers, vecs)):
+            if key not in r:
+                continue
+            w = r.get(key)
+            if not torch.is_floating_point(w):
+                continue
+            if w0 is None:
+                w0 = base_reader.get(key).to(dtype)
+            compared[i] += 1
+            if tuple(w.shape) != tuple(w0.shape):
+                skipped[i].append(_shape_skip(key, w.shape, w0.shape))
+                continue
+            d = w.to(w0.device, dtype) - w0  # one delta, on the base's device
+            del w
+            if not torch.any(d):
                 continue
             if d.ndim == 2 and key.endswith(".weight"):
                 if compress is None:
-                    v.modules[_module_of(key)] = Dense(d)
+                    v.modules[_module_of(key)] = Dense(d.cpu())
                 else:
-                    from .export import to_lowrank
-
-                    lr = to_lowrank(Dense(d), rank=compress[0], energy=compress[1])
+                    lr = cut_dense(d, rank=compress[0], energy=compress[1])
                     if lr is not None:
-                        v.modules[_module_of(key)] = lr
-                del d
+                        v.modules[_module_of(key)] = LowRank(lr.B.cpu(), lr.A.cpu(), 1.0)
             else:
-                v.extras[key] = d
+                v.extras[key] = d.cpu()
+            del d
+        del w0
         if progress:
             progress(done, len(keys), "checkpoint")
-    for v in vecs:
+    for r, v, sk, c in zip(readers, vecs, skipped, compared):
+        _check_mostly_same_base(r, sk, c, base_label)
         family = "flux" if any(m.startswith(("transformer_blocks.", "single_transformer_blocks.")) for m in v.modules) else "llm"
-        v.meta.update(family=family, base_model=str(base), dora=False)
+        v.meta.update(family=family, base_model=base_label, dora=False, skipped=sk, compress=list(compress) if compress else None)
     return vecs
 
 
@@ -614,29 +1007,50 @@ def dora_delta(W0: torch.Tensor, lr: LowRank, magnitude: torch.Tensor) -> torch.
     from peft.tuners.lora.dora import DoraLinearLayer
 
     W0 = W0.to(lr.B.dtype)
-    lora_weight = lr.B @ lr.A  # (n, m)
+    lora_weight = lr.B.to(W0.device) @ lr.A.to(W0.device)  # (n, m)
     norm = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm(W0, lora_weight.detach(), lr.scale)
-    factor = (magnitude.to(W0.dtype) / norm).view(-1, 1)
+    factor = (magnitude.to(W0.device, W0.dtype) / norm).view(-1, 1)
     return factor * (W0 + lr.scale * lora_weight) - W0
 
 
 def dora_deltas(
-    modules: dict[str, Delta], mags: dict[str, torch.Tensor], base: str | os.PathLike, *, dtype: torch.dtype, source: Path
+    modules: dict[str, Delta], mags: dict[str, torch.Tensor], base, *, dtype: torch.dtype, source: Path,
+    compress: tuple[int | None, float | None] | None = None,
 ) -> dict[str, Delta]:
-    """Replace each DoRA module's LowRank by its dense delta (base weights read one at a time)."""
-    reader = CheckpointReader(resolve_source(base))
+    """Replace each DoRA module's LowRank by its dense delta (base weights read one at a time),
+    cut to factors at once when ``compress=(rank, energy)`` is given (see ``cut_dense``).
+
+    ``base``: a path / Hub id, loaded weights (``ModuleWeights``) or a callable (``open_base``).
+    """
+    if base is None:
+        raise FormatError(
+            f"{str(source)!r}: DoRA adapter ({len(mags)} modules with lora_magnitude_vector): its delta depends on "
+            f"the base weights; pass base=... / --base MODEL"
+        )
+    reader = open_base(base)
+    label = str(reader.path)
     out = dict(modules)
     for mod, mag in mags.items():
-        key = next((k for k in (mod + ".weight", "model." + mod + ".weight") if k in reader._where), None)
+        key = next((k for k in (mod + ".weight", "model." + mod + ".weight") if k in reader), None)
         if key is None:
-            raise FormatError(f"{str(source)!r}: DoRA module {mod!r} has no weight {mod + '.weight'!r} in the base {str(base)!r}")
+            raise FormatError(f"{str(source)!r}: DoRA module {mod!r} has no weight {mod + '.weight'!r} in the base {label!r}")
         W0 = reader.get(key).to(dtype)
         lr = modules[mod]
         if tuple(W0.shape) != tuple(lr.shape):
             raise FormatError(
-                f"{str(source)!r}: module {mod!r} has shape {tuple(lr.shape)} but the base {str(base)!r} has {tuple(W0.shape)}"
+                f"{str(source)!r}: module {mod!r} has shape {tuple(lr.shape)} but the base {label!r} has {tuple(W0.shape)}"
             )
-        out[mod] = Dense(dora_delta(W0, lr, mag))
+        d = dora_delta(W0, lr, mag)
+        del W0
+        if compress is None:
+            out[mod] = Dense(d.cpu())
+        else:
+            cut = cut_dense(d, rank=compress[0], energy=compress[1])
+            if cut is None:
+                del out[mod]
+            else:
+                out[mod] = LowRank(cut.B.cpu(), cut.A.cpu(), 1.0)
+        del d
     return out
 
 
@@ -654,6 +1068,9 @@ def load_task_vector(
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     check_finite: bool = True,
+    alpha: float | None = None,
+    config: dict | str | os.PathLike | None = None,
+    compress: tuple[int | None, float | None] | None = None,
 ) -> TaskVector:
     """Load one task vector from a file, a folder, or a Hub id.
 
@@ -670,11 +1087,15 @@ def load_task_vector(
     Args:
         source: local path or Hub id (``owner/repo`` or ``owner/repo/file.safetensors``).
         name: the vector's name (default: from the file or folder name).
-        base: base model weights (path or Hub id), needed for DoRA and full checkpoints.
+        base: base model weights, needed for DoRA and full checkpoints: a path or Hub id, the
+            weights of a loaded model (``ModuleWeights``), or a callable returning one.
         allow_pickle: allow .bin/.pt/.ckpt files, read with ``torch.load(weights_only=True)``.
         revision: Hub revision.
         dtype: dtype of the loaded factors / deltas.
         check_finite: raise on NaN/Inf (naming the module).
+        alpha: lora_alpha for a PEFT adapter that has no adapter_config.json (used only then).
+        config: an adapter_config.json (dict or path) for a PEFT adapter that has none beside it.
+        compress: (rank, energy): cut dense deltas (DoRA, checkpoints) to factors as they are read.
     Returns:
         The TaskVector; ``meta`` has format, family ("flux"/"llm"), source, base_model guess,
         config (PEFT), dora.
@@ -685,7 +1106,10 @@ def load_task_vector(
     s = sniff(path)
     name = name or default_name(source, path)
     if s.kind == "lora":
-        tv = load_lora(s.path, s.config, name=name, base=base, allow_pickle=allow_pickle, dtype=dtype)
+        cfg = s.config
+        if cfg is None and config is not None:
+            cfg = dict(config) if isinstance(config, dict) else read_adapter_config(Path(config))
+        tv = load_lora(s.path, cfg, name=name, base=base, allow_pickle=allow_pickle, dtype=dtype, alpha=alpha, compress=compress)
     else:
         if base is None:
             keys = safetensors_keys(s.path) if s.path.suffix == ".safetensors" else []
@@ -694,7 +1118,7 @@ def load_task_vector(
                 f"{str(path)!r}: no LoRA keys, so it is read as a full checkpoint{shown}; its task vector is "
                 f"fine-tuned − base: pass base=... / --base MODEL"
             )
-        tv = load_checkpoint_deltas([s.path], base, [name], allow_pickle=allow_pickle, dtype=dtype)[0]
+        tv = load_checkpoint_deltas([s.path], base, [name], allow_pickle=allow_pickle, dtype=dtype, compress=compress)[0]
     tv.meta.setdefault("source", str(source))
     tv.meta["input"] = str(source)
     if not tv.modules:
@@ -716,12 +1140,15 @@ def load_pool(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int, str], None] | None = None,
     compress: tuple[int | None, float | None] | None = None,
+    alpha: float | None = None,
+    config: dict | str | os.PathLike | None = None,
 ) -> list[TaskVector]:
     """Load several task vectors of one base: checks the pool is non-empty and free of duplicates.
 
-    Full checkpoints are streamed together (one parameter × k in memory at a time); with
-    ``compress=(rank, energy)`` their dense deltas are cut to LoRA factors as they are read.
-    Names default to file/folder names, made unique with a numeric suffix.
+    Full checkpoints are streamed together (one parameter and one delta in memory at a time);
+    with ``compress=(rank, energy)`` dense deltas (checkpoints, DoRA) are cut to LoRA factors as
+    they are read. Names default to file/folder names, made unique with a numeric suffix.
+    ``alpha`` / ``config`` are used for PEFT adapters that carry no adapter_config.json.
 
     Returns:
         The vectors in the given order.
@@ -760,7 +1187,8 @@ def load_pool(
             vecs[i] = v
     for i, s in enumerate(sniffs):
         if vecs[i] is None:
-            vecs[i] = load_task_vector(paths[i], names[i], base=base, allow_pickle=allow_pickle, dtype=dtype, check_finite=False)
+            vecs[i] = load_task_vector(paths[i], names[i], base=base, allow_pickle=allow_pickle, dtype=dtype, check_finite=False,
+                                       alpha=alpha, config=config, compress=compress)
             vecs[i].meta["input"] = str(sources[i])
         if progress:
             progress(i + 1, len(sniffs), "load")
