@@ -1,7 +1,7 @@
 """The command line: ``python -m devec_core decompose|inspect``.
 
     decompose INPUT... --out DIR [--tau 0.85] [--mode joint|pairwise|isolate] [--target NAME]
-              [--rank R | --energy E] [--base MODEL]
+              [--rank R | --energy E] [--base MODEL] [--compress] [--alpha A | --config adapter_config.json]
         Writes in DIR: ``unique-<name>.safetensors`` (or PEFT folder ``unique-<name>/``) per input,
         ``shared.safetensors`` (or ``shared/``), and ``report.json``. Served from the cache when
         the same inputs and options were decomposed before (any τ).
@@ -69,6 +69,13 @@ class _Bars:
             self.stage = None
 
 
+def _alpha_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="ADAPTER_CONFIG_JSON",
+                   help="adapter_config.json for PEFT adapter files/folders that have none beside them (alpha, rsLoRA, patterns)")
+    p.add_argument("--alpha", type=float,
+                   help="lora_alpha for PEFT adapter files/folders that have no adapter_config.json (scale = alpha / r)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m devec_core", description="DeVec: split task vectors into shared and unique parts.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compress", action="store_true",
                    help="full checkpoints: cut each dense delta to LoRA factors (--rank / --energy) as it is read, "
                         "so memory holds factors, not dense deltas")
+    _alpha_args(d)
     d.add_argument("--names", help="comma-separated names, one per input (default: file names)")
     d.add_argument("--format", choices=("diffusers", "peft"), help="export layout (default: the inputs' family)")
     d.add_argument("--symmetric", action="store_true", help="symmetric spectrum variant")
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("inputs", nargs="+", metavar="INPUT")
     i.add_argument("--base", help="base model for DoRA adapters and full checkpoints")
     i.add_argument("--allow-pickle", action="store_true")
+    _alpha_args(i)
     i.add_argument("--tau", type=float, default=0.85, help="threshold for the overlap's shared dimension")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--quiet", action="store_true")
@@ -292,6 +301,17 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _config_arg(args) -> dict | None:
+    """--config, parsed once (a broken file is an input error naming it)."""
+    if args.config is None:
+        return None
+    from .formats import read_adapter_config
+
+    if not args.config.is_file():
+        raise ValueError(f"--config {str(args.config)!r}: no such file")
+    return read_adapter_config(args.config)
+
+
 def run_decompose(args) -> int:
     from .cache import DecompositionCache, cached_decompose
     from .export import write_parts
@@ -328,9 +348,11 @@ def run_decompose(args) -> int:
     cache = None if args.no_cache else DecompositionCache(args.cache_dir, report=report_msg)
     key = None
     if cache is not None:
-        load_opts = {"base": args.base, "allow_pickle": args.allow_pickle, "compress": compress}
+        load_opts = {"base": args.base, "allow_pickle": args.allow_pickle, "compress": compress, "alpha": args.alpha,
+                     "config": _config_arg(args)}
         key = cache.key_for_sources(paths, names, cfg, load_opts)
-    vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress)
+    vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress,
+                        alpha=args.alpha, config=_config_arg(args))
     for v, s in zip(vectors, inputs):
         v.meta["input"] = s
     bars.close()
@@ -500,7 +522,7 @@ def run_inspect(args) -> int:
     names = _names_for([str(s) for s in args.inputs], None)
     vectors = []
     for s, p, n in zip(args.inputs, paths, names):
-        v = load_task_vector(p, n, base=args.base, allow_pickle=args.allow_pickle)
+        v = load_task_vector(p, n, base=args.base, allow_pickle=args.allow_pickle, alpha=args.alpha, config=_config_arg(args))
         v.meta["input"] = str(s)
         vectors.append(v)
     info = describe(vectors, args.tau)
