@@ -316,7 +316,11 @@ def build_tab(backend: str, prefix: str):
             gr.Markdown("### 1 · Pool")
             preset = gr.Dropdown(choices=choices, value=studio.default_preset(backend), label="Preset", elem_id=f"{prefix}-preset")
             with gr.Accordion("Your own task vectors (upload or Hub ids)", open=False):
-                files = gr.File(label="LoRA files (.safetensors only)", file_count="multiple", file_types=[".safetensors"])
+                files = gr.File(
+                    label="LoRA / DoRA adapters, checkpoints: .safetensors, a zipped adapter folder (.zip, e.g. this page's export), "
+                    "or adapter_model.safetensors + adapter_config.json",
+                    file_count="multiple", file_types=list(studio.UPLOAD_SUFFIXES),
+                )
                 hub = gr.Textbox(label="Hub ids, one per line", placeholder="owner/repo  or  owner/repo/file.safetensors", lines=2)
                 base = gr.Textbox(
                     label="Base model",

@@ -235,7 +235,7 @@ def zip_vectors(path: Path) -> list[tuple[str, Path]]:
     Raises:
         FormatError when the zip holds nothing loadable.
     """
-    root = unpacked_zip(path)
+    top = root = unpacked_zip(path)
     while True:  # descend through single wrapping folders (a zip of "my_adapter/")
         entries = [p for p in root.iterdir()]
         if len(entries) == 1 and entries[0].is_dir() and not _is_vector_folder(root):
@@ -243,7 +243,7 @@ def zip_vectors(path: Path) -> list[tuple[str, Path]]:
         else:
             break
     if _is_vector_folder(root):
-        return [(_default_name(path), root)]
+        return [(root.name if root != top else _default_name(path), root)]
     out = []
     for d in sorted(p for p in root.rglob("*") if p.is_dir()):
         if _is_vector_folder(d) and not any(_is_vector_folder(a) for a in d.parents if root in a.parents):
@@ -422,7 +422,7 @@ def _default_name(path: Path) -> str:
     if p.is_file() and (p.name in _LORA_FILE_NAMES or p.name in _CKPT_FILE_NAMES):
         p = p.parent
     name = p.name
-    for suf in (".safetensors", ".index.json", ".json") + PICKLE_SUFFIXES:
+    for suf in (".safetensors", ".index.json", ".json", ".zip") + PICKLE_SUFFIXES:
         if name.endswith(suf):
             name = name[: -len(suf)]
     return name or "vector"
@@ -838,10 +838,12 @@ def cut_dense(W: torch.Tensor, rank: int | None = None, energy: float | None = 0
         return None
     if not math.isfinite(total):
         raise ValueError("the delta contains NaN/Inf")
+    if energy is not None and energy >= 1.0:
+        energy = None  # everything: only the numerical-rank cut (the computed σ² need not sum to ‖W‖² exactly)
     n, m = W.shape
     p = min(n, m)
     cap = min(rank, p) if rank is not None else p
-    q = cap if rank is not None else min(start, p)
+    q = cap if (rank is not None or energy is None) else min(start, p)  # no energy target: all of the cap at once
     while True:
         exact = q + CUT_OVERSAMPLE >= p // 2
         if exact:

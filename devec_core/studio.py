@@ -41,8 +41,14 @@ from .presets import Preset, get_preset, list_presets
 from .taskvec import Delta, Dense, LowRank, TaskVector
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MAX_VECTORS = 8  # sliders the UI lays out; larger pools are refused with a message
+MAX_VECTORS = 12  # sliders the UI lays out (the paper's pool: 10 references + a target); larger pools are refused
 MAX_UPLOAD_MB = float(os.environ.get("DEVEC_MAX_UPLOAD_MB", "1024"))
+UPLOAD_SUFFIXES = (".safetensors", ".zip", ".json")  # weights, zipped folders, adapter_config.json; never pickles
+# Dense deltas (DoRA, full fine-tunes) are cut to factors as they are read (formats.cut_dense): at most
+# DENSE_RANK directions holding DENSE_ENERGY of ‖ΔW‖²; the mixes then use rank-r fused updates.
+# 64 keeps an 11-vector LLaMA-2-7B pool's factors near 7 GB in float32 (bench/bench_llama7b.py).
+DENSE_RANK = int(os.environ.get("DEVEC_DENSE_RANK", "64"))
+DENSE_ENERGY = float(os.environ.get("DEVEC_DENSE_ENERGY", "0.9"))
 MODES = ("joint", "pairwise", "isolate")
 Progress = Callable[[int, int, str], None]
 log = logging.getLogger("devec.studio")
@@ -198,7 +204,7 @@ def session_pool(session: "Session", progress: Progress | None = None) -> list[T
     if kind == "preset":
         vectors = preset_vectors(get_preset(args[0]), progress)
     elif kind == "custom":
-        vectors, _ = _custom_pool(*args, progress=progress)
+        vectors, _ = _custom_pool(*args, progress=progress, base=session.base, backend=session.backend)
     else:
         raise StudioError(f"unknown pool source {kind!r}: load the pool again")
     if pool_key(vectors) != session.pool_key:
@@ -294,14 +300,14 @@ def _load_spec_vector(source: str, name: str, weight_name: str | None, base: str
     if local.exists():
         src = local / weight_name if weight_name and local.is_dir() else local
         try:
-            return load_task_vector(src, name)
+            return load_task_vector(src, name, base=base, compress=dense_cut())
         except ValueError as e:
             raise StudioError(f"could not read {name!r} from {str(src)!r}: {e}") from None
     if offline:
         raise StudioError(f"the offline preset's vector {name!r} is missing: {str(local)!r} does not exist (incomplete checkout?)")
     hub = f"{source}/{weight_name}" if weight_name else source
     try:
-        return load_task_vector(hub, name, base=base)
+        return load_task_vector(hub, name, base=base, compress=dense_cut())
     except Exception as e:  # network, gated repo, missing file: say what is needed
         raise StudioError(
             f"could not load {name!r} from {hub!r}: {e}. This preset needs the Hugging Face Hub "
@@ -314,21 +320,61 @@ def preset_vectors(preset: Preset, progress: Progress | None = None) -> list[Tas
     if preset.synthetic:
         names = tuple(v.name for v in preset.vectors)
         return synthetic_flux_pool(names)
-    out = []
+    base = None if preset.base.id in ("smollm2", "synthetic") else preset.base.id
+    out: list[TaskVector | None] = [None] * len(preset.vectors)
+    ckpts = [] if preset.offline or base is None else _checkpoint_specs(preset)
+    if ckpts:  # full fine-tunes: streamed together, the base read once, each delta cut as it is read
+        from .formats import load_checkpoint_deltas
+
+        try:
+            loaded = load_checkpoint_deltas([p for _, p in ckpts], base, [preset.vectors[i].name for i, _ in ckpts],
+                                            compress=dense_cut(), progress=progress)
+        except Exception as e:
+            raise StudioError(f"could not load the preset's fine-tuned checkpoints against {base!r}: {e}") from None
+        for (i, _), v in zip(ckpts, loaded):
+            v.meta["input"] = preset.vectors[i].source
+            out[i] = v
     for i, spec in enumerate(preset.vectors):
-        src = spec.source
-        base = None if preset.base.id in ("smollm2", "synthetic") else preset.base.id
-        out.append(_load_spec_vector(src, spec.name, spec.weight_name, base, offline=preset.offline))
+        if out[i] is None:
+            out[i] = _load_spec_vector(spec.source, spec.name, spec.weight_name, base, offline=preset.offline)
         if progress:
             progress(i + 1, len(preset.vectors), "load")
     return out
 
 
+def _checkpoint_specs(preset: Preset) -> list[tuple[int, Path]]:
+    """(position, local path) of the preset's vectors that are full checkpoints on the Hub."""
+    from .formats import resolve_source, sniff
+
+    found = []
+    for i, spec in enumerate(preset.vectors):
+        if spec.source.startswith(("demo:", "synthetic:")) or (REPO_ROOT / spec.source).exists():
+            continue
+        try:
+            path = resolve_source(f"{spec.source}/{spec.weight_name}" if spec.weight_name else spec.source)
+            if sniff(path).kind == "checkpoint":
+                found.append((i, path))
+        except Exception:  # noqa: BLE001 - _load_spec_vector reports it with what is needed
+            continue
+    return found
+
+
+def dense_cut() -> tuple[int | None, float | None]:
+    """(rank, energy) of the cut applied to dense deltas as they are read (``formats.cut_dense``)."""
+    return (DENSE_RANK or None, DENSE_ENERGY)
+
+
 def check_upload(path: str | Path, max_mb: float = MAX_UPLOAD_MB) -> Path:
-    """Refuse anything but a ``.safetensors`` file under the size cap (never unpickle uploads)."""
+    """Refuse anything but ``.safetensors``, ``.zip`` and ``adapter_config.json`` under the size cap
+    (pickled files are never read, zips are unpacked safely by ``formats.extract_zip``)."""
     p = Path(path)
-    if p.suffix.lower() != ".safetensors":
-        raise StudioError(f"{p.name!r}: only .safetensors files can be uploaded (pickled .bin/.pt/.ckpt files are refused)")
+    if p.suffix.lower() not in UPLOAD_SUFFIXES:
+        raise StudioError(
+            f"{p.name!r}: only .safetensors files, zipped adapter folders (.zip) and adapter_config.json can be "
+            f"uploaded (pickled .bin/.pt/.ckpt files are refused)"
+        )
+    if p.suffix.lower() == ".json" and p.name != "adapter_config.json":
+        raise StudioError(f"{p.name!r}: the only .json upload understood is a PEFT adapter_config.json")
     if not p.is_file():
         raise StudioError(f"{p.name!r}: the upload did not arrive; try again")
     mb = p.stat().st_size / 2**20
@@ -339,36 +385,134 @@ def check_upload(path: str | Path, max_mb: float = MAX_UPLOAD_MB) -> Path:
 
 def _name_from(path_or_id: str) -> str:
     stem = Path(path_or_id).name
-    for suf in (".safetensors",):
+    for suf in (".safetensors", ".zip"):
         stem = stem[: -len(suf)] if stem.endswith(suf) else stem
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", stem)[:40] or "vector"
 
 
-def custom_vectors(files: list[str], hub_ids: list[str], progress: Progress | None = None) -> list[TaskVector]:
-    """Load uploads (``.safetensors`` only, size-capped) and Hub ids into one pool."""
-    from .formats import load_task_vector
+@dataclass
+class _Upload:
+    label: str  # how messages name it (the uploaded file's name)
+    name: str
+    path: Path  # a file, or a folder inside an unpacked zip
+    config: dict | None = None  # an adapter_config.json uploaded beside the file
 
-    sources = [str(check_upload(f)) for f in files] + [h.strip() for h in hub_ids if h.strip()]
-    if not sources:
-        raise StudioError("the pool is empty: pick a preset, upload .safetensors LoRAs or give Hub ids")
-    if len(sources) > MAX_VECTORS:
-        raise StudioError(f"{len(sources)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
+
+def upload_sources(files: list[str]) -> tuple[list[_Upload], list[Path]]:
+    """Uploaded files → the task vectors they hold, and the zips unpacked for them.
+
+    * ``x.safetensors``: one vector; an ``adapter_config.json`` uploaded with it gives its alpha
+      (one config for the whole upload: several PEFT adapters need one zip each);
+    * ``x.zip``: a zipped adapter / checkpoint folder, or several (this Studio's own export zip
+      gives ``unique-<name>``, ``shared`` ...): one vector per folder inside.
+    """
+    from .formats import FormatError, read_adapter_config, zip_vectors
+
+    paths = [check_upload(f) for f in files]
+    configs = [p for p in paths if p.suffix.lower() == ".json"]
+    if len(configs) > 1:
+        raise StudioError(
+            f"{len(configs)} adapter_config.json uploads: one config can go with loose adapter files; "
+            f"upload each adapter folder as a .zip instead"
+        )
+    try:
+        config = read_adapter_config(configs[0]) if configs else None
+    except FormatError as e:
+        raise StudioError(f"upload adapter_config.json: {e}") from None
+    out: list[_Upload] = []
+    zips: list[Path] = []
+    for p in paths:
+        if p.suffix.lower() == ".safetensors":
+            out.append(_Upload(p.name, _name_from(p.name), p, config))
+        elif p.suffix.lower() == ".zip":
+            zips.append(p)
+            try:
+                found = zip_vectors(p)
+            except FormatError as e:
+                raise StudioError(f"could not read upload {p.name!r}: {e}") from None
+            out += [_Upload(f"{p.name}:{n}", _name_from(n), q) for n, q in found]
+    if config is not None and not any(u.config is not None for u in out):
+        raise StudioError("adapter_config.json was uploaded without a .safetensors adapter file to go with it")
+    return out, zips
+
+
+def base_weights(backend: str, base: str):
+    """The tab's base model weights, for DoRA adapters and full checkpoints: the model already
+    loaded for generation (``get_llm_backend`` / ``get_flux_backend``), read one parameter at a
+    time through ``formats.ModuleWeights`` — never a second copy. A mix fused for generation is
+    invisible here: each parameter is read from the weight editor's saved original."""
+    from .formats import ModuleWeights
+
+    be = get_llm_backend(base) if backend == "llm" else get_flux_backend(base)
+    root = be.model if backend == "llm" else be.pipe.transformer
+    editor = be.editor
+
+    def original(key: str):
+        return editor._orig.get(key)  # the unedited tensor when a mix is fused into it, else None
+
+    return ModuleWeights(root, base, original=original, lock=be.lock)
+
+
+def custom_vectors(
+    files: list[str], hub_ids: list[str], progress: Progress | None = None, base: str | None = None, backend: str = "llm",
+) -> list[TaskVector]:
+    """Load uploads (``.safetensors``, ``.zip``, ``adapter_config.json``; size-capped) and Hub ids
+    into one pool. DoRA adapters and full checkpoints take the tab's base model ``base`` (its
+    loaded weights, see ``base_weights``) and are cut to factors as they are read (``dense_cut``)."""
+    from .formats import forget_zip, load_task_vector
+
+    ups, zips = upload_sources(list(files))
+    ups += [_Upload(h.strip(), _name_from(h.strip()), Path(h.strip())) for h in hub_ids if h.strip()]
+    if not ups:
+        raise StudioError("the pool is empty: pick a preset, upload .safetensors LoRAs / zipped adapter folders or give Hub ids")
+    if len(ups) > MAX_VECTORS:
+        raise StudioError(f"{len(ups)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
     names: list[str] = []
     out = []
-    for i, src in enumerate(sources):
-        n, k = _name_from(src), 2
-        while n in names:
-            n, k = f"{_name_from(src)}-{k}", k + 1
-        names.append(n)
-        try:
-            out.append(load_task_vector(src, n))
-        except Exception as e:
-            where = "upload" if i < len(files) else "Hub id"
-            raise StudioError(f"could not read {where} {Path(src).name if i < len(files) else src!r} as a LoRA: {e}") from None
-        if progress:
-            progress(i + 1, len(sources), "load")
+    weights = None
+
+    def base_src():  # loaded only when a DoRA adapter or a checkpoint needs it
+        nonlocal weights
+        if weights is None:
+            if not base or base == "synthetic":
+                raise StudioError("DoRA adapters and full checkpoints need a base model; set the tab's base model first")
+            weights = base_weights(backend, base)
+        return weights
+
+    try:
+        for i, u in enumerate(ups):
+            n, k = u.name, 2
+            while n in names:
+                n, k = f"{u.name}-{k}", k + 1
+            names.append(n)
+            hub = i >= len(ups) - len([h for h in hub_ids if h.strip()])
+            try:
+                v = load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
+            except StudioError:
+                raise
+            except Exception as e:
+                where = "Hub id" if hub else "upload"
+                raise StudioError(f"could not read {where} {u.label!r}: {e}") from None
+            v.meta["input"] = u.label
+            out.append(v)
+            if progress:
+                progress(i + 1, len(ups), "load")
+    finally:
+        for z in zips:
+            forget_zip(z)  # tensors are read; the unpacked copy is not needed any more
     _check_pool(out)
     return out
+
+
+def skipped_notes(vectors: list[TaskVector]) -> list[str]:
+    """One line per vector with parameters skipped for a shape mismatch (resized vocabulary)."""
+    notes = []
+    for v in vectors:
+        sk = v.meta.get("skipped") or []
+        if sk:
+            ex = "; ".join(f"`{d['parameter']}` {tuple(d['shape'])} vs base {tuple(d['base_shape'])}" for d in sk[:3])
+            notes.append(f"{v.name}: {len(sk)} parameter(s) skipped, shape differs from the base ({ex}{' …' if len(sk) > 3 else ''})")
+    return notes
 
 
 def _check_pool(vectors: list[TaskVector]) -> None:
@@ -469,6 +613,7 @@ def at_tau(dec: Decomposition, tau: float) -> Decomposition:
 
 
 def _start(vectors: list[TaskVector], backend: str, base: str, **kw) -> Session:
+    kw["notes"] = list(kw.get("notes", [])) + skipped_notes(vectors)
     if len(vectors) > MAX_VECTORS:
         raise StudioError(f"{len(vectors)} vectors: the Studio shows at most {MAX_VECTORS}")
     fams = {v.meta.get("family") for v in vectors} - {None}
@@ -537,11 +682,13 @@ def open_custom(
     """A pool from uploads and Hub ids, optionally added to a preset's pool (e.g. a toxic adapter
     as the target against the preset's references)."""
     files, hub_ids = [str(f) for f in files or []], [h.strip() for h in hub_ids or [] if h.strip()]
-    vectors, n_extra = _custom_pool(files, hub_ids, preset_id, progress=progress)
+    if preset_id:
+        base = get_preset(preset_id).base.id
+    vectors, n_extra = _custom_pool(files, hub_ids, preset_id, progress=progress, base=base, backend=backend)
     title, kw = "Your pool", {"source": ("custom", tuple(files), tuple(hub_ids), preset_id)}
     if preset_id:
         preset = get_preset(preset_id)
-        title, base = f"{preset.title} + yours", preset.base.id
+        title = f"{preset.title} + yours"
         kw["strengths"] = {v.name: v.strength for v in preset.vectors}
         kw["scores"] = tuple(preset.scores) if preset.backend == "llm" else ()
     if mode == "isolate" and target is None and n_extra:
@@ -549,9 +696,13 @@ def open_custom(
     return open_vectors(vectors, backend, base, mode, target, tau, progress, title=title, preset_id=preset_id, **kw)
 
 
-def _custom_pool(files, hub_ids, preset_id: str | None, progress: Progress | None = None) -> tuple[list[TaskVector], int]:
+def _custom_pool(
+    files, hub_ids, preset_id: str | None, progress: Progress | None = None, base: str | None = None, backend: str = "llm",
+) -> tuple[list[TaskVector], int]:
     """(preset's vectors + the user's, number of the user's): names made unique with "-yours"."""
-    extra = custom_vectors(list(files), list(hub_ids), progress) if (files or hub_ids) else []
+    if preset_id and base is None:
+        base = get_preset(preset_id).base.id
+    extra = custom_vectors(list(files), list(hub_ids), progress, base=base, backend=backend) if (files or hub_ids) else []
     vectors: list[TaskVector] = []
     if preset_id:
         try:

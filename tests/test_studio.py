@@ -167,6 +167,8 @@ def test_bad_uploads(tmp_path):
     pkl.write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(StudioError, match="only .safetensors"):
         studio.custom_vectors([str(pkl)], [])
+    with pytest.raises(StudioError, match="only .safetensors"):
+        studio.check_upload(tmp_path / "notes.txt")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(256))
     with pytest.raises(StudioError, match="junk.safetensors"):
@@ -324,11 +326,17 @@ def test_a_pool_no_longer_in_memory_is_loaded_again_from_its_source(tiny_llm, tm
 
     from tests.tiny_models import random_llama_lora
 
+    import shutil
+
+    from peft import LoraConfig
+
     files = []
-    for seed in (1, 2):
-        f = tmp_path / f"lora{seed}.safetensors"
-        save_file({k: v.contiguous() for k, v in random_llama_lora(tiny_llm[0], rank=2, seed=seed).items()}, str(f))
-        files.append(str(f))
+    for seed in (1, 2):  # zipped PEFT folders: a zip is unpacked again when the pool is reloaded
+        d = tmp_path / f"lora{seed}"
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in random_llama_lora(tiny_llm[0], rank=2, seed=seed).items()}, str(d / "adapter_model.safetensors"))
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]).save_pretrained(str(d))
+        files.append(shutil.make_archive(str(d), "zip", root_dir=d))
     s, dec = studio.open_custom("llm", "tiny", files, [])
     assert s.source == ("custom", tuple(files), (), None)
     p, _ = studio.open_preset("flux-synthetic-offline")
