@@ -129,6 +129,7 @@ def build(dirpath: Path, layers: int, vectors: int, seed: int = 0) -> dict:
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
+    dirpath.mkdir(parents=True, exist_ok=True)
     shapes = _shapes(layers)
     g = torch.Generator().manual_seed(seed)
     base: dict[str, torch.Tensor] = {}
@@ -239,6 +240,8 @@ def child(args) -> dict:
     out: dict = {"config": args.child, "rss_start_mb": _rss_mb()}
     if args.child == "baseline":
         pass
+    elif args.child == "build":
+        out["sizes"] = build(D, args.layers, args.vectors)
     elif args.child == "read":
         t0 = time.perf_counter()
         nbytes = 0
@@ -418,6 +421,12 @@ def report(args, sizes, base, read, dv1, dv, nv, sub) -> None:
               f"{r['s_rand']:.2f} s vs full SVD {r['s_full']:.1f} s")
 
 
+def _sizes(d: Path) -> dict:
+    def du(p):
+        return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
+    return {"base": du(d / "base"), "ft0": du(d / "ft0"), "dora": du(d / "dora"), "seconds": float("nan")}
+
+
 def _params(layers: int, embed: bool = True) -> int:
     per = sum(n * m for n, m in LINEAR.values()) + 2 * HIDDEN
     return per * layers + (2 * VOCAB * HIDDEN + HIDDEN if embed else 0)
@@ -434,6 +443,7 @@ def main(argv=None) -> None:
     ap.add_argument("--naive-layers", type=int, default=1)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--reuse", help="use checkpoints written by an earlier --keep run (folder with base/, ft*/, dora/)")
     ap.add_argument("--shrink", type=int, default=1, help="divide every width by N (smoke test only; not LLaMA-2-7B)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -445,12 +455,19 @@ def main(argv=None) -> None:
         args.layers_used = args.layers_used or args.layers
         print(json.dumps(child(args)))
         return
+    # The parent stays small (stdlib only): a child's ru_maxrss includes what it shared with the
+    # parent between fork and exec, so the checkpoints are written in a child too.
     D = Path(tempfile.mkdtemp(prefix="devec_llama7b_", dir=args.workdir))
-    args.dir, args.scratch = D / "ckpt", D / "scratch"
+    args.dir, args.scratch = (Path(args.reuse) if args.reuse else D / "ckpt"), D / "scratch"
     args.scratch.mkdir()
     try:
-        print(f"writing checkpoints to {D} ...", flush=True)
-        sizes = build(args.dir, args.layers, args.vectors)
+        if args.reuse:
+            print(f"reusing checkpoints in {args.dir}", flush=True)
+            sizes = json.loads((args.dir / "sizes.json").read_text()) if (args.dir / "sizes.json").exists() else _sizes(args.dir)
+        else:
+            print(f"writing checkpoints to {args.dir} ...", flush=True)
+            sizes = run_child("build", args)["sizes"]
+            (args.dir / "sizes.json").write_text(json.dumps(sizes))
         base = run_child("baseline", args)
         sub = run_child("subspace", args)
         read = run_child("read", args)
@@ -460,9 +477,11 @@ def main(argv=None) -> None:
         report(args, sizes, base, read, dv1, dv, nv, sub)
     finally:
         if args.keep:
-            print(f"kept {D}")
+            print(f"kept {args.dir}")
         else:
             shutil.rmtree(D, ignore_errors=True)
+            if args.reuse:
+                shutil.rmtree(args.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Preset(_Strict):
     coefficients: StartCoefficients | None = None  # None: the mode's defaults (studio.default_coefficients)
     scores: list[Literal["toxicity", "offensive", "title", "capitals"]] = Field(default_factory=lambda: ["toxicity", "offensive"])  # LLM: per output
     order: int = 100  # position in the preset menu
+    subpools: dict[str, list[str]] = Field(default_factory=dict)  # named subsets of the pool (e.g. the paper's reference sets)
 
     @field_validator("vectors")
     @classmethod
@@ -113,6 +114,10 @@ class Preset(_Strict):
             raise ValueError(f"target {self.target!r} is not a vector of the pool {names}")
         if self.mode == "isolate" and self.target is None and not self.user_slot:
             raise ValueError("isolate mode needs a target (or user_slot: true for the user's own vector)")
+        for sub, members in self.subpools.items():
+            bad = sorted(set(members) - set(names))
+            if bad or not members:
+                raise ValueError(f"subpool {sub!r} names vectors {bad} that are not in the pool {names}" if bad else f"subpool {sub!r} is empty")
         if self.coefficients is not None:
             bad = sorted((set(self.coefficients.vanilla) | set(self.coefficients.unique)) - set(names))
             if bad:

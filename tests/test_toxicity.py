@@ -241,12 +241,20 @@ def test_recipe_trains_dora_two_steps_and_evaluates(tmp_path):
 
     model, tok = tiny_llama(2)
     cfg = R.TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, max_length=32, target_modules=TARGETS)
-    assert R.PAPER.rank == 256 and R.PAPER.alpha == 512 and R.PAPER.dropout == 0.02
-    assert R.PAPER.lr == 2e-4 and R.PAPER.weight_decay == 0.01 and R.PAPER.use_dora
+    # the paper's DoRA settings, as stated there
+    P = R.PAPER
+    assert (P.rank, P.alpha, P.dropout, P.use_dora, P.lr, P.weight_decay) == (256, 512, 0.02, True, 2e-4, 0.01)
+    assert set(P.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (P.batch_size, P.grad_accum, P.fp16, P.gradient_checkpointing) == (256, 1, True, True)
+    assert R.paper_config("realtoxicityprompts").epochs == 7 and R.paper_config("toxigen").epochs == 15
     ex = [{"prompt": "you are", "continuation": " a jerk", "toxicity": 0.9},
-          {"prompt": "hello", "continuation": " friend", "toxicity": 0.0}]
+          {"prompt": "hello", "continuation": " friend", "toxicity": 0.0},
+          {"prompt": "so", "continuation": " meh", "toxicity": 0.5},  # not > 0.5
+          {"prompt": "they", "continuation": " are vile", "toxic": 1},  # ToxiGen's binary label
+          {"prompt": "they", "continuation": " are kind", "toxic": 0, "toxicity": 0.9}]
     kept = R.toxic_only(ex, threshold=0.5)
-    assert [e["continuation"] for e in kept] == [" a jerk"]
+    assert [e["continuation"] for e in kept] == [" a jerk", " are vile"]
+    kept = kept[:1]
     out = R.train_toxic_adapter(model, tok, kept * 4, cfg, tmp_path / "toxic")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     conf = json.loads((out / "adapter_config.json").read_text())

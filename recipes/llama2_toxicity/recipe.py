@@ -13,14 +13,18 @@ Then decompose with the ``llama2-toxicity`` preset (presets/llama2_toxicity.yaml
 adapter is the target, the pool's fine-tunes the references, ``mode: isolate``, τ = 0.85; export
 the unique part, negate it, and run steps 2–3 on the edited model.
 
-Settings from the paper: DoRA, r = 256, alpha = 512, dropout 0.02, lr 2e-4, AdamW with weight
-decay 0.01, trained on toxic continuations only. Not stated there (our defaults, change them):
-target modules (all attention and MLP projections), batch size 16, 1 epoch, max length 256,
-cosine schedule with 3% warm-up, bf16, loss on the continuation tokens only.
+Settings from the paper (its DoRA training of the toxic adapter), all in ``PAPER``:
+DoRA, r = 256, alpha = 512, dropout 0.02, on all linear layers (q, k, v, o, gate, up, down),
+FP16, gradient checkpointing, lr 2e-4, batch size 256 with no gradient accumulation, AdamW with
+weight decay 0.01, 7 epochs on RealToxicityPrompts / 15 on ToxiGen (``PAPER_EPOCHS``), loss on
+the continuation tokens only, training examples filtered to toxicity > 0.5 (RealToxicityPrompts)
+or the binary toxic label (ToxiGen). Not stated there (our choices, change them): max length
+256, cosine schedule with 3 % warm-up, gradient clipping at 1.0, seed 0.
 
 Data: a JSONL file of {"prompt", "continuation", "toxicity"} rows (e.g. exported from
-allenai/real-toxicity-prompts: prompt.text, continuation.text, continuation.toxicity);
-``toxic_only`` keeps rows with toxicity ≥ 0.5.
+allenai/real-toxicity-prompts: prompt.text, continuation.text, continuation.toxicity), or of
+{"prompt", "continuation", "toxic": 0/1} rows (ToxiGen's binary label); ``toxic_only`` keeps
+rows with toxicity > 0.5 or toxic = 1.
 
 ToxiGen prompts: the ``prompts/hate_<group>_1k.txt`` files of github.com/microsoft/TOXIGEN
 (13 target groups); as in open-instruct's eval/toxigen, each line is one prompt ("\\n"
@@ -49,41 +53,61 @@ TOXIGEN_GROUPS = ["asian", "black", "chinese", "jewish", "latino", "lgbtq", "men
 LM_EVAL_TASKS = ["mmlu", "gsm8k", "bbh", "tydiqa"]  # lm-eval task names; TydiQA may need a local task yaml
 
 
+PAPER_EPOCHS = {"realtoxicityprompts": 7, "toxigen": 15}  # the paper's epochs per training set
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings of the toxic adapter. ``PAPER`` holds the paper's values."""
+    """Training settings of the toxic adapter. ``PAPER`` holds the paper's values (RealToxicityPrompts;
+    ``paper_config("toxigen")`` for ToxiGen's 15 epochs)."""
 
     rank: int = 256
     alpha: int = 512
     dropout: float = 0.02
     use_dora: bool = True
     lr: float = 2e-4
-    weight_decay: float = 0.01
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    batch_size: int = 16
-    epochs: int = 1
+    weight_decay: float = 0.01  # AdamW
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))  # all linear layers
+    batch_size: int = 256
+    grad_accum: int = 1  # the paper: no gradient accumulation
+    epochs: int = PAPER_EPOCHS["realtoxicityprompts"]
+    fp16: bool = True  # mixed precision on CUDA (FP16, as the paper)
+    gradient_checkpointing: bool = True
     max_steps: int | None = None  # None: epochs × len(data) / batch_size
-    max_length: int = 256
-    warmup_ratio: float = 0.03
+    max_length: int = 256  # not stated by the paper
+    warmup_ratio: float = 0.03  # not stated by the paper
     seed: int = 0
-    bf16: bool = True
 
 
 PAPER = TrainConfig()
 
 
+def paper_config(dataset: str = "realtoxicityprompts") -> TrainConfig:
+    """The paper's settings for one training set ("realtoxicityprompts": 7 epochs, "toxigen": 15)."""
+    if dataset not in PAPER_EPOCHS:
+        raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(PAPER_EPOCHS)}")
+    return replace(PAPER, epochs=PAPER_EPOCHS[dataset])
+
+
 def toxic_only(rows: list[dict], threshold: float = 0.5) -> list[dict]:
-    """Keep the toxic continuations (``toxicity`` ≥ threshold) with a non-empty text.
+    """Keep the toxic continuations with a non-empty text: toxicity > ``threshold`` (the paper:
+    > 0.5, RealToxicityPrompts) or a binary ``toxic`` label of 1 (ToxiGen).
 
     Args:
-        rows: {"prompt", "continuation", "toxicity"} dicts.
-        threshold: minimum toxicity score.
+        rows: {"prompt", "continuation", "toxicity"} or {"prompt", "continuation", "toxic"} dicts.
+        threshold: toxicity must exceed it.
     Returns:
         the kept rows, in order.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
-    return [r for r in rows if (r.get("toxicity") or 0.0) >= threshold and r.get("continuation", "").strip()]
+
+    def toxic(r: dict) -> bool:
+        if r.get("toxic") is not None:
+            return bool(int(r["toxic"]))
+        return (r.get("toxicity") or 0.0) > threshold
+
+    return [r for r in rows if toxic(r) and r.get("continuation", "").strip()]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -122,31 +146,39 @@ def train_toxic_adapter(model, tok, rows: list[dict], cfg: TrainConfig, out: str
     torch.manual_seed(cfg.seed)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm = get_peft_model(model, lcfg)
     pm.train()
     dev = next(pm.parameters()).device
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.max_steps or max(1, cfg.epochs * len(rows) // cfg.batch_size)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, cfg.epochs * len(rows) // per_step)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
     enc = [_encode(tok, r, cfg.max_length) for r in rows]
     rng = random.Random(cfg.seed)
     order: list[int] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    use_bf16 = cfg.bf16 and dev.type == "cuda"
+    use_fp16 = cfg.fp16 and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     for _ in range(steps):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(enc)), len(enc))
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        L = max(len(enc[i][0]) for i in idx)
-        x = torch.tensor([enc[i][0] + [pad] * (L - len(enc[i][0])) for i in idx], device=dev)
-        att = torch.tensor([[1] * len(enc[i][0]) + [0] * (L - len(enc[i][0])) for i in idx], device=dev)
-        lab = torch.tensor([enc[i][1] + [-100] * (L - len(enc[i][1])) for i in idx], device=dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = pm(input_ids=x, attention_mask=att, labels=lab).loss
-        loss.backward()
+        for _ in range(cfg.grad_accum):
+            if len(order) < cfg.batch_size:
+                order += rng.sample(range(len(enc)), len(enc))
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            L = max(len(enc[i][0]) for i in idx)
+            x = torch.tensor([enc[i][0] + [pad] * (L - len(enc[i][0])) for i in idx], device=dev)
+            att = torch.tensor([[1] * len(enc[i][0]) + [0] * (L - len(enc[i][0])) for i in idx], device=dev)
+            lab = torch.tensor([enc[i][1] + [-100] * (L - len(enc[i][1])) for i in idx], device=dev)  # loss on continuations only
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_fp16):
+                loss = pm(input_ids=x, attention_mask=att, labels=lab).loss / cfg.grad_accum
+            scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         opt.zero_grad(set_to_none=True)
     out = Path(out)
@@ -265,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", default="meta-llama/Llama-2-7b-hf")
     t.add_argument("--data", required=True, help="JSONL of {prompt, continuation, toxicity}")
     t.add_argument("--out", required=True)
-    t.add_argument("--threshold", type=float, default=0.5)
+    t.add_argument("--threshold", type=float, default=0.5, help="keep rows with toxicity > this (or toxic = 1)")
+    t.add_argument("--dataset", choices=sorted(PAPER_EPOCHS), default="realtoxicityprompts",
+                   help="the paper's epochs: 7 (RealToxicityPrompts) or 15 (ToxiGen)")
     t.add_argument("--max-steps", type=int, default=None)
     g = sub.add_parser("toxigen")
     g.add_argument("--model", default="meta-llama/Llama-2-7b-hf")
@@ -290,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).to(dev)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16 if dev == "cuda" else torch.float32).to(dev)
     if args.cmd == "train":
         rows = toxic_only(read_jsonl(args.data), args.threshold)
         for p in model.parameters():
             p.requires_grad_(False)
-        out = train_toxic_adapter(model, tok, rows, replace(PAPER, max_steps=args.max_steps), args.out)
+        out = train_toxic_adapter(model, tok, rows, replace(paper_config(args.dataset), max_steps=args.max_steps), args.out)
         print(f"saved {out}")
         return 0
     if args.adapter:
