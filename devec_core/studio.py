@@ -505,9 +505,13 @@ def custom_vectors(
 
 
 def skipped_notes(vectors: list[TaskVector]) -> list[str]:
-    """One line per vector with parameters skipped for a shape mismatch (resized vocabulary)."""
+    """One line per vector with parameters skipped for a shape mismatch (resized vocabulary), and
+    per FLUX vector that also touches the text encoders."""
     notes = []
     for v in vectors:
+        te = [m for m in v.modules if m.startswith(("text_encoder.", "text_encoder_2."))]
+        if te:
+            notes.append(f"{v.name}: {len(te)} text-encoder module(s), applied to the text encoder(s) too (vanilla and DeVec)")
         sk = v.meta.get("skipped") or []
         if sk:
             ex = "; ".join(f"`{d['parameter']}` {tuple(d['shape'])} vs base {tuple(d['base_shape'])}" for d in sk[:3])
@@ -1069,11 +1073,18 @@ def run_job(job: GenerationJob) -> SideBySide:
         a, b = backend.side_by_side(job.prompt, list(job.mixes), **job.settings)
     except ValueError as e:
         raise _wrong_base(e, job.base) from None
+    note = job.note
     if job.kind == "llm":
         va, vb = a.text.strip(), b.text.strip()
     else:
         va, vb = a.image, b.image
-    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, job.note)
+        lo = sorted(set(getattr(a, "left_out", [])) | set(getattr(b, "left_out", [])))
+        if lo:  # text-encoder modules of a LoRA that this pipeline does not have (backends/flux.py)
+            note = (note + "\n\n" if note else "") + (
+                f"Left out of both images: {len(lo)} text-encoder module(s) that this pipeline does not have "
+                f"({', '.join(f'`{m}`' for m in lo[:4])}{' …' if len(lo) > 4 else ''})."
+            )
+    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, note)
 
 
 def score_job(session: Session, r: SideBySide) -> SideBySide:

@@ -25,7 +25,7 @@ from devec_core.formats import (
 )
 from devec_core.mix import vanilla
 from devec_core.studio import StudioError
-from devec_core.taskvec import LowRank
+from devec_core.taskvec import LowRank, TaskVector
 from tests.tiny_models import LLAMA_TARGETS, random_llama_lora, tiny_llama
 
 PEFT = "base_model.model."
@@ -387,3 +387,23 @@ def test_cut_dense_equals_the_truncated_svd_rule():
 
 def test_studio_holds_the_papers_pool():
     assert studio.MAX_VECTORS >= 12
+
+
+def test_llama2_preset_names_the_papers_pool_and_sub_pools():
+    from devec_core.presets import get_preset
+
+    p = get_preset("llama2-toxicity")
+    names = [v.name for v in p.vectors]
+    assert len(names) == 10 and len(names) + 1 <= studio.MAX_VECTORS  # + the user's toxic target
+    assert {"chat", "chat-uncensored", "dolphin", "odia", "emma500", "ultrachat", "ultrafeedback", "physics", "asclepius",
+            "roman-empire"} == set(names)
+    assert set(p.subpools) == {"LLaMA-Chat", "All-LLaMA-Chats", "Narrow", "Small Instruct", "Instruct EMMA", "All-Models"}
+    assert p.subpools["Small Instruct"] == ["odia", "dolphin", "chat", "chat-uncensored"]
+    assert set(p.subpools["All-Models"]) == set(names)
+    assert any(not v.confirmed for v in p.vectors) and all(v.note for v in p.vectors)  # what could not be confirmed is said
+
+
+def test_text_encoder_modules_are_named_on_the_page():
+    v = TaskVector("style", {"transformer_blocks.0.attn.to_q": LowRank(torch.ones(4, 1), torch.ones(1, 4)),
+                             "text_encoder.encoder.layers.0.self_attn.q_proj": LowRank(torch.ones(4, 1), torch.ones(1, 4))})
+    assert any("text-encoder" in n and "style" in n for n in studio.skipped_notes([v]))

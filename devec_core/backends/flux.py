@@ -14,7 +14,13 @@ Public API:
 
 Module names in the mix's source are diffusers transformer module paths, e.g.
 "transformer_blocks.0.attn.to_q" (``pipe.transformer.get_submodule``); a leading "transformer."
-is not accepted (normalise keys when loading files).
+is not accepted (normalise keys when loading files). LoRAs that also touch the text encoders keep
+those modules under "text_encoder." (CLIP) / "text_encoder_2." (T5), e.g.
+"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": they are fused into
+``pipe.text_encoder`` / ``pipe.text_encoder_2`` the same way (vanilla and DeVec alike: the method
+is per module). Text-encoder modules that this pipeline does not have are left out of the mix and
+listed in ``ImageResult.left_out`` (never an error); a transformer module that does not exist is
+an error (a LoRA for another model).
 
 Offload: ``offload=True`` calls ``pipe.enable_model_cpu_offload(device=...)`` (accelerate hooks
 move each whole model to the accelerator for its forward and back). The parameters stay ordinary
@@ -30,12 +36,17 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..mix import ApplyStats, Mix, WeightEditor
+from ..taskvec import TaskVector
+
+TEXT_ENCODERS = {"text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}  # module prefix -> pipeline attribute
+_TE_ANY = "text_encoder"  # any module under a text-encoder prefix is routed there or left out, never sent to the transformer
 
 
 @dataclass
@@ -48,6 +59,60 @@ class ImageResult:
     generate_s: float
     steps_per_s: float
     apply: ApplyStats | None = None
+    left_out: list[str] = field(default_factory=list)  # text-encoder modules this pipeline does not have
+
+
+def _module_names(source) -> set[str]:
+    """Module names a mix source can touch (a Decomposition's blocks, or a VectorPool's vectors)."""
+    if hasattr(source, "blocks"):
+        return {m for blk in source.blocks for m in blk.modules}
+    return {m for v in getattr(source, "vectors", []) for m in v.modules}
+
+
+class _View:
+    """One model's share of a mix source: modules under ``prefix`` (prefix removed) that ``keep``
+    accepts. Components are computed once per source and shared by the views (``memo``)."""
+
+    def __init__(self, source, prefix: str, keep, memo: dict):
+        self._source = weakref.ref(source)  # the backend caches views per source: never keep it alive
+        self.prefix, self.keep, self.memo = prefix, keep, memo
+        self.names = getattr(source, "names", None)
+
+    @property
+    def source(self):
+        src = self._source()
+        if src is None:
+            raise ValueError("the mix's source no longer exists")
+        return src
+
+    def _mine(self, key: str) -> str | None:
+        if self.prefix:
+            return key[len(self.prefix):] if key.startswith(self.prefix) and self.keep(key[len(self.prefix):]) else None
+        return None if key.startswith(_TE_ANY) else key
+
+    def component(self, kind: str, name: str | None = None):
+        if (kind, name) not in self.memo:
+            self.memo[(kind, name)] = self.source.component(kind, name)
+        out = {}
+        for k, d in self.memo[(kind, name)].items():
+            m = self._mine(k)
+            if m is not None:
+                out[m] = d
+        return out
+
+    @property
+    def vectors(self) -> list[TaskVector]:
+        """Extras (biases) of the vectors, routed the same way as the modules."""
+        out = []
+        for v in getattr(self.source, "vectors", []):
+            ex = {}
+            for k, t in v.extras.items():
+                mod = k.rsplit(".", 1)[0]
+                m = self._mine(mod)
+                if m is not None:
+                    ex[m + k[len(mod):]] = t
+            out.append(TaskVector(v.name, {}, ex, v.meta))
+        return out
 
 
 def _pick_offload(offload, device) -> bool:
@@ -80,7 +145,63 @@ class FluxBackend:
             originals_device = "cpu"
         self.offload = bool(offload)
         self.editor = WeightEditor(pipe.transformer, compute_device=compute, originals_device=originals_device)
+        self.text_editors = {  # the text encoders take the LoRA's text-encoder modules
+            prefix: WeightEditor(getattr(pipe, attr), compute_device=compute, originals_device=originals_device)
+            for prefix, attr in TEXT_ENCODERS.items() if getattr(pipe, attr, None) is not None
+        }
+        self._views: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
         self.lock = threading.RLock()
+
+    # -- routing a mix to the transformer and the text encoders ---------------------------------
+    def _has_weight(self, prefix: str, mod: str) -> bool:
+        try:
+            w = getattr(self.text_editors[prefix].root.get_submodule(mod), "weight", None)
+        except AttributeError:
+            return False
+        return isinstance(w, torch.Tensor) and w.ndim == 2
+
+    def _routes(self, source) -> dict:
+        """{"": transformer view, prefix: text-encoder view, "left_out": [...]} for one source (cached)."""
+        try:
+            hit = self._views.get(source)
+        except TypeError:  # not weak-referenceable: no caching
+            hit = None
+        if hit is not None:
+            return hit
+        names = _module_names(source)
+        te = sorted(n for n in names if n.startswith(_TE_ANY))
+        if not te:  # the common case: the source as it is, nothing routed
+            routes = {"": source, "left_out": []}
+        else:
+            memo: dict = {}
+            routes = {"": _View(source, "", None, memo)}
+            for prefix in self.text_editors:
+                routes[prefix] = _View(source, prefix, lambda m, p=prefix: self._has_weight(p, m), memo)
+            routes["left_out"] = [n for n in te if not any(
+                n.startswith(p) and self._has_weight(p, n[len(p):]) for p in self.text_editors)]
+        try:
+            self._views[source] = routes
+        except TypeError:
+            pass
+        return routes
+
+    def left_out(self, mix: Mix | None) -> list[str]:
+        """Text-encoder modules of the mix's source that this pipeline does not have."""
+        return [] if mix is None or mix.source is None else list(self._routes(mix.source)["left_out"])
+
+    def _apply(self, mix: Mix | None) -> ApplyStats:
+        if mix is None or mix.source is None:
+            st = [self.editor.apply(mix)] + [ed.apply(None) for ed in self.text_editors.values() if ed.current is not None]
+        else:
+            routes = self._routes(mix.source)
+            st = [self.editor.apply(Mix(routes[""], mix.terms, mix.label) if routes[""] is not mix.source else mix)]
+            for prefix, ed in self.text_editors.items():
+                if prefix in routes:
+                    st.append(ed.apply(Mix(routes[prefix], mix.terms, mix.label)))
+                elif ed.current is not None:
+                    st.append(ed.apply(None))
+        return ApplyStats(sum(s.modules_written for s in st), sum(s.params_written for s in st),
+                          sum(s.modules_active for s in st), sum(s.seconds for s in st))
 
     @classmethod
     def load(cls, repo_or_path: str | None = None, dtype=None, device: str | None = None, offload="auto") -> "FluxBackend":
@@ -105,14 +226,15 @@ class FluxBackend:
 
     # -- weights ----------------------------------------------------------------------------
     def apply(self, mix: Mix | None) -> ApplyStats:
-        """Fuse ``mix`` (None = base). See ``devec_core.mix.WeightEditor.apply``."""
+        """Fuse ``mix`` (None = base) into the transformer and, for text-encoder modules, the text
+        encoders. See ``devec_core.mix.WeightEditor.apply``."""
         with self.lock:
-            return self.editor.apply(mix)
+            return self._apply(mix)
 
     def restore(self) -> int:
         """Give back bit-identical base weights. Returns the number of tensors written."""
         with self.lock:
-            return self.editor.restore()
+            return self.editor.restore() + sum(ed.restore() for ed in self.text_editors.values())
 
     # -- images -----------------------------------------------------------------------------
     def generate(
@@ -175,9 +297,9 @@ class FluxBackend:
             ImageResult with ``switch_s`` and ``apply`` filled in.
         """
         with self.lock:
-            stats = self.editor.apply(mix)
+            stats = self._apply(mix)
             res = self.generate(prompt, label=(mix.label if mix else "base"), **settings)
-        res.switch_s, res.apply = stats.seconds, stats
+        res.switch_s, res.apply, res.left_out = stats.seconds, stats, self.left_out(mix)
         return res
 
     def side_by_side(self, prompt: str, mixes: list[Mix | None], **settings) -> list[ImageResult]:
