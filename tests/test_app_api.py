@@ -79,10 +79,18 @@ def test_llm_wrong_base_and_bad_upload_are_errors(client, tmp_path):
 
     from tests.tiny_models import random_llama_lora, tiny_llama
 
+    import shutil
+
+    from peft import LoraConfig
+
     model, _ = tiny_llama()
-    for seed in (1, 2):
-        save_file({k: v.contiguous() for k, v in random_llama_lora(model, rank=2, seed=seed).items()}, str(tmp_path / f"other{seed}.safetensors"))
-    ups = [handle_file(str(tmp_path / f"other{s}.safetensors")) for s in (1, 2)]
+    for seed in (1, 2):  # zipped PEFT folders (adapter_model.safetensors + adapter_config.json)
+        d = tmp_path / f"other{seed}"
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in random_llama_lora(model, rank=2, seed=seed).items()}, str(d / "adapter_model.safetensors"))
+        LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]).save_pretrained(str(d))
+        shutil.make_archive(str(d), "zip", root_dir=d)
+    ups = [handle_file(str(tmp_path / f"other{s}.zip")) for s in (1, 2)]
     client.predict(ups, "", "smollm2", False, None, "joint", 0.85, api_name="/llm_custom")
     with pytest.raises(AppError, match="another base model"):
         client.predict(0.85, *_coefs([1.0, 1.0], [1.0, 1.0]), "hello", 0, 4, api_name="/llm_generate")
