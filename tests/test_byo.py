@@ -407,3 +407,31 @@ def test_text_encoder_modules_are_named_on_the_page():
     v = TaskVector("style", {"transformer_blocks.0.attn.to_q": LowRank(torch.ones(4, 1), torch.ones(1, 4)),
                              "text_encoder.encoder.layers.0.self_attn.q_proj": LowRank(torch.ones(4, 1), torch.ones(1, 4))})
     assert any("text-encoder" in n and "style" in n for n in studio.skipped_notes([v]))
+
+
+def test_a_preset_of_hub_checkpoints_streams_them_together_cut_as_read(tmp_path, monkeypatch):
+    """The llama2-toxicity path at toy scale: Hub ids of full fine-tunes (resolved here to local
+    folders) are loaded together against the preset's base, cut to factors, the vocabulary-resized
+    one reported and skipped."""
+    from devec_core import formats
+    from devec_core.presets import Preset
+
+    _llama_checkpoint(tmp_path / "base", 0)
+    _llama_checkpoint(tmp_path / "ft1", 1)
+    _llama_checkpoint(tmp_path / "ft2", 2, vocab_extra=16)
+    real = formats.resolve_source
+    monkeypatch.setattr(formats, "resolve_source", lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw))
+    preset = Preset.model_validate({
+        "id": "toy-llama", "title": "t", "backend": "llm", "base": {"id": "hub/base"}, "mode": "isolate", "user_slot": True,
+        "vectors": [{"name": "a", "source": "hub/ft1", "role": "reference"}, {"name": "b", "source": "hub/ft2", "role": "reference"}],
+    })
+    reads = []
+    orig = formats.CheckpointReader.get
+    monkeypatch.setattr(formats.CheckpointReader, "get", lambda self, k: (reads.append((str(self.path), k)), orig(self, k))[1])
+    vecs = studio.preset_vectors(preset)
+    assert [v.name for v in vecs] == ["a", "b"] and all(isinstance(d, LowRank) for v in vecs for d in v.modules.values())
+    base_reads = [k for p, k in reads if p.endswith("base")]
+    assert len(base_reads) == len(set(base_reads))  # the base is read once for both fine-tunes
+    assert [d["parameter"] for d in vecs[1].meta["skipped"]] == ["model.embed_tokens.weight", "lm_head.weight"] or \
+        {d["parameter"] for d in vecs[1].meta["skipped"]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert max(d.rank for v in vecs for d in v.modules.values()) <= studio.DENSE_RANK
