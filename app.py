@@ -325,7 +325,8 @@ def build_tab(backend: str, prefix: str):
                 base = gr.Textbox(
                     label="Base model",
                     value="smollm2" if backend == "llm" else "black-forest-labs/FLUX.1-schnell",
-                    info="'smollm2' = SmolLM2-135M-Instruct, offline" if backend == "llm" else "images need this model and a CUDA GPU",
+                    info=("'smollm2' = SmolLM2-135M-Instruct, offline" if backend == "llm" else "images need this model and a CUDA GPU")
+                    + "; DoRA adapters and full checkpoints are taken against this model's loaded weights",
                 )
                 add_to = gr.Checkbox(label="Add to the preset's pool (e.g. your toxic adapter as target against its references)", value=False)
                 load = gr.Button("Decompose my pool", variant="secondary")

@@ -281,7 +281,8 @@ def child(args) -> dict:
                    for t in ((d.B, d.A) if isinstance(d, LowRank) else (d.W,)))
         rss_loaded = _rss_mb()
         t2 = time.perf_counter()
-        dec = decompose(pool, tau=0.85, mode="isolate", target="dora", dense_energy=args.energy)
+        mode = dict(mode="isolate", target="dora") if len(pool) > 1 else dict(mode="joint")  # one vector: bases and SVDs only
+        dec = decompose(pool, tau=0.85, dense_energy=args.energy, **mode)
         dims = dec.shared_dims()
         t_dec = time.perf_counter() - t2
         t3 = time.perf_counter()
@@ -310,7 +311,7 @@ def subspace_check(D: Path, args) -> list[dict]:
 
     base, ft = CheckpointReader(D / "base"), CheckpointReader(D / "ft0")
     rows = []
-    for leaf in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+    for leaf in args.subspace_modules.split(","):
         key = f"model.layers.0.{leaf}.weight"
         W = ft.get(key).float() - base.get(key).float()
         t0 = time.perf_counter()
@@ -332,9 +333,9 @@ def subspace_check(D: Path, args) -> list[dict]:
 
 def run_child(name: str, args, **over) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--dir", str(args.dir), "--threads", str(args.threads),
-           "--rank", str(args.rank), "--energy", str(args.energy), "--layers", str(args.layers),
+           "--rank", str(args.rank), "--energy", str(args.energy), "--layers", str(args.layers), "--vectors", str(args.vectors),
            "--naive-vectors", str(args.naive_vectors), "--naive-layers", str(args.naive_layers), "--scratch", str(args.scratch),
-           "--shrink", str(args.shrink)]
+           "--shrink", str(args.shrink), "--subspace-modules", args.subspace_modules]
     for k, v in over.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -364,8 +365,9 @@ def report(args, sizes, base, read, dv1, dv, nv, sub) -> None:
     print(f"LLaMA-2-7B widths (hidden {HIDDEN}, MLP {MLP}, {HEADS} heads, vocab {VOCAB}), {L} of {FULL_LAYERS} layers, "
           f"{args.vectors} fine-tunes + 1 DoRA target (r 256); cut rank ≤ {args.rank}, energy {args.energy}; "
           f"{args.threads} thread(s); torch {__import__('torch').__version__}")
+    written = f"written in {sizes['seconds']:.0f} s" if sizes["seconds"] == sizes["seconds"] else "written by an earlier run"
     print(f"checkpoints on disk: base {sizes['base'] / 2**30:.2f} GiB, each fine-tune ~{sizes['ft0'] / 2**30:.2f} GiB, "
-          f"DoRA adapter {sizes['dora'] / 2**20:.0f} MiB; written in {sizes['seconds']:.0f} s; baseline process RSS {b:.0f} MiB")
+          f"DoRA adapter {sizes['dora'] / 2**20:.0f} MiB; {written}; baseline process RSS {b:.0f} MiB")
     print()
     # per-layer time of the devec path (all layers run)
     lay = [v for k, v in dv["per_layer"].items() if k.startswith("layer")]
@@ -390,14 +392,14 @@ def report(args, sizes, base, read, dv1, dv, nv, sub) -> None:
     n_held32 = (_params(FULL_LAYERS) * 4 / 2**20) * k_all
     rows = [
         ("measure", "DeVec (factors cut as read)", f"naive: whole dense deltas (baseline)"),
-        ("measured on", f"{L} layers × {k_all} vectors (+ 1-layer run)", f"{nl} layer × {nk} vectors ({nk - 1} fine-tune + the DoRA target)"),
+        ("measured on", f"{L} layers × {k_all} vectors (+ 1-layer run)", f"{nl} layer × {nk} vector(s): the DoRA target" + (f" + {nk - 1} fine-tune(s)" if nk > 1 else "")),
         ("peak RSS above baseline, measured", f"{gib(peak):.2f} GiB ({L} layers; 1 layer: {gib(dv1['rss_peak_mb'] - b):.2f} GiB)", f"{gib(n_peak):.2f} GiB"),
         ("held per layer per vector (pool tensors)", f"{held_layer / k_all:.1f} MiB (factors)", f"{dense_layer_vec:.0f} MiB (dense fp32)"),
         ("peak RSS, 32 layers × 11 vectors (EXTRAPOLATED)", f"{gib(peak32):.1f} GiB (+{inc:.0f} MiB per layer, measured)",
          f"≥ {gib(n_held32):.0f} GiB (the dense deltas alone)"),
         ("time per layer, all vectors: read + delta + cut", f"{t_layer_ckpt:.1f} s (10 fine-tunes)", "—"),
         ("time per layer: DoRA target (delta + cut)", f"{t_layer_dora:.1f} s", "—"),
-        ("time per layer: decompose + unique part", f"{t_layer_dec:.2f} s", f"{nv['t_decompose'] / nl:.1f} s for {nk} vectors (full SVDs)"),
+        ("time per layer: decompose + unique part", f"{t_layer_dec:.2f} s (11 vectors)", f"{nv['t_decompose'] / nl:.1f} s for {nk} vector(s) (full SVDs)"),
         ("time per layer per vector", f"{t_layer / k_all:.2f} s", f"{n_layer_vec:.1f} s"),
         ("time, 32 layers × 11 vectors (EXTRAPOLATED)", f"{(t_layer * FULL_LAYERS + t_other) / 60:.1f} min "
          f"(embeddings/head/norms {t_other:.0f} s once)", f"{n_layer_vec * k_all * FULL_LAYERS / 3600:.1f} h (linear in modules; embeddings not counted)"),
@@ -439,7 +441,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=64, help="the cut's rank cap (dense_rank)")
     ap.add_argument("--energy", type=float, default=0.9, help="the cut's energy (dense_energy)")
-    ap.add_argument("--naive-vectors", type=int, default=2)
+    ap.add_argument("--naive-vectors", type=int, default=1, help="vectors in the naive run: the DoRA target (+ fine-tunes)")
+    ap.add_argument("--subspace-modules", default="self_attn.q_proj,mlp.gate_proj",
+                    help="layer-0 modules of ft0 whose randomized cut is compared with a full SVD")
     ap.add_argument("--naive-layers", type=int, default=1)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
