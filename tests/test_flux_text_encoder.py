@@ -96,3 +96,19 @@ def test_text_encoder_modules_the_pipeline_lacks_are_left_out_and_named(setup):
     assert "text_encoder.encoder.layers.9.self_attn.q_proj" in res.left_out
     assert (res.image - base).abs().max() > 0  # the rest was applied
     b.restore()
+
+
+def test_packed_mixes_for_a_gpu_worker_route_text_encoder_modules_too(setup):
+    """On ZeroGPU the worker gets mixes over a ``hosting.PackedSource``: same routing."""
+    from devec_core.hosting import pack_mixes
+
+    pipe, sds, vecs, d = setup
+    b = FluxBackend(pipe)
+    mix = vanilla(VectorPool(vecs), {"te1": 1.0})
+    b.apply(mix)
+    want = _state(pipe.text_encoder)
+    b.restore()
+    b.apply(pack_mixes([mix])[0])
+    got = _state(pipe.text_encoder)
+    b.restore()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -63,9 +63,12 @@ class ImageResult:
 
 
 def _module_names(source) -> set[str]:
-    """Module names a mix source can touch (a Decomposition's blocks, or a VectorPool's vectors)."""
+    """Module names a mix source can touch (a Decomposition's blocks, a ``hosting.PackedSource``'s
+    packed components, or a VectorPool's vectors)."""
     if hasattr(source, "blocks"):
         return {m for blk in source.blocks for m in blk.modules}
+    if isinstance(getattr(source, "components", None), dict):
+        return {m for parts in source.components.values() for m in parts}
     return {m for v in getattr(source, "vectors", []) for m in v.modules}
 
 
