@@ -384,7 +384,11 @@ def test_zerogpu_rehearsal(tmp_path, monkeypatch):
     flux_loras = [random_flux_lora(pipe.transformer, rank=4, seed=s, scale=0.5) for s in (1, 2)]
     llm_loras = [random_llama_lora(model, rank=4, seed=s) for s in (1, 2)]
     torch.save({"flux": flux_loras, "llm": llm_loras}, tmp_path / "loras.pt")
-    env = {**os.environ, "SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": "http://127.0.0.1:9/",
+    # OMP_NUM_THREADS=1: spaces forks its GPU worker from a process whose CPU tensors already ran
+    # OpenMP parallel regions, and GNU OpenMP is not fork-safe — on the CPU the forked worker's first
+    # parallel copy hung (seen in CI with 2 threads; on the Space the worker computes on CUDA).
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": "http://127.0.0.1:9/",
            "ZEROGPU_OFFLOAD_DIR": str(tmp_path / "offload"), "ZEROGPU_MMAP_AUTOPRUNE_PATTERN": str(tmp_path / "no-autoprune" / "*"),
            "DEVEC_PRELOAD": "1", "DEVEC_PRELOAD_FLUX": str(tmp_path / "tiny-flux"),
            "DEVEC_PRELOAD_LLM": f"smollm2,{tmp_path / 'tiny-llama'}", "DEVEC_CACHE_DIR": cache,
