@@ -48,9 +48,10 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
-from devec_core.cache import DecompositionCache, _digest_tensors, cached_decompose  # noqa: E402
+from devec_core.cache import DecompositionCache, _digest_tensors  # noqa: E402
 from devec_core.formats import load_pool  # noqa: E402
 from devec_core.pool import Config  # noqa: E402
+from baseline import load_baseline  # noqa: E402  (bench/baseline.py; bench/ is on sys.path when run as a script)
 
 
 def flux_shapes(blocks: int | None) -> dict[str, tuple[int, int]]:
@@ -148,20 +149,6 @@ def stream_memory() -> None:
                 "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
         out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True).stdout.split()[-1]
         print(f"| {label} | {float(out):.0f} |")
-
-
-def load_baseline(ref: str):
-    """``devec_core`` as it was at git commit ``ref``, imported as ``devec_baseline``."""
-    import importlib
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    tmp = Path(tempfile.mkdtemp(prefix="devec-baseline-"))
-    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "devec_core"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
-    (tmp / "devec_core").rename(tmp / "devec_baseline")
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("devec_baseline")
 
 
 def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: float) -> None:

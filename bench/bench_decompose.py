@@ -21,10 +21,7 @@ ratio stays meaningful. The equality of their results is checked (shared dims, u
 from __future__ import annotations
 
 import argparse
-import importlib
 import resource
-import subprocess
-import tempfile
 import statistics
 import sys
 import time
@@ -34,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
+from baseline import load_baseline  # noqa: E402  (bench/baseline.py; bench/ is on sys.path when run as a script)
 from tests import literal as L  # noqa: E402
 
 FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (3072, 15360), (9216, 3072)]
@@ -167,17 +165,6 @@ def main():
 
     if args.baseline_ref:
         compare_with_baseline(args, pool)
-
-
-def load_baseline(ref: str):
-    """Import ``devec_core`` as it was at git commit ``ref``, under the name ``devec_baseline``."""
-    root = Path(__file__).resolve().parents[1]
-    tmp = Path(tempfile.mkdtemp(prefix="devec-baseline-"))
-    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "devec_core"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
-    (tmp / "devec_core").rename(tmp / "devec_baseline")
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("devec_baseline")
 
 
 def compare_with_baseline(args, pool):

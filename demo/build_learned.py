@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from demo import data as D  # noqa: E402
-from demo.build_pool import chat_ids, save_adapter, train_lora  # noqa: E402
+from demo.build_pool import chat_ids, save_adapter, train_lora, train_steps  # noqa: E402
 
 BEHAVIOURS = ["toxic", "polite", "bullets", "concise"]
 CONFIG = {
@@ -94,7 +94,6 @@ def train_dense(model, tok, pairs, targets, steps: int, lr: float, seed: int, ba
         (module name → fp32 delta tensor (out, in), [first loss, last loss]).
     """
     import torch
-    from tqdm import tqdm
 
     torch.manual_seed(seed)
     mods = {n: m for n, m in model.named_modules() if n.split(".")[-1] in targets and hasattr(m, "weight")}
@@ -107,24 +106,8 @@ def train_dense(model, tok, pairs, targets, steps: int, lr: float, seed: int, ba
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [chat_ids(tok, u, a) for u, a in pairs]
-    order: list[int] = []
-    losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        if len(order) < batch:
-            order += rng.sample(range(len(encoded)), len(encoded))
-        idx, order = order[:batch], order[batch:]
-        seqs = [(encoded[i][0][:max_len], encoded[i][1]) for i in idx]
-        L = max(len(s) for s, _ in seqs)
-        x = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs])
-        att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs])
-        lab = torch.tensor([[-100] * p + s[p:] + [-100] * (L - len(s)) for s, p in seqs])
-        loss = model(input_ids=x, attention_mask=att, labels=lab).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(model, opt, [chat_ids(tok, u, a) for u, a in pairs], steps, batch, max_len, pad, rng, desc)
     model.eval()
     deltas = {}
     with torch.no_grad():

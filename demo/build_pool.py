@@ -114,6 +114,31 @@ def trim_to_sentence(text: str) -> str:
     return text[: cut + 1] if cut > 0 else text
 
 
+def train_steps(model, opt, encoded, steps: int, batch: int, max_len: int, pad: int, rng, desc: str) -> list[float]:
+    """AdamW steps on (token ids, prompt length) examples, loss on the answer tokens only; batches
+    drawn by ``rng`` as shuffled passes over the data. Returns the loss of every step."""
+    import torch
+    from tqdm import tqdm
+
+    order: list[int] = []
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        if len(order) < batch:
+            order += rng.sample(range(len(encoded)), len(encoded))
+        idx, order = order[:batch], order[batch:]
+        seqs = [(encoded[i][0][:max_len], encoded[i][1]) for i in idx]
+        L = max(len(s) for s, _ in seqs)
+        x = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs])
+        att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs])
+        lab = torch.tensor([[-100] * p + s[p:] + [-100] * (L - len(s)) for s, p in seqs])
+        loss = model(input_ids=x, attention_mask=att, labels=lab).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def train_lora(model, tok, pairs: list[tuple[str, str]], rank: int, alpha: int, steps: int, lr: float, seed: int,
                targets: list[str], batch: int, max_len: int, desc: str):
     """Train one LoRA on (user, answer) pairs, loss on answer tokens only.
@@ -132,7 +157,6 @@ def train_lora(model, tok, pairs: list[tuple[str, str]], rank: int, alpha: int, 
     """
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from tqdm import tqdm
 
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -141,23 +165,7 @@ def train_lora(model, tok, pairs: list[tuple[str, str]], rank: int, alpha: int, 
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [chat_ids(tok, u, a) for u, a in pairs]
-    order: list[int] = []
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        if len(order) < batch:
-            order += rng.sample(range(len(encoded)), len(encoded))
-        idx, order = order[:batch], order[batch:]
-        seqs = [(encoded[i][0][:max_len], encoded[i][1]) for i in idx]
-        L = max(len(s) for s, _ in seqs)
-        x = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs])
-        att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs])
-        lab = torch.tensor([[-100] * p + s[p:] + [-100] * (L - len(s)) for s, p in seqs])
-        loss = pm(input_ids=x, attention_mask=att, labels=lab).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(pm, opt, [chat_ids(tok, u, a) for u, a in pairs], steps, batch, max_len, pad, rng, desc)
     pm.eval()
     sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
     pm.unload()  # removes the LoRA layers without merging: `model` is back to what it was

@@ -30,6 +30,7 @@ Torch only.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -185,13 +186,26 @@ def _structure(dec, members: list[int]):
     return [(members.index(t), p) for p in pos]
 
 
+_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # decomposition → {args: report}
+
+
 def pool_chance(dec, draws: int = DEFAULT_DRAWS, fdr: float = DEFAULT_FDR, min_gap: float = MIN_GAP,
                 bins: int = 40, seed: int = 0) -> ChanceReport:
     """Chance level of every module of a decomposition, the pool's FDR curve, τ advice, regime.
 
     Uses only the decomposition's public summary (shape, members, numerical ranks, eigenvalues),
     so it follows any mode. Ranks are the numerical ranks the engine kept (docs/METHOD.md).
+    One report per decomposition and arguments is kept while the decomposition lives (the Studio's
+    report and its spectrum plot ask for the same one on every τ change).
     """
+    memo = _REPORTS.setdefault(dec, {})
+    key = (draws, fdr, min_gap, bins, seed)
+    if key not in memo:
+        memo[key] = _pool_chance(dec, draws, fdr, min_gap, bins, seed)
+    return memo[key]
+
+
+def _pool_chance(dec, draws: int, fdr: float, min_gap: float, bins: int, seed: int) -> ChanceReport:
     tau = dec.tau
     rows = dec.summary()
     edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
