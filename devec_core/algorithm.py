@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import torch
 
+PAPER_TAU = 0.85
+"""The paper's eigenvalue threshold τ (used for every experiment in arXiv 2512.22511); the one
+place the default is written. Import it; do not write 0.85 elsewhere."""
+
 # ---------------------------------------------------------------------------------------------
 # 1. Column-space bases
 # ---------------------------------------------------------------------------------------------
