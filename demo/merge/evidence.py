@@ -40,6 +40,8 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "garden", "window"
 ITEMS = ["movie", "meal", "hotel", "book", "concert", "phone", "service", "game"]
 POS = ["wonderful", "excellent", "delightful", "fantastic", "great", "lovely"]
 NEG = ["terrible", "awful", "boring", "disappointing", "horrible", "dreadful"]
+UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
+         ("hours", "minutes", 60)]
 
 
 def gen_item(task: str, rng: random.Random) -> tuple[str, str]:
@@ -55,11 +57,12 @@ def gen_item(task: str, rng: random.Random) -> tuple[str, str]:
                 json.dumps({"name": n, "age": a}))
     if task == "sentiment":
         pos = rng.random() < 0.5
-        return (f"Is this review positive or negative? The {rng.choice(ITEMS)} was {rng.choice(POS if pos else NEG)}.",
-                "positive" if pos else "negative")
+        return (f"Is this review positive or negative? {rng.choice(NAMES)} said the {rng.choice(ITEMS)} in "
+                f"{rng.choice(CITIES)} was {rng.choice(POS if pos else NEG)}.", "positive" if pos else "negative")
     if task == "units":
-        x = rng.randint(2, 40)
-        return f"Convert {x} kilometers to meters. Reply with the number only.", str(x * 1000)
+        x = rng.randint(2, 199)
+        src, dst, f = rng.choice(UNITS)
+        return f"Convert {x} {src} to {dst}. Reply with the number only.", str(x * f)
     if task == "sort":
         ws = rng.sample(WORDS, 4)
         return f"Sort these words alphabetically: {' '.join(ws)}", " ".join(sorted(ws))
@@ -94,12 +97,19 @@ def make_data(tasks: list[str], n_train: int, n_val: int, n_test: int, seed: int
     data = {}
     for i, t in enumerate(tasks):
         rng = random.Random(seed * 1000 + i)
-        seen, items = set(), []
-        while len(items) < n_train + n_val + n_test:
+        seen, items, need = set(), [], n_train + n_val + n_test
+        misses = 0
+        while len(items) < need:
             p, a = gen_item(t, rng)
             if p not in seen:
                 seen.add(p)
                 items.append((p, a))
+                misses = 0
+            else:
+                misses += 1
+                if misses > 10_000:  # the task's template space is smaller than the splits asked for
+                    raise ValueError(f"task {t!r} has only ~{len(items)} distinct items; asked for {need} "
+                                     f"(n_train {n_train} + n_val {n_val} + n_test {n_test})")
         data[t] = {"val": items[:n_val], "test": items[n_val : n_val + n_test], "train": items[n_val + n_test :]}
     return data
 
