@@ -19,5 +19,5 @@ def test_default_splits_are_disjoint_and_self_consistent(task):
 
 
 def test_too_small_template_space_is_named():
-    with pytest.raises(ValueError, match=r"task 'sentiment' has only ~\\d+ distinct items; asked for 100000"):
+    with pytest.raises(ValueError, match=r"task 'sentiment' has only ~\d+ distinct items; asked for 100000"):
         E.make_data(["sentiment"], n_train=100000 - 56, n_val=16, n_test=40)
