@@ -130,7 +130,8 @@ def train_steps(model, opt, encoded, steps: int, batch: int, max_len: int, pad: 
         L = max(len(s) for s, _ in seqs)
         x = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs])
         att = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs])
-        lab = torch.tensor([[-100] * p + s[p:] + [-100] * (L - len(s)) for s, p in seqs])
+        # a prompt longer than max_len leaves no answer token: all labels -100 (the example teaches nothing)
+        lab = torch.tensor([[-100] * min(p, len(s)) + s[p:] + [-100] * (L - len(s)) for s, p in seqs])
         loss = model(input_ids=x, attention_mask=att, labels=lab).loss
         loss.backward()
         opt.step()
