@@ -100,9 +100,4 @@ def base_weights(backend: str, base: str) -> ModuleWeights:
     invisible here: each parameter is read from the weight editor's saved original."""
     be = get_llm_backend(base) if backend == "llm" else get_flux_backend(base)
     root = be.model if backend == "llm" else be.pipe.transformer
-    editor = be.editor
-
-    def original(key: str):
-        return editor._orig.get(key)  # the unedited tensor when a mix is fused into it, else None
-
-    return ModuleWeights(root, base, original=original, lock=be.lock)
+    return ModuleWeights(root, base, original=be.editor.original, lock=be.lock)

@@ -146,7 +146,7 @@ def generate_toy(backend, job: GenerationJob) -> SideBySide:
         for mix in (van, dv):
             t0 = time.perf_counter()
             try:
-                backend.editor.apply(mix)
+                backend.apply(mix)
             except ValueError as e:
                 raise wrong_base(e, job.base) from e
             ims = toy_flux.generate(backend.pipe, [prompt] * len(seeds), seeds, cfg=toy_flux.GEN["true_cfg_scale"], steps=toy_flux.GEN["num_inference_steps"])
