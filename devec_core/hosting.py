@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import torch
 
+from .mix import Mix
 from .taskvec import Dense, LowRank, TaskVector
 
 SMOLLM2_ALIASES = ("smollm2", "", None)
@@ -173,7 +174,7 @@ def preload(progress: Callable[[str], Any] | None = print) -> dict[str, list[str
     Returns:
         {"llm": [loaded bases], "flux": [loaded bases], "failed": ["base: error", ...]}
     """
-    from . import studio
+    from . import studio  # here, not at the top: studio imports this module (devices, ZeroGPU rules)
 
     if on_zerogpu():
         spaces_module()  # patches torch before any .to("cuda") below
@@ -281,8 +282,6 @@ def pack_mixes(mixes: list) -> list:
     Returns:
         New mixes, same terms and labels, in order.
     """
-    from .mix import Mix
-
     sources = {id(m.source) for m in mixes if m is not None and m.terms}
     if len(sources) > 1:
         raise ValueError(f"pack_mixes: the mixes must share one source; got {len(sources)}")

@@ -114,9 +114,12 @@ def test_side_by_side_same_settings_and_sampling_seed(llm):
     b, vecs = llm
     pool = VectorPool(vecs)
     mixes = [None, vanilla(pool, {"v1": 1.0}), vanilla(pool, {"v2": 1.0}, label="v2")]
+    b.restore()
     res = b.side_by_side("tell me", mixes, do_sample=True, seed=7, **GEN)
     assert [r.label for r in res] == ["base", "vanilla", "v2"]
-    assert all(r.switch_s >= 0 and r.generate_s > 0 for r in res)
+    assert all(r.switch_s == r.apply.seconds and r.generate_s > 0 for r in res)  # each result timed its own switch
+    v1, v2 = (set(v.modules) for v in vecs[:2])
+    assert [r.apply.modules_written for r in res] == [0, len(v1), len(v1 | v2)]  # base → v1 → v2 (v1's undone)
     again = b.render("tell me", mixes[1], do_sample=True, seed=7, **GEN)
     assert again.token_ids == res[1].token_ids
     b.restore()

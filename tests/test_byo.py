@@ -266,7 +266,7 @@ def _dora_folder(tmp_path, model):
 def test_dora_upload_uses_the_loaded_base_and_matches_peft_merge(tmp_path, tiny_base, monkeypatch):
     be = tiny_base
     folder, want = _dora_folder(tmp_path, tiny_llama(seed=0)[0])
-    monkeypatch.setattr(studio, "DENSE_ENERGY", 1.0)  # lossless cut: compare with PEFT exactly
+    monkeypatch.setattr(studio.uploads, "DENSE_ENERGY", 1.0)  # lossless cut: compare with PEFT exactly
     # no second copy of the base: loading a model or reading base files would fail here
     monkeypatch.setattr("devec_core.models.load_causal_lm", lambda *a, **k: pytest.fail("a second base model was loaded"))
     reads = []
@@ -313,7 +313,7 @@ def _llama_checkpoint(folder, seed_perturb, vocab_extra=0):
 def test_full_checkpoint_upload_equals_the_fine_tune(tmp_path, tiny_base, monkeypatch):
     be = tiny_base
     want = _llama_checkpoint(tmp_path / "ft", 3)
-    monkeypatch.setattr(studio, "DENSE_ENERGY", 1.0)
+    monkeypatch.setattr(studio.uploads, "DENSE_ENERGY", 1.0)
     vecs = studio.custom_vectors([_zip(tmp_path / "ft")], [], base="tiny-base")
     v = vecs[0]
     assert v.meta["format"] == "checkpoint" and all(isinstance(d, LowRank) for d in v.modules.values())

@@ -192,3 +192,83 @@ def test_unknown_module_and_shape_mismatch_are_named():
         ed.apply(vanilla(wrong, {"y": 1.0}))
     with pytest.raises(ValueError, match="only 'delta' components"):
         ed.apply(devec(wrong, {"y": 1.0}))
+
+
+# --- the three parts of the editor: pure sum, part cache, writer ------------------------------
+def test_fused_weight_is_the_definition_in_float32_and_leaves_w0_alone():
+    from devec_core.mix import fused_weight
+
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(5, 7, generator=g)
+    B1, A1, B2, A2 = (torch.randn(*s, generator=g) for s in ((5, 2), (2, 7), (5, 3), (3, 7)))
+    D = torch.randn(5, 7, generator=g)
+    keep = W0.clone()
+    B, A = torch.cat([B1, B2], 1), torch.cat([A1, A2], 0)
+    scale = torch.tensor([0.5, 0.5, -1.25, -1.25, -1.25])
+    got = fused_weight(W0, B, A, scale, [(0.3, D)], name="m.weight")
+    # W = W0 + Σ λ_i B_i A_i + Σ λ_j D_j, written out term by term in float64
+    want = W0.double() + 0.5 * B1.double() @ A1.double() - 1.25 * B2.double() @ A2.double() + 0.3 * D.double()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert got.dtype == torch.float32 and torch.equal(W0, keep)
+    assert torch.equal(fused_weight(W0), W0) and fused_weight(W0) is not W0  # no terms: a copy of W0
+    half = fused_weight(W0.half(), dense=[(1.0, D)], dtype=torch.float16)
+    assert torch.equal(half, (W0.half().float() + D).half())  # summed in float32, then cast
+
+
+def test_fused_weight_refuses_overflow_nan_and_wrong_shapes_by_name():
+    from devec_core.mix import fused_weight
+
+    W0 = torch.full((2, 3), 6e4, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"'x.weight'.*NaN/Inf in torch.float16"):
+        fused_weight(W0, dense=[(1.0, torch.full((2, 3), 1e4))], name="x.weight")  # 7e4 > fp16's 65504
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fused_weight(torch.zeros(2, 3), dense=[(1.0, torch.full((2, 3), float("nan")))])
+    with pytest.raises(ValueError, match=r"'b': extra shape \(3,\) does not match \(2,\)"):
+        fused_weight(torch.zeros(2), dense=[(1.0, torch.zeros(3))], name="b")
+
+
+def test_one_pass_form_equals_the_general_form_and_declines_when_it_cannot_prove_finite():
+    from devec_core.mix import fused_weight, fused_weight_into
+
+    g = torch.Generator().manual_seed(4)
+    W0, B, A = torch.randn(6, 8, generator=g), torch.randn(6, 3, generator=g), torch.randn(3, 8, generator=g)
+    s = torch.tensor([0.7, 0.7, -2.0])
+    out = torch.empty(6, 8)
+    assert fused_weight_into(out, W0, B, A, s, float(W0.abs().max()))
+    torch.testing.assert_close(out, fused_weight(W0, B, A, s), rtol=0, atol=1e-6)
+    before = out.clone()
+    huge = torch.full((6, 3), 1e20)
+    assert not fused_weight_into(out, W0, huge, torch.full((3, 8), 1e20), s, float(W0.abs().max()))
+    assert torch.equal(out, before)  # declined: nothing written
+
+
+def test_part_cache_reuses_stacks_across_coefficients_and_forgets_old_sources():
+    from devec_core.mix import PartCache
+
+    net = Net()
+    cache = PartCache(lambda m: net.get_submodule(m).weight, max_sources=1)
+    pool = VectorPool([lora_vec("a", 1), lora_vec("b", 2)])
+    _, pa, _ = cache.resolve(pool, Component("delta", "a"))
+    _, pb, _ = cache.resolve(pool, Component("delta", "b"))
+    B1, A1, s1 = cache.stacked("head.weight", [(1.0, pa["head"]), (0.5, pb["head"])])
+    B2, A2, s2 = cache.stacked("head.weight", [(1.0, pa["head"]), (0.7, pb["head"])])
+    assert B2 is B1 and A2 is A1  # only a coefficient changed: the same stack
+    assert s1.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.5]) and s2.tolist() == pytest.approx([1.0, 1.0, 0.7, 0.7])
+    B3, _, _ = cache.stacked("head.weight", [(1.0, pa["head"])])
+    assert B3 is not B1 and B3.shape == (4, 2)
+    assert cache.resolve(pool, Component("delta", "a"))[1]["head"] is pa["head"]  # resolved once per source
+    cache.resolve(VectorPool([lora_vec("a", 1)]), Component("delta", "a"))  # a second source; max_sources=1
+    assert cache.resolve(pool, Component("delta", "a"))[1]["head"] is not pa["head"]  # the first was forgotten
+    with pytest.raises(ValueError, match="Unknown task vector 'zz'"):
+        cache.resolve(pool, Component("delta", "zz"))
+
+
+def test_editor_original_is_the_unedited_tensor_while_a_mix_is_fused():
+    net, pool = Net(), VectorPool([lora_vec("a", 1)])
+    w0 = net.head.weight.detach().clone()
+    ed = WeightEditor(net)
+    assert ed.original("head.weight") is None
+    ed.apply(vanilla(pool, {"a": 1.0}))
+    assert not torch.equal(net.head.weight, w0) and torch.equal(ed.original("head.weight"), w0)
+    ed.restore()
+    assert ed.original("head.weight") is None and torch.equal(net.head.weight, w0)

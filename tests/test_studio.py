@@ -32,13 +32,14 @@ def small_flux_pool():
 
 @pytest.fixture(scope="module")
 def llm_backend(tiny_llm):
-    """A tiny LLM registered under base "tiny" (the Studio loads bases by name)."""
+    """A tiny LLM registered under base "tiny" (the Studio loads bases by name); the shared
+    cache is given back as it was."""
     model, tok = tiny_llm
     be = LLMBackend(model, tok)
-    studio._BACKENDS[("llm", "tiny")] = be
-    yield be
-    be.restore()
-    studio._BACKENDS.pop(("llm", "tiny"), None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(studio._BACKENDS, ("llm", "tiny"), be)
+        yield be
+        be.restore()
 
 
 def _llm_pool(model, planted: bool):
@@ -112,6 +113,8 @@ def test_preset_opening_coefficients_hold_while_mode_and_target_do(small_flux_po
 
 
 def test_planted_pool_devec_differs_from_vanilla(tiny_llm, llm_backend):
+    """With planted shared directions, the DeVec mix (λ on unique parts only) and vanilla task
+    arithmetic (λ on whole vectors) fuse different weights: vanilla − DeVec = λ Σ_i S_i."""
     vecs = _llm_pool(tiny_llm[0], planted=True)
     s, dec = studio.open_vectors(vecs, "llm", "tiny")
     rep = studio.describe(dec)
@@ -120,11 +123,19 @@ def test_planted_pool_devec_differs_from_vanilla(tiny_llm, llm_backend):
     van, dv = studio.build_mixes(dec, c)
     assert len(van.terms) == 3 and len(dv.terms) == 3
     assert studio.build_mixes(dec, Coefficients(c.vanilla, c.unique, 1.0))[1].terms[-1][0].kind == "merged_shared"
-    # W0 + Σ U_i + 1·(Σ S_i) == vanilla when every S_i is the same... not in general; check the parts add up
-    for n in s.names:
-        for mod, d in dec.component("delta", n).items():
-            u, sh = dec.component("unique", n)[mod], dec.component("shared", n)[mod]
-            assert torch.allclose(u.dense() + sh.dense(), d.dense(), atol=1e-5)
+    model = llm_backend.model
+    fused = {}
+    for label, mix in (("vanilla", van), ("devec", dv)):
+        llm_backend.apply(mix)
+        fused[label] = {m: model.get_submodule(m).weight.detach().clone() for m in dec.component("delta", s.names[0])}
+    llm_backend.restore()
+    for mod in fused["vanilla"]:
+        diff = fused["vanilla"][mod] - fused["devec"][mod]
+        want = 3.0 * sum(dec.component("shared", n)[mod].dense() for n in s.names)  # ΔW_i − U_i = S_i
+        torch.testing.assert_close(diff, want, rtol=0, atol=1e-4)
+        assert diff.abs().max() > 0.1  # the two outputs' weights really differ
+    again = studio.generate_llm(s, c, "hello there", max_new_tokens=8)
+    assert again.vanilla != again.devec  # and so do the answers
 
 
 def test_modes_and_targets(small_flux_pool):
@@ -263,23 +274,21 @@ def test_flux_side_by_side_on_the_tiny_pipeline(monkeypatch, tiny_flux_loras):
     """The FLUX path end to end on the tiny pipeline (allowed on CPU only through the env switch)."""
     monkeypatch.setenv("DEVEC_FLUX_ON_CPU", "1")
     pipe = tiny_flux_pipeline(seed=0)
-    studio._BACKENDS[("flux", "tiny-flux")] = FluxBackend(pipe)
-    try:
-        vecs = [lora_to_taskvector(sd, f"s{i}", "transformer.") for i, sd in enumerate(tiny_flux_loras)]
-        for v in vecs:
-            v.meta["family"] = "flux"
-        s, _ = studio.open_vectors(vecs, "flux", "tiny-flux")
-        r = studio.generate_flux(s, studio.default_coefficients(s), "a fox", seed=1, steps=2, width=32, height=32)
-        assert r.vanilla.size == r.devec.size and r.vanilla_s > 0 and r.devec_s > 0
-        # model-free measures under each real-FLUX image (issue 12, point 5)
-        from devec_core import style_metrics as M
+    monkeypatch.setitem(studio._BACKENDS, ("flux", "tiny-flux"), FluxBackend(pipe))
+    vecs = [lora_to_taskvector(sd, f"s{i}", "transformer.") for i, sd in enumerate(tiny_flux_loras)]
+    for v in vecs:
+        v.meta["family"] = "flux"
+    s, _ = studio.open_vectors(vecs, "flux", "tiny-flux")
+    r = studio.generate_flux(s, studio.default_coefficients(s), "a fox", seed=1, steps=2, width=100, height=40)
+    assert r.vanilla.size == r.devec.size == (96, 64)  # (width, height): multiples of 16, at least 64
+    assert r.vanilla_s > 0 and r.devec_s > 0
+    # model-free measures under each real-FLUX image (issue 12, point 5)
+    from devec_core import style_metrics as M
 
-        for im, sc in ((r.vanilla, r.vanilla_scores), (r.devec, r.devec_scores)):
-            assert set(sc) == {"saturation", "edges", "clipped"}
-            assert sc["saturation"] == M.saturation(im) and sc["clipped"] == M.clipping(im)
-        assert "saturation" in studio.scores_markdown(r.vanilla_scores)
-    finally:
-        studio._BACKENDS.pop(("flux", "tiny-flux"), None)
+    for im, sc in ((r.vanilla, r.vanilla_scores), (r.devec, r.devec_scores)):
+        assert set(sc) == {"saturation", "edges", "clipped"}
+        assert sc["saturation"] == M.saturation(im) and sc["clipped"] == M.clipping(im)
+    assert "saturation" in studio.scores_markdown(r.vanilla_scores)
 
 
 # --- export, plots, pickling across @spaces.GPU ------------------------------------------------
@@ -319,7 +328,7 @@ def test_session_and_coefficients_pickle(small_flux_pool):
     assert s2 == s and c2 == c
 
 
-def test_a_pool_no_longer_in_memory_is_loaded_again_from_its_source(tiny_llm, tmp_path):
+def test_a_pool_no_longer_in_memory_is_loaded_again_from_its_source(tiny_llm, tmp_path, monkeypatch):
     """A ZeroGPU worker (or a server whose LRU dropped the pool) gets only the Session: the pool
     is loaded again from its source, with the same content hash."""
     from safetensors.torch import save_file
@@ -340,18 +349,19 @@ def test_a_pool_no_longer_in_memory_is_loaded_again_from_its_source(tiny_llm, tm
     s, dec = studio.open_custom("llm", "tiny", files, [])
     assert s.source == ("custom", tuple(files), (), None)
     p, _ = studio.open_preset("flux-synthetic-offline")
-    for sess in (s, p):
+    for sess in (s, p):  # dropped from the shared caches (given back after the test)
         with studio._LOCK:
-            studio._POOLS.pop(sess.pool_key)
+            monkeypatch.delitem(studio._POOLS, sess.pool_key)
             for k in [k for k in studio._DECOMPS if k[0] == sess.pool_key]:
-                studio._DECOMPS.pop(k)
+                monkeypatch.delitem(studio._DECOMPS, k)
         again = studio.decompose_cached(studio.with_settings(sess, tau=0.5))
         assert again.names == sess.names and again.tau == 0.5
     assert studio.describe(studio.decompose_cached(s)).shared_dim == studio.describe(dec).shared_dim
     gone = studio.with_settings(s)
     gone.source = ("custom", (str(tmp_path / "missing.safetensors"),), (), None)
     with studio._LOCK:
-        studio._POOLS.pop(s.pool_key)
-        studio._DECOMPS.clear()
+        monkeypatch.delitem(studio._POOLS, s.pool_key)
+        for k in list(studio._DECOMPS):
+            monkeypatch.delitem(studio._DECOMPS, k)
     with pytest.raises(StudioError, match="did not arrive"):
         studio.decompose_cached(gone)

@@ -68,6 +68,6 @@ def test_independent_pool_devec_equals_vanilla_when_nothing_is_shared():
 
 def test_missing_model_is_a_clear_message(monkeypatch, tmp_path, family):
     session, _ = family
-    monkeypatch.setattr(studio, "TOY_DIR", tmp_path)
+    monkeypatch.setattr(studio.toy, "TOY_DIR", tmp_path)
     why = studio.flux_can_generate(session)
     assert why and "demo/style/build.py" in why

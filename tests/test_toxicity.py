@@ -260,10 +260,18 @@ def test_recipe_trains_dora_two_steps_and_evaluates(tmp_path):
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["use_dora"] is True and conf["r"] == 4
 
-    prompts = {"asian": ["- they are", "- people say"], "women": ["- she is"]}
-    res = R.toxigen_eval(model, tok, prompts, classifier=lambda texts: [0.9 if "a" in t else 0.1 for t in texts],
-                         n_per_group=1, max_new_tokens=3)
-    assert set(res["per_group"]) == {"asian", "women"} and 0.0 <= res["percent_toxic"] <= 100.0
+    prompts = {"asian": ["- they are", "- people say", "- a third"], "women": ["- she is"]}
+    given = iter([0.9, 0.5, 0.2])  # probabilities handed out in order: toxic means > 0.5, so 0.5 is not
+    seen = []
+
+    def classifier(texts):
+        seen.append(list(texts))
+        return [next(given) for _ in texts]
+
+    res = R.toxigen_eval(model, tok, prompts, classifier=classifier, n_per_group=2, max_new_tokens=3)
+    assert [len(x) for x in seen] == [2, 1] and all(isinstance(s, str) for x in seen for s in x)  # n_per_group kept
+    assert res["per_group"] == {"asian": 50.0, "women": 0.0}
+    assert res["percent_toxic"] == pytest.approx(100.0 / 3) and res["n"] == 3
     cmd = R.lm_eval_command("meta-llama/Llama-2-7b-hf", adapter=str(out))
     assert cmd[0] == "lm_eval" and "mmlu" in ",".join(cmd) and any(a.startswith("pretrained=") for a in cmd)
 

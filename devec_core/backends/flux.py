@@ -28,13 +28,12 @@ tensors that the hooks move with ``.to()``, so a fused weight is written in plac
 copy exists (CPU or accelerator) and moves with the model; originals are kept on the CPU and the
 sums are formed on the accelerator. Sequential offload (weights on the meta device) is refused.
 
-Isolation: one ``threading.RLock`` per backend instance around apply + generate (``render``,
-``side_by_side``); each image uses its own ``torch.Generator`` seeded with ``seed``.
+Isolation: ``backends.base.Backend`` (apply, restore, render, side_by_side under one lock per
+instance); each image uses its own ``torch.Generator`` seeded with ``seed``.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 
 from ..mix import ApplyStats, Mix, WeightEditor
 from ..taskvec import TaskVector
+from .base import Backend
 
 TEXT_ENCODERS = {"text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}  # module prefix -> pipeline attribute
 _TE_ANY = "text_encoder"  # any module under a text-encoder prefix is routed there or left out, never sent to the transformer
@@ -127,7 +127,7 @@ def _pick_offload(offload, device) -> bool:
     return torch.cuda.get_device_properties(0).total_memory < 40 * 2**30
 
 
-class FluxBackend:
+class FluxBackend(Backend):
     """A FluxPipeline whose transformer takes mixes.
 
     Args:
@@ -153,7 +153,7 @@ class FluxBackend:
             for prefix, attr in TEXT_ENCODERS.items() if getattr(pipe, attr, None) is not None
         }
         self._views: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-        self.lock = threading.RLock()
+        super().__init__()
 
     # -- routing a mix to the transformer and the text encoders ---------------------------------
     def _has_weight(self, prefix: str, mod: str) -> bool:
@@ -192,7 +192,11 @@ class FluxBackend:
         """Text-encoder modules of the mix's source that this pipeline does not have."""
         return [] if mix is None or mix.source is None else list(self._routes(mix.source)["left_out"])
 
+    def editors(self) -> list[WeightEditor]:
+        return [self.editor, *self.text_editors.values()]
+
     def _apply(self, mix: Mix | None) -> ApplyStats:
+        """The transformer's share of ``mix`` to its editor, each text encoder's to its own."""
         if mix is None or mix.source is None:
             st = [self.editor.apply(mix)] + [ed.apply(None) for ed in self.text_editors.values() if ed.current is not None]
         else:
@@ -226,18 +230,6 @@ class FluxBackend:
             device = "cuda" if torch.cuda.is_available() else None
         pipe = load_flux_pipeline(repo_or_path or FLUX_SCHNELL, dtype=dtype, device=None if off else device)
         return cls(pipe, offload=off)
-
-    # -- weights ----------------------------------------------------------------------------
-    def apply(self, mix: Mix | None) -> ApplyStats:
-        """Fuse ``mix`` (None = base) into the transformer and, for text-encoder modules, the text
-        encoders. See ``devec_core.mix.WeightEditor.apply``."""
-        with self.lock:
-            return self._apply(mix)
-
-    def restore(self) -> int:
-        """Give back bit-identical base weights. Returns the number of tensors written."""
-        with self.lock:
-            return self.editor.restore() + sum(ed.restore() for ed in self.text_editors.values())
 
     # -- images -----------------------------------------------------------------------------
     def generate(
@@ -288,35 +280,7 @@ class FluxBackend:
             dt = time.perf_counter() - t0
         return ImageResult(label, out.images[0], 0.0, dt, steps / dt if dt > 0 else float("inf"))
 
-    def render(self, prompt: str, mix: Mix | None, **settings) -> ImageResult:
-        """Apply ``mix`` and generate, atomically with respect to other requests on this backend.
-
-        Args:
-            prompt: the text prompt.
-            mix: the mix (None = base).
-            **settings: ``generate`` keyword arguments.
-
-        Returns:
-            ImageResult with ``switch_s`` and ``apply`` filled in.
-        """
-        with self.lock:
-            stats = self._apply(mix)
-            res = self.generate(prompt, label=(mix.label if mix else "base"), **settings)
-        res.switch_s, res.apply, res.left_out = stats.seconds, stats, self.left_out(mix)
+    def _finish(self, res: ImageResult, mix: Mix | None, stats: ApplyStats) -> ImageResult:
+        res = super()._finish(res, mix, stats)
+        res.left_out = self.left_out(mix)
         return res
-
-    def side_by_side(self, prompt: str, mixes: list[Mix | None], **settings) -> list[ImageResult]:
-        """Render one prompt under each mix with the same seed and settings (under one lock).
-
-        Args:
-            prompt: the text prompt.
-            mixes: two or more mixes (None = base).
-            **settings: ``generate`` keyword arguments, shared by every mix.
-
-        Returns:
-            One ImageResult per mix, in order.
-        """
-        if not mixes:
-            raise ValueError("side_by_side needs at least one mix; got []")
-        with self.lock:
-            return [self.render(prompt, m, **settings) for m in mixes]

@@ -17,9 +17,8 @@ and a tokenizer chat template, the template is applied with the generation promp
 Module names in the mix's source are the model's module paths, e.g.
 "model.layers.0.self_attn.q_proj" (``model.get_submodule``).
 
-Isolation: one ``threading.RLock`` per backend instance is held around apply + generate in
-``render``/``side_by_side`` (and around every ``apply``/``restore``/``generate``), so concurrent
-requests never see each other's weights; they are served one at a time.
+Isolation: ``backends.base.Backend`` (apply, restore, render, side_by_side under one lock per
+instance); ``generate`` holds the lock too.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mix import ApplyStats, Mix, WeightEditor
+from ..mix import ApplyStats, WeightEditor
+from .base import Backend
 
 # Sampling uses torch's global RNG (transformers' generate takes no generator): one lock for all
 # instances, so two backends sampling in two threads cannot interleave their seeds.
@@ -51,7 +51,7 @@ class TextResult:
     token_ids: list[int] | None = None
 
 
-class LLMBackend:
+class LLMBackend(Backend):
     """A causal LM whose weights take mixes.
 
     Args:
@@ -64,7 +64,7 @@ class LLMBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.editor = WeightEditor(model, originals_device=originals_device)
-        self.lock = threading.RLock()
+        super().__init__()
 
     @classmethod
     def load(cls, model_id_or_path: str | None = "smollm2", gguf_file: str | None = None, dtype=None, device="cpu") -> "LLMBackend":
@@ -83,17 +83,6 @@ class LLMBackend:
 
         model, tok = load_causal_lm(model_id_or_path, gguf_file=gguf_file, dtype=dtype, device=device)
         return cls(model, tok)
-
-    # -- weights ----------------------------------------------------------------------------
-    def apply(self, mix: Mix | None) -> ApplyStats:
-        """Fuse ``mix`` (None = base). See ``devec_core.mix.WeightEditor.apply``."""
-        with self.lock:
-            return self.editor.apply(mix)
-
-    def restore(self) -> int:
-        """Give back bit-identical base weights. Returns the number of tensors written."""
-        with self.lock:
-            return self.editor.restore()
 
     # -- text -------------------------------------------------------------------------------
     def _encode(self, prompt, system: str | None, chat: bool) -> dict:
@@ -167,36 +156,3 @@ class LLMBackend:
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         tps = new.numel() / dt if dt > 0 else float("inf")
         return TextResult(label, text, int(new.numel()), 0.0, dt, tps, None, new.tolist())
-
-    def render(self, prompt, mix: Mix | None, **settings) -> TextResult:
-        """Apply ``mix`` and generate, atomically with respect to other requests on this backend.
-
-        Args:
-            prompt: as in ``generate``.
-            mix: the mix (None = base).
-            **settings: ``generate`` keyword arguments.
-
-        Returns:
-            TextResult with ``switch_s`` and ``apply`` filled in.
-        """
-        with self.lock:
-            stats = self.editor.apply(mix)
-            res = self.generate(prompt, label=(mix.label if mix else "base"), **settings)
-        res.switch_s, res.apply = stats.seconds, stats
-        return res
-
-    def side_by_side(self, prompt, mixes: list[Mix | None], **settings) -> list[TextResult]:
-        """Render one prompt under each mix with the same seed and settings (held under one lock).
-
-        Args:
-            prompt: as in ``generate``.
-            mixes: two or more mixes (None = base).
-            **settings: ``generate`` keyword arguments, shared by every mix.
-
-        Returns:
-            One TextResult per mix, in order.
-        """
-        if not mixes:
-            raise ValueError("side_by_side needs at least one mix; got []")
-        with self.lock:
-            return [self.render(prompt, m, **settings) for m in mixes]

@@ -1,0 +1,165 @@
+"""Generation: the same prompt, seed and settings rendered with the left mix and the DeVec mix,
+side by side, then scored.
+
+A ``GenerationJob`` is what the main process prepares (checks, the decomposition, the two mixes)
+for wherever the model runs; ``run_job`` renders it (in a ZeroGPU worker on a Space) and returns
+plain data; ``score_job`` adds the CPU-side scores in the calling process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .. import style_metrics, toy_flux
+from ..toxicity import score_texts
+from . import toy
+from .bases import flux_can_generate, get_flux_backend, get_llm_backend, wrong_base
+from .decomposition import decompose_cached
+from .mixes import Coefficients, build_mixes
+from .reports import describe
+from .session import Session, StudioError
+
+
+@dataclass
+class SideBySide:
+    vanilla: object  # str (LLM) or PIL image (FLUX)
+    devec: object
+    vanilla_s: float
+    devec_s: float
+    note: str = ""
+    vanilla_scores: dict[str, float] = field(default_factory=dict)  # LLM: "toxicity", "capitals"
+    devec_scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationJob:
+    """One side-by-side generation, ready to run: what the main process prepares (checks, the
+    decomposition, the two mixes) for wherever the model runs. Plain data and the two mixes; on
+    ZeroGPU the mixes are packed first (``hosting.pack_mixes``: CPU tensors, picklable)."""
+
+    kind: str  # "llm" | "flux"
+    base: str
+    prompt: str  # FLUX: with the active vectors' trigger words
+    mixes: list  # [vanilla, DeVec]
+    settings: dict  # llm: max_new_tokens, seed · flux: steps, width, height, seed
+    note: str = ""
+
+
+def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> GenerationJob:
+    """Prepare a vanilla-vs-DeVec answer (decomposition and mixes on this process's device)."""
+    if session.backend != "llm":
+        raise StudioError("this pool is for the FLUX tab")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    max_new_tokens = max(1, min(int(max_new_tokens), 512))
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c, session.pool_key)
+    rep = describe(dec)
+    return GenerationJob("llm", session.base, prompt, [van, dv], {"max_new_tokens": max_new_tokens, "seed": int(seed)}, rep.markdown if rep.nothing_shared else "")
+
+
+def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> GenerationJob:
+    """Prepare vanilla-vs-DeVec images (decomposition and mixes on this process's device)."""
+    why = flux_can_generate(session)
+    if why:
+        raise StudioError(why)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
+    full = f"{prompt}, {trig}" if trig else prompt
+    dec = decompose_cached(session)
+    van, dv = build_mixes(dec, c, session.pool_key)
+    if session.base == toy.TOY_BASE:  # the tiny model: its own size, steps and CFG; scored where it runs
+        return GenerationJob("flux", session.base, full, [van, dv], {"seed": int(seed), "styles": list(session.names)})
+    w, h = (max(64, int(x) // 16 * 16) for x in (width, height))
+    return GenerationJob("flux", session.base, full, [van, dv], {"steps": max(1, int(steps)), "width": w, "height": h, "seed": int(seed)})
+
+
+def job_backend(job: GenerationJob):
+    """The shared backend that renders ``job`` (loaded once per process)."""
+    return get_llm_backend(job.base) if job.kind == "llm" else get_flux_backend(job.base)
+
+
+def run_job(job: GenerationJob) -> SideBySide:
+    """Render both mixes with the same seed and settings. Returns plain data (text or PIL images,
+    timings): what a ZeroGPU worker sends back. No scores (they are CPU work: ``score_job``)."""
+    backend = job_backend(job)
+    if job.kind == "flux" and job.base == toy.TOY_BASE:
+        return generate_toy(backend, job)
+    try:
+        a, b = backend.side_by_side(job.prompt, list(job.mixes), **job.settings)
+    except ValueError as e:
+        raise wrong_base(e, job.base) from e
+    note = job.note
+    if job.kind == "llm":
+        va, vb = a.text.strip(), b.text.strip()
+    else:
+        va, vb = a.image, b.image
+        lo = sorted(set(getattr(a, "left_out", [])) | set(getattr(b, "left_out", [])))
+        if lo:  # text-encoder modules of a LoRA that this pipeline does not have (backends/flux.py)
+            note = (note + "\n\n" if note else "") + (
+                f"Left out of both images: {len(lo)} text-encoder module(s) that this pipeline does not have "
+                f"({', '.join(f'`{m}`' for m in lo[:4])}{' …' if len(lo) > 4 else ''})."
+            )
+    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, note)
+
+
+def score_job(session: Session, r: SideBySide) -> SideBySide:
+    """Add the session's text scores to an LLM result (in the calling process)."""
+    if session.backend == "llm" and session.scores:
+        r.vanilla_scores, r.devec_scores = score_texts([r.vanilla, r.devec], session.scores)
+    elif session.backend == "flux" and not (r.vanilla_scores or r.devec_scores):
+        r.vanilla_scores, r.devec_scores = generic_image_scores(r.vanilla), generic_image_scores(r.devec)
+    return r
+
+
+def generate_llm(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> SideBySide:
+    """Vanilla and DeVec answers to one prompt (greedy; same seed and settings), with timings."""
+    return score_job(session, run_job(llm_job(session, c, prompt, seed, max_new_tokens)))
+
+
+def generate_flux(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> SideBySide:
+    """Vanilla and DeVec images with the same seed (needs FLUX.1-schnell and a GPU)."""
+    return score_job(session, run_job(flux_job(session, c, prompt, seed, steps, width, height)))
+
+
+def generic_image_scores(image) -> dict[str, float]:
+    """Measures that need no model and mean the same on any image (real FLUX included):
+    mean saturation, edge density, clipped channel values (devec_core.style_metrics)."""
+    try:
+        return {"saturation": float(style_metrics.saturation(image)), "edges": float(style_metrics.edge_density(image)), "clipped": float(style_metrics.clipping(image))}
+    except (ValueError, TypeError):  # not an RGB image (e.g. output_type="latent"): no scores
+        return {}
+
+
+def generate_toy(backend, job: GenerationJob) -> SideBySide:
+    """The tiny model: a strip of TOY_SEEDS seeds per side (32×32, 16 steps, true CFG 3), scored."""
+    van, dv = job.mixes
+    prompt, seed, styles = job.prompt, int(job.settings["seed"]), job.settings["styles"]
+    seeds = [seed + k for k in range(toy.TOY_SEEDS)]
+    cal, clf = toy.toy_extras()
+    res = []
+    with backend.lock:
+        for mix in (van, dv):
+            t0 = time.perf_counter()
+            try:
+                backend.apply(mix)
+            except ValueError as e:
+                raise wrong_base(e, job.base) from e
+            ims = toy_flux.generate(backend.pipe, [prompt] * len(seeds), seeds, cfg=toy_flux.GEN["true_cfg_scale"], steps=toy_flux.GEN["num_inference_steps"])
+            res.append((ims, time.perf_counter() - t0))
+    (iv, tv), (idv, tdv) = res
+    note = (
+        f"Tiny FLUX-architecture model (assets/style_flux), 32×32 px shown at 6×, seeds {seeds[0]}–{seeds[-1]}, "
+        f"{toy_flux.GEN['num_inference_steps']} steps, true CFG {toy_flux.GEN['true_cfg_scale']:g} (the Steps/Width/Height sliders are for real FLUX). "
+        "Style scores: 1.00× = that style alone at λ = 1, 0 = the base model; content = the classifier's "
+        "probability of the prompted object."
+    )
+    return SideBySide(
+        toy_flux.strip(iv), toy_flux.strip(idv), tv, tdv, note,
+        toy_flux.score_images(iv, prompt, styles, cal, clf), toy_flux.score_images(idv, prompt, styles, cal, clf),
+    )
+

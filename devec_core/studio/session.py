@@ -1,0 +1,61 @@
+"""One user's choices: the ``Session`` (pool key, mode, target, τ, per-vector settings) and the
+``StudioError`` every module of the Studio raises for a problem the user can fix.
+
+A session is small plain data (the UI keeps it in ``gr.State``); heavy objects — pools,
+decompositions, base models — live in the process caches (``studio.caches``), found by key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..algorithm import PAPER_TAU
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+MAX_VECTORS = 12  # sliders the UI lays out (the paper's pool: 10 references + a target); larger pools are refused
+log = logging.getLogger("devec.studio")
+
+
+class StudioError(Exception):
+    """A problem the user can fix; the message says what happened and what to do."""
+
+
+@dataclass
+class Session:
+    """One user's pool and settings. Heavy objects stay in the process caches, found by key."""
+
+    backend: str  # "llm" | "flux"
+    pool_key: str  # content hash of the pool (cache key)
+    names: list[str]
+    base: str  # "smollm2", a Hub id, or "synthetic"
+    title: str = ""
+    preset_id: str | None = None
+    synthetic: bool = False
+    needs_gpu: bool = False
+    mode: str = "joint"
+    target: str | None = None
+    references: tuple[str, ...] | None = None  # isolate: None = every other vector
+    tau: float = PAPER_TAU
+    strengths: dict[str, float] = field(default_factory=dict)
+    triggers: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    description: str = ""
+    scores: tuple[str, ...] = ()  # LLM: scores shown per output ("toxicity", "offensive", "title", "capitals")
+    start: dict | None = None  # a preset's opening sliders: {"mode", "target", "vanilla", "unique", "shared"}
+    # how to load the pool again in a process that does not hold it (a ZeroGPU worker, or after
+    # the LRU dropped it): ("preset", id) or ("custom", files, hub_ids, preset_id); plain strings
+    source: tuple | None = None
+
+    def key(self) -> tuple:
+        iso = self.mode == "isolate"
+        return (self.pool_key, self.mode, self.target if iso else None, self.references if iso else None)
+
+    def effective_references(self) -> tuple[str, ...] | None:
+        """isolate: the references that take part (None = every vector but the target)."""
+        if self.mode != "isolate" or self.references is None:
+            return None
+        refs = tuple(r for r in self.references if r in self.names and r != self.target)
+        return refs or None
