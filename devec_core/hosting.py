@@ -268,8 +268,8 @@ class PackedSource:
     def component(self, kind: str, name: str | None = None) -> dict[str, Any]:
         try:
             return self.components[(kind, name)]
-        except KeyError:
-            raise ValueError(f"component {kind}:{name} was not packed; packed: {sorted(map(str, self.components))}") from None
+        except KeyError as e:
+            raise ValueError(f"component {kind}:{name} was not packed; packed: {sorted(map(str, self.components))}") from e
 
 
 def pack_mixes(mixes: list) -> list:

@@ -192,6 +192,22 @@ def test_bad_uploads(tmp_path):
         studio.check_upload(tmp_path / "gone.safetensors")
 
 
+def test_a_bug_while_reading_an_upload_is_not_called_a_bad_file(tmp_path, monkeypatch):
+    """Only what a bad file can raise becomes "could not read ...", with its cause chained; a bug
+    in the reader surfaces as itself."""
+    from devec_core import formats
+
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"\0" * 64)
+    monkeypatch.setattr(formats, "load_task_vector", lambda *a, **k: (_ for _ in ()).throw(formats.FormatError("no LoRA keys")))
+    with pytest.raises(StudioError, match="could not read upload 'a.safetensors': no LoRA keys") as err:
+        studio.custom_vectors([str(f)], [])
+    assert isinstance(err.value.__cause__, formats.FormatError)
+    monkeypatch.setattr(formats, "load_task_vector", lambda *a, **k: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        studio.custom_vectors([str(f)], [])
+
+
 def test_mixed_bases_and_wrong_tab(tiny_llm, small_flux_pool):
     llm = _llm_pool(tiny_llm[0], planted=False)[:1]
     with pytest.raises(StudioError):  # one pool, two base models (different module sets and shapes)

@@ -69,8 +69,8 @@ class WeightEditor:
     def _weight(self, mod: str) -> torch.Tensor:
         try:
             sub = self.root.get_submodule(mod)
-        except AttributeError:
-            raise ValueError(f"module {mod!r} does not exist in {type(self.root).__name__}{self._hint(mod)}") from None
+        except AttributeError as e:
+            raise ValueError(f"module {mod!r} does not exist in {type(self.root).__name__}{self._hint(mod)}") from e
         w = getattr(sub, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim != 2:
             raise ValueError(f"module {mod!r} ({type(sub).__name__}) has no 2-D weight to edit")
@@ -95,8 +95,8 @@ class WeightEditor:
     def _param(self, path: str) -> torch.Tensor:
         try:
             return self.root.get_parameter(path)
-        except AttributeError:
-            raise ValueError(f"parameter {path!r} does not exist in {type(self.root).__name__}") from None
+        except AttributeError as e:
+            raise ValueError(f"parameter {path!r} does not exist in {type(self.root).__name__}") from e
 
     def original(self, path: str) -> torch.Tensor | None:
         """The unedited tensor at parameter ``path`` while a mix is fused into it, else None

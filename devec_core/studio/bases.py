@@ -18,7 +18,7 @@ from ..backends.llm import LLMBackend
 from ..formats import ModuleWeights
 from . import toy
 from .caches import BACKENDS, LOCK
-from .session import Session, StudioError
+from .session import READ_ERRORS, Session, StudioError
 
 FLUX_NEEDS = (
     "Image generation needs the FLUX.1-schnell weights (about 24 GB from the Hub) and a CUDA GPU "
@@ -38,7 +38,7 @@ def get_llm_backend(base: str):
             try:
                 BACKENDS[key] = LLMBackend.load(base, device=device)
                 hosting.remember_device(BACKENDS[key])
-            except Exception as e:
+            except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
                 raise StudioError(
                     f"could not load the base model {base!r}: {e}. Hub models need network access "
                     f"(and HF_TOKEN if gated); 'smollm2' works offline."
@@ -57,7 +57,7 @@ def get_flux_backend(base: str):
             try:
                 BACKENDS[key] = FluxBackend.load(base)
                 hosting.remember_device(BACKENDS[key])
-            except Exception as e:
+            except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
                 raise StudioError(f"could not load {base!r}: {e}. " + FLUX_NEEDS) from e
         return BACKENDS[key]
 

@@ -23,7 +23,7 @@ def _disk_cache() -> DecompositionCache | None:
         return None
     try:
         return DecompositionCache()
-    except Exception as e:  # noqa: BLE001
+    except (OSError, ValueError, RuntimeError) as e:  # no home folder, a bad DEVEC_CACHE_MAX_GB: run without it
         log.warning("decomposition cache unavailable (%s)", e)
         return None
 
@@ -57,8 +57,8 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
             try:  # a broken or stale cache entry must never stop the app: recompute instead
                 key_d = disk.key_for_vectors(vectors, Config(mode=session.mode, target=target, references=refs, **_device_option()))
                 dec = disk.get(key_d, PAPER_TAU, vectors)
-            except Exception as e:  # noqa: BLE001
-                log.warning("decomposition cache read failed (%s); recomputing", e)
+            except Exception as e:  # noqa: BLE001 - deliberately broad: any corrupt entry means recompute
+                log.warning("decomposition cache read failed (%s); recomputing", e, exc_info=True)
         if dec is None:
             try:
                 dec = decompose(vectors, tau=PAPER_TAU, mode=session.mode, target=target, references=refs, progress=progress, **_device_option())
@@ -67,8 +67,8 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
             if disk is not None and key_d is not None:
                 try:
                     disk.put(key_d, dec)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("decomposition cache write failed (%s)", e)
+                except Exception as e:  # noqa: BLE001 - deliberately broad: a failed write must not lose the result
+                    log.warning("decomposition cache write failed (%s)", e, exc_info=True)
         with LOCK:
             lru_put(DECOMPS, key, dec, MAX_DECOMPS)
     return at_tau(dec, session.tau)

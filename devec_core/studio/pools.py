@@ -14,7 +14,7 @@ from ..synthetic import synthetic_flux_pool
 from ..taskvec import TaskVector
 from ..toxicity import load_demo_pool
 from .caches import get_pool, pool_key, remember_pool
-from .session import REPO_ROOT, Session, StudioError
+from .session import READ_ERRORS, REPO_ROOT, Session, StudioError
 from .uploads import custom_vectors, dense_cut
 
 
@@ -67,7 +67,7 @@ def _load_spec_vector(source: str, name: str, weight_name: str | None, base: str
     hub = f"{source}/{weight_name}" if weight_name else source
     try:
         return formats.load_task_vector(hub, name, base=base, compress=dense_cut())
-    except Exception as e:  # network, gated repo, missing file: say what is needed
+    except READ_ERRORS as e:  # network, gated repo, missing file: say what is needed
         raise StudioError(
             f"could not load {name!r} from {hub!r}: {e}. This preset needs the Hugging Face Hub "
             f"(and HF_TOKEN for gated models); the offline presets work without it."
@@ -86,7 +86,7 @@ def preset_vectors(preset: Preset, progress: Progress | None = None) -> list[Tas
         try:
             loaded = formats.load_checkpoint_deltas([p for _, p in ckpts], base, [preset.vectors[i].name for i, _ in ckpts],
                                             compress=dense_cut(), progress=progress)
-        except Exception as e:
+        except READ_ERRORS as e:
             raise StudioError(f"could not load the preset's fine-tuned checkpoints against {base!r}: {e}") from e
         for (i, _), v in zip(ckpts, loaded):
             v.meta["input"] = preset.vectors[i].source
@@ -109,7 +109,7 @@ def _checkpoint_specs(preset: Preset) -> list[tuple[int, Path]]:
             path = formats.resolve_source(f"{spec.source}/{spec.weight_name}" if spec.weight_name else spec.source)
             if formats.sniff(path).kind == "checkpoint":
                 found.append((i, path))
-        except Exception:  # noqa: BLE001 - _load_spec_vector reports it with what is needed
+        except READ_ERRORS:  # _load_spec_vector reports it with what is needed
             continue
     return found
 

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..algorithm import PAPER_TAU
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -20,6 +22,13 @@ log = logging.getLogger("devec.studio")
 
 class StudioError(Exception):
     """A problem the user can fix; the message says what happened and what to do."""
+
+
+# What reading a task vector or a model can raise for a bad input, a missing file or the network
+# (Hub errors are OSErrors, formats.FormatError is a ValueError, a corrupt .safetensors raises
+# SafetensorError). Anything else is a bug and reaches the log with its traceback, not the user as
+# "could not read ...".
+READ_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .. import formats
 from ..pool import Progress
 from ..taskvec import TaskVector
 from .bases import base_weights
-from .session import MAX_VECTORS, StudioError
+from .session import MAX_VECTORS, READ_ERRORS, StudioError
 
 MAX_UPLOAD_MB = float(os.environ.get("DEVEC_MAX_UPLOAD_MB", "1024"))
 UPLOAD_SUFFIXES = (".safetensors", ".zip", ".json")  # weights, zipped folders, adapter_config.json; never pickles
@@ -134,9 +134,7 @@ def custom_vectors(
             hub = i >= len(ups) - len([h for h in hub_ids if h.strip()])
             try:
                 v = formats.load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
-            except StudioError:
-                raise
-            except Exception as e:
+            except READ_ERRORS as e:
                 where = "Hub id" if hub else "upload"
                 raise StudioError(f"could not read {where} {u.label!r}: {e}") from e
             v.meta["input"] = u.label
