@@ -3,6 +3,7 @@
     python bench/bench_backends.py                   # all sections (SmolLM2 CPU, tiny FLUX, wide FLUX)
     python bench/bench_backends.py --only llm        # llm | flux | flux-wide
     python bench/bench_backends.py --rounds 5 --threads 1
+    python bench/bench_backends.py --only editor --baseline-ref REF   # WeightEditor vs REF's, same run
 
 Sections (each prints a markdown table; medians over interleaved rounds, so a busy machine
 slows every variant alike):
@@ -16,6 +17,11 @@ slows every variant alike):
              4096) but 1 double + 1 single block, random weights, rank-16 LoRAs on every block
              Linear: per-module switch cost at real shapes, and transformer forward s/step base vs
              fused vs diffusers unfused. Extrapolation to 19 + 38 blocks is printed as such.
+  editor     (only when asked) the WeightEditor alone on SmolLM2's 210 projections, float32 (the
+             one-pass path) and bfloat16 (the general path), 30 random rank-8 LoRAs: apply from
+             base, switches, restore; with ``--baseline-ref REF`` also ``devec_core`` at commit REF
+             (bench/baseline.py), the two alternating in every round on the same model, and a
+             check that both fuse bit-identical weights.
 
 No wall-clock assertion anywhere; numbers are for the README.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
 import statistics
 import sys
@@ -285,9 +292,78 @@ def bench_flux_wide(rounds: int) -> None:
     )
 
 
+# --- the WeightEditor alone, this tree vs a baseline commit ----------------------------------------
+def bench_editor(rounds: int, baseline_ref: str | None) -> None:
+    from devec_core import mix as ours
+    from devec_core.models import load_causal_lm
+
+    libs = {"this tree": (ours, lambda v: v)}
+    if baseline_ref:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from baseline import load_baseline
+
+        BL = load_baseline(baseline_ref)
+        importlib.import_module("devec_baseline.mix")
+        T = importlib.import_module("devec_baseline.taskvec")
+
+        def convert(v):  # the baseline's own classes (its editor checks isinstance)
+            return T.TaskVector(v.name, {m: T.LowRank(d.B, d.A, d.scale) for m, d in v.modules.items()}, dict(v.extras))
+
+        libs[f"baseline {baseline_ref}"] = (BL.mix, convert)
+    model, _ = load_causal_lm("smollm2")
+    sds = [random_llama_lora(model, rank=8, seed=s, scale=0.02) for s in range(30)]
+    vecs = [lora_to_taskvector(sd, f"v{i}", PEFT_PREFIX) for i, sd in enumerate(sds)]
+    pools = {name: lib.VectorPool([conv(v) for v in vecs]) for name, (lib, conv) in libs.items()}
+    measures = ("apply 2 LoRAs from base", "switch: 1 coefficient of 2 changed", "switch: 30 active, 1 changed", "restore")
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        base = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        got = {name: {k: [] for k in measures} for name in libs}  # (wall s, process CPU s) per round
+        fused: dict[str, dict] = {}
+        order = list(libs)
+
+        def clock(fn):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            return time.perf_counter() - w0, time.process_time() - c0
+
+        for r in range(rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+                lib, pool = libs[name][0], pools[name]
+                ed = lib.WeightEditor(m)
+                g = got[name]
+                g[measures[0]].append(clock(lambda: ed.apply(lib.vanilla(pool, {"v0": 1.0, "v1": 0.5}))))
+                g[measures[1]].append(clock(lambda: ed.apply(lib.vanilla(pool, {"v0": 1.0, "v1": 0.6 + 0.1 * r}))))
+                w = {f"v{i}": 0.3 for i in range(30)}
+                ed.apply(lib.vanilla(pool, w))
+                w["v0"] = 0.4 + 0.1 * r
+                g[measures[2]].append(clock(lambda: ed.apply(lib.vanilla(pool, w))))
+                if r == 0:
+                    fused[name] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+                g[measures[3]].append(clock(ed.restore))
+                assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items()), f"{name}: restore is not bit-identical"
+        names = list(libs)
+        print(f"\n### WeightEditor on SmolLM2-135M ({len(vecs[0].modules)} projections), {str(dtype)[6:]}, CPU, "
+              f"{torch.get_num_threads()} threads, median of {rounds} alternating rounds, wall / process CPU time "
+              f"(load average {os.getloadavg()[0]:.1f}: on a busy machine the CPU time is the steadier number)\n")
+        print("| measure | " + " | ".join(names) + (" | this tree / baseline (CPU) |" if len(names) > 1 else " |"))
+        print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
+        for k in measures:
+            wall = [med([x[0] for x in got[n][k]]) for n in names]
+            cpu = [med([x[1] for x in got[n][k]]) for n in names]
+            cells = [f"{1000 * a:.0f} / {1000 * b:.0f} ms" for a, b in zip(wall, cpu)]
+            cells += [f"{cpu[0] / cpu[1]:.2f}×"] if len(names) > 1 else []
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        if len(names) > 1:
+            same = all(torch.equal(fused[names[0]][k], fused[names[1]][k]) for k in base)
+            print(f"| fused weights (30 active) bit-identical to the baseline's | {'yes' if same else 'NO'} |" + " |" * len(names))
+        sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["llm", "flux", "flux-wide"], action="append")
+    ap.add_argument("--only", choices=["llm", "flux", "flux-wide", "editor"], action="append")
+    ap.add_argument("--baseline-ref", default=None, help="editor section: git commit whose WeightEditor is timed beside this one")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default). On a "
@@ -303,6 +379,8 @@ def main() -> None:
         bench_llm(a.rounds, a.new_tokens)
     if "flux-wide" in only:
         bench_flux_wide(a.rounds)
+    if "editor" in only:
+        bench_editor(a.rounds, a.baseline_ref)
 
 
 if __name__ == "__main__":
