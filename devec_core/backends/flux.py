@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .. import models
 from ..mix import ApplyStats, Mix, WeightEditor
 from ..taskvec import TaskVector
 from .base import Backend
@@ -223,12 +224,10 @@ class FluxBackend(Backend):
         Returns:
             The backend.
         """
-        from ..models import FLUX_SCHNELL, load_flux_pipeline
-
         off = _pick_offload(offload, device)
         if not off and device is None:
             device = "cuda" if torch.cuda.is_available() else None
-        pipe = load_flux_pipeline(repo_or_path or FLUX_SCHNELL, dtype=dtype, device=None if off else device)
+        pipe = models.load_flux_pipeline(repo_or_path or models.FLUX_SCHNELL, dtype=dtype, device=None if off else device)
         return cls(pipe, offload=off)
 
     # -- images -----------------------------------------------------------------------------

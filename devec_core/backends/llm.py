@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import models
 from ..mix import ApplyStats, WeightEditor
 from .base import Backend
 
@@ -79,9 +80,7 @@ class LLMBackend(Backend):
         Returns:
             The backend.
         """
-        from ..models import load_causal_lm
-
-        model, tok = load_causal_lm(model_id_or_path, gguf_file=gguf_file, dtype=dtype, device=device)
+        model, tok = models.load_causal_lm(model_id_or_path, gguf_file=gguf_file, dtype=dtype, device=device)
         return cls(model, tok)
 
     # -- text -------------------------------------------------------------------------------
