@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
+from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from devec_core.cache import DecompositionCache, _digest_tensors  # noqa: E402
 from devec_core.formats import load_pool  # noqa: E402
 from devec_core.pool import Config  # noqa: E402
@@ -165,7 +166,7 @@ def compare_hit(args, tmp: Path, paths: list[Path], names: list[str], in_mb: flo
                                       ("this tree", DecompositionCache, load_pool, Config(), decompose)):
         cache = C(tmp / f"cmp-{len(sides)}")
         key = cache.key_for_sources(paths, names, cfg, opts)
-        cache.put(key, dec_fn(lp(paths, names), tau=0.85))
+        cache.put(key, dec_fn(lp(paths, names), tau=PAPER_TAU))
         size = sum(f.stat().st_size for f in cache.path(key).rglob("*") if f.is_file()) / 2**20
         sides[label] = (cache, cfg, size)
     times = {k: [] for k in list(sides) + ["no cache: load + decompose (this tree)"]}
@@ -261,7 +262,7 @@ def main() -> None:
         cache = DecompositionCache(tmp / f"cache{r}")
         t_hash, key = timed(lambda: cache.key_for_sources(paths, names, cfg, {"base": None, "allow_pickle": False}))
         t_load, vecs = timed(lambda: load_pool(paths, names))
-        t_dec, dec = timed(lambda: decompose(vecs, tau=0.85))
+        t_dec, dec = timed(lambda: decompose(vecs, tau=PAPER_TAU))
         t_put, _ = timed(lambda: cache.put(key, dec))
         rows["cold"].append(t_hash + t_load + t_dec + t_put)
         for k, v in (("cold: hash", t_hash), ("cold: load", t_load), ("cold: decompose", t_dec), ("cold: store", t_put)):

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devec_core import LowRank, TaskVector, decompose  # noqa: E402
+from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from baseline import load_baseline  # noqa: E402  (bench/baseline.py; bench/ is on sys.path when run as a script)
 from tests import literal as L  # noqa: E402
 
@@ -81,7 +82,7 @@ def timed(fn, repeat: int, warmup: bool = True) -> float:
 
 
 def fast_module(pool):
-    dec = decompose(pool, tau=0.85)
+    dec = decompose(pool, tau=PAPER_TAU)
     for v in pool:
         dec.component("unique", v.name)
     return dec
@@ -89,7 +90,7 @@ def fast_module(pool):
 
 def literal_module(pool):
     Ws = [v.modules["m"].dense(torch.float32) for v in pool]
-    Z, _ = L.shared_basis(Ws, 0.85, tol=64 * 1.2e-7)
+    Z, _ = L.shared_basis(Ws, PAPER_TAU, tol=64 * 1.2e-7)
     return L.parts(Ws, Z)
 
 
@@ -139,9 +140,9 @@ def main():
     factor_gib = sum(t.numel() * 4 for v in pool for d in v.modules.values() for t in (d.B, d.A)) / 2**30
     rss0 = rss_gib()
     t0 = time.perf_counter()
-    dec = decompose(pool, tau=0.85, device=args.device)
+    dec = decompose(pool, tau=PAPER_TAU, device=args.device)
     first = time.perf_counter() - t0
-    e2e = timed(lambda: decompose(pool, tau=0.85, device=args.device), 2 if args.quick else 3)
+    e2e = timed(lambda: decompose(pool, tau=PAPER_TAU, device=args.device), 2 if args.quick else 3)
     taus = iter([0.7, 0.8, 0.9, 0.95, 0.75, 0.85] * 10)
     retau = timed(lambda: dec.with_tau(next(taus)).shared_dims(), 10)
     summ = timed(lambda: dec.with_tau(next(taus)).summary(), 3)
@@ -161,7 +162,7 @@ def main():
     print(f"| literal method, extrapolated (Σ per-module, n³) | {lit_pool / 3600:.1f} h |")
     print(f"| speed-up vs literal (extrapolated) | {lit_pool / e2e:,.0f}× |")
     print(f"| floor: ~44 GFLOP ≈ 0.13 s on these cores (issue's figure) | {e2e / 0.13:.1f}× the floor |")
-    print(f"| shared dims at τ=0.85 (4 planted per module) | mean {statistics.mean(dims.values()):.2f} |")
+    print(f"| shared dims at τ={PAPER_TAU} (4 planted per module) | mean {statistics.mean(dims.values()):.2f} |")
 
     if args.baseline_ref:
         compare_with_baseline(args, pool)
@@ -171,8 +172,8 @@ def compare_with_baseline(args, pool):
     """Warm whole-pool decomposition, baseline engine vs this one, alternating in one process."""
     old = load_baseline(args.baseline_ref)
     old_pool = [old.TaskVector(v.name, {m: old.LowRank(d.B, d.A, d.scale) for m, d in v.modules.items()}) for v in pool]
-    engines = {"baseline": lambda: old.decompose(old_pool, tau=0.85, device=args.device),
-               "this tree": lambda: decompose(pool, tau=0.85, device=args.device)}
+    engines = {"baseline": lambda: old.decompose(old_pool, tau=PAPER_TAU, device=args.device),
+               "this tree": lambda: decompose(pool, tau=PAPER_TAU, device=args.device)}
     for fn in engines.values():
         fn()  # warm-up
     times = {k: [] for k in engines}

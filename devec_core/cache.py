@@ -38,9 +38,10 @@ from typing import Callable
 
 import torch
 
+from .algorithm import PAPER_TAU
 from .taskvec import LowRank, TaskVector
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _BUF = 1 << 22
 
 
@@ -115,13 +116,6 @@ def hash_source(path: str | os.PathLike, memo: dict | None = None) -> str:
     return h.hexdigest()
 
 
-def _schema() -> list:
-    """Field names of the engine's internal dataclasses: part of the key (a change → a miss)."""
-    from .pool import _Block, _Spectrum
-
-    return [[f.name for f in dataclasses.fields(_Block)], [f.name for f in dataclasses.fields(_Spectrum)]]
-
-
 _NOT_IN_KEY = ("max_work", "max_memory")  # the work budget refuses pools; it never changes a result
 
 
@@ -134,13 +128,13 @@ def make_key(inputs: list[str], config) -> str:
     Returns:
         Hex digest.
     """
-    from .pool import METHOD_VERSION
+    from .pool import METHOD_VERSION, STATE_FORMAT
 
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_KEY}
     payload = {
         "cache_format": CACHE_FORMAT,
         "method_version": METHOD_VERSION,
-        "schema": _schema(),
+        "state_format": STATE_FORMAT,
         "config": cfg,
         "inputs": list(inputs),
     }
@@ -153,11 +147,11 @@ def make_key(inputs: list[str], config) -> str:
 
 
 class _Encoder:
-    """Nested engine state (dataclasses, lists, tuples, dicts, tensors, scalars) → JSON + tensors.
+    """``Decomposition.state_dict()`` (plain lists, tuples, dicts, tensors, scalars) → JSON + tensors.
 
-    Generic over the engine's dataclasses (``pool._Block``, ``pool._Spectrum``), so it follows
-    their fields instead of copying their layout. Aliased tensors are stored once; complex
-    tensors as (…, 2) real views (safetensors has no complex128).
+    It knows nothing of the engine's classes: the state dict is the cache's only view of a
+    decomposition. Aliased tensors are stored once; complex tensors as (…, 2) real views
+    (safetensors has no complex128).
     """
 
     def __init__(self):
@@ -185,8 +179,6 @@ class _Encoder:
     def __call__(self, x):
         if isinstance(x, torch.Tensor):
             return self.tensor(x)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {"dc": type(x).__name__, "f": {f.name: self(getattr(x, f.name)) for f in dataclasses.fields(x)}}
         if isinstance(x, tuple):
             return {"tuple": [self(v) for v in x]}
         if isinstance(x, list):
@@ -198,21 +190,19 @@ class _Encoder:
         raise TypeError(f"cache: cannot store a {type(x).__name__}")
 
 
-def _decode(x, T: dict[str, torch.Tensor], classes: dict, dev):
+def _decode(x, T: dict[str, torch.Tensor]):
+    """The inverse of ``_Encoder``: plain containers and tensors only (nothing is constructed)."""
     if isinstance(x, list):
-        return [_decode(v, T, classes, dev) for v in x]
+        return [_decode(v, T) for v in x]
     if not isinstance(x, dict):
         return x
     if "t" in x:
         t = T[x["t"]]
-        return (torch.view_as_complex(t) if x.get("complex") else t).to(dev)
+        return torch.view_as_complex(t) if x.get("complex") else t
     if "tuple" in x:
-        return tuple(_decode(v, T, classes, dev) for v in x["tuple"])
+        return tuple(_decode(v, T) for v in x["tuple"])
     if "dict" in x:
-        return {_decode(k, T, classes, dev): _decode(v, T, classes, dev) for k, v in x["dict"]}
-    if "dc" in x:
-        cls = classes[x["dc"]]  # only the engine's own dataclasses: nothing else is constructed
-        return cls(**{k: _decode(v, T, classes, dev) for k, v in x["f"].items()})
+        return {_decode(k, T): _decode(v, T) for k, v in x["dict"]}
     raise ValueError(f"cache: unknown entry node {sorted(x)}")
 
 
@@ -223,7 +213,6 @@ def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
     enc = _Encoder()
     manifest = {
         "cache_format": CACHE_FORMAT,
-        "schema": _schema(),
         "names": list(dec.names),
         "state": enc(dec.state_dict()),
     }
@@ -238,9 +227,9 @@ def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float, vectors:
     """(manifest, tensors) + the pool's vectors → Decomposition at τ (no SVD / eigen-solve)."""
     from .pool import Decomposition
 
-    if manifest.get("cache_format") != CACHE_FORMAT or manifest.get("schema") != _schema():
+    if manifest.get("cache_format") != CACHE_FORMAT:
         raise ValueError("cache entry written by another version")
-    state = _decode(manifest["state"], T, {}, torch.device("cpu"))
+    state = _decode(manifest["state"], T)
     return Decomposition.from_state_dict(state, vectors, tau)
 
 
@@ -509,7 +498,7 @@ class DecompositionCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def cached_decompose(vectors: list[TaskVector], tau: float = 0.85, *, cache: DecompositionCache | None = None,
+def cached_decompose(vectors: list[TaskVector], tau: float = PAPER_TAU, *, cache: DecompositionCache | None = None,
                      key: str | None = None, progress=None, **options):
     """``pool.decompose`` through the cache. Returns (Decomposition, hit).
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from devec_core import TaskVector, decompose
+from devec_core.algorithm import PAPER_TAU
 from devec_core.cache import DecompositionCache, cached_decompose, default_cache_dir, hash_task_vector
 from devec_core.taskvec import Dense, LowRank
 
@@ -43,12 +44,12 @@ def test_hit_at_another_tau_equals_fresh(tmp_path, mode):
     cache = DecompositionCache(tmp_path)
     vecs = _pool(dense=True)
     opts = {"mode": mode, "target": "v0" if mode == "isolate" else None}
-    d1, hit1 = cached_decompose(vecs, 0.85, cache=cache, **opts)
+    d1, hit1 = cached_decompose(vecs, PAPER_TAU, cache=cache, **opts)
     d2, hit2 = cached_decompose(vecs, 0.5, cache=cache, **opts)
     assert (hit1, hit2) == (False, True)
     assert d2.tau == 0.5 and d2.vectors[0].extras.keys() == vecs[0].extras.keys()
     _same(d2, decompose(vecs, 0.5, **opts))
-    _same(d2.with_tau(0.85), d1)
+    _same(d2.with_tau(PAPER_TAU), d1)
     if mode == "joint":
         a, b = d2.component("merged_shared"), decompose(vecs, 0.5).component("merged_shared")
         for m in a:
@@ -58,34 +59,34 @@ def test_hit_at_another_tau_equals_fresh(tmp_path, mode):
 def test_key_ignores_tau_but_not_content_or_config(tmp_path):
     cache = DecompositionCache(tmp_path)
     vecs = _pool()
-    cached_decompose(vecs, 0.85, cache=cache)
+    cached_decompose(vecs, PAPER_TAU, cache=cache)
     assert cached_decompose(vecs, 0.3, cache=cache)[1]
-    assert not cached_decompose(vecs, 0.85, cache=cache, mode="pairwise")[1]
-    assert not cached_decompose(vecs, 0.85, cache=cache, dtype="float64")[1]
+    assert not cached_decompose(vecs, PAPER_TAU, cache=cache, mode="pairwise")[1]
+    assert not cached_decompose(vecs, PAPER_TAU, cache=cache, dtype="float64")[1]
     other = _pool()
     other[1].modules["layers.0.proj"].B[0, 0] += 1e-3
     assert hash_task_vector(other[1]) != hash_task_vector(vecs[1])
-    assert not cached_decompose(other, 0.85, cache=cache)[1]
+    assert not cached_decompose(other, PAPER_TAU, cache=cache)[1]
 
 
 def test_corrupt_and_partial_entries_are_reported_and_recomputed(tmp_path):
     msgs = []
     cache = DecompositionCache(tmp_path, report=msgs.append)
     vecs = _pool()
-    ref, _ = cached_decompose(vecs, 0.85, cache=cache)
+    ref, _ = cached_decompose(vecs, PAPER_TAU, cache=cache)
     (entry,) = [e for e, _, _ in cache.entries()]
     tf = entry / "tensors.safetensors"
     data = bytearray(tf.read_bytes())
     data[-5] ^= 0xFF  # flip a byte of tensor data
     tf.write_bytes(bytes(data))
-    dec, hit = cached_decompose(vecs, 0.85, cache=cache)
+    dec, hit = cached_decompose(vecs, PAPER_TAU, cache=cache)
     assert not hit and "unusable" in msgs[-1] and entry.name[:12] in msgs[-1]
     _same(dec, ref)
-    assert cached_decompose(vecs, 0.85, cache=cache)[1]  # rewritten
+    assert cached_decompose(vecs, PAPER_TAU, cache=cache)[1]  # rewritten
     tf.write_bytes(tf.read_bytes()[:100])  # truncated
-    assert not cached_decompose(vecs, 0.85, cache=cache)[1]
+    assert not cached_decompose(vecs, PAPER_TAU, cache=cache)[1]
     (entry / "manifest.json").unlink()  # partial: no manifest
-    assert not cached_decompose(vecs, 0.85, cache=cache)[1]
+    assert not cached_decompose(vecs, PAPER_TAU, cache=cache)[1]
     assert len(msgs) == 3
 
 
@@ -143,7 +144,7 @@ def test_corrupt_entry_is_recomputed_exactly(tmp_path, corrupt, mode):
     msgs = []
     cache = DecompositionCache(tmp_path, report=msgs.append)
     vecs = _pool(dense=True)
-    cached_decompose(vecs, 0.85, cache=cache, mode=mode)
+    cached_decompose(vecs, PAPER_TAU, cache=cache, mode=mode)
     (entry,) = [e for e, _, _ in cache.entries()]
     corrupt(entry)
     dec, hit = cached_decompose(vecs, 0.5, cache=cache, mode=mode)
@@ -159,13 +160,13 @@ def test_entry_under_another_key_is_not_served(tmp_path):
     """A complete, intact entry copied (or renamed) to another key's folder is unusable there."""
     cache = DecompositionCache(tmp_path)
     a, b = _pool(seed=0), _pool(seed=1)
-    cached_decompose(a, 0.85, cache=cache)
+    cached_decompose(a, PAPER_TAU, cache=cache)
     (entry_a,) = [e for e, _, _ in cache.entries()]
     key_b = cache.key_for_vectors(b, __import__("devec_core.pool", fromlist=["Config"]).Config())
     os.rename(entry_a, tmp_path / key_b)
-    dec, hit = cached_decompose(b, 0.85, cache=cache)
+    dec, hit = cached_decompose(b, PAPER_TAU, cache=cache)
     assert not hit
-    _same(dec, decompose(b, 0.85))
+    _same(dec, decompose(b, PAPER_TAU))
 
 
 def test_unreadable_entry_and_unwritable_root_never_raise(tmp_path):
@@ -174,19 +175,19 @@ def test_unreadable_entry_and_unwritable_root_never_raise(tmp_path):
     cache = DecompositionCache(tmp_path / "c", report=msgs.append)
     key = cache.key_for_vectors(vecs, __import__("devec_core.pool", fromlist=["Config"]).Config())
     (tmp_path / "c" / key / "manifest.json").mkdir(parents=True)  # a folder where a file should be
-    dec, hit = cached_decompose(vecs, 0.85, cache=cache)
+    dec, hit = cached_decompose(vecs, PAPER_TAU, cache=cache)
     assert not hit and "unusable" in msgs[0]
     (tmp_path / "f").write_text("a file, not a folder")
     blocked = DecompositionCache(tmp_path / "f", report=msgs.append)
-    dec, hit = cached_decompose(vecs, 0.85, cache=blocked)  # cannot write: reported, result still right
+    dec, hit = cached_decompose(vecs, PAPER_TAU, cache=blocked)  # cannot write: reported, result still right
     assert not hit and "continuing without cache" in msgs[-1]
-    _same(dec, decompose(vecs, 0.85))
+    _same(dec, decompose(vecs, PAPER_TAU))
 
 
 def test_invalid_tau_never_touches_the_cache(tmp_path):
     cache = DecompositionCache(tmp_path)
     vecs = _pool()
-    cached_decompose(vecs, 0.85, cache=cache)
+    cached_decompose(vecs, PAPER_TAU, cache=cache)
     (entry,) = [e for e, _, _ in cache.entries()]
     key = entry.name
     for bad in (0.0, -1.0, 1.5, float("nan")):
@@ -220,7 +221,7 @@ def test_write_is_atomic_no_temp_left(tmp_path):
     (tmp_path / f".tmp-{dead}-0123456789ab-x").mkdir()  # left by a killed writer
     (tmp_path / f".tmp-{os.getpid()}-0123456789ab-y").mkdir()  # a live writer's (this process)
     cache = DecompositionCache(tmp_path)
-    cached_decompose(_pool(), 0.85, cache=cache)
+    cached_decompose(_pool(), PAPER_TAU, cache=cache)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == [f".tmp-{os.getpid()}-0123456789ab-y"]
 
 

@@ -7,6 +7,7 @@ import torch
 
 from devec_core import Dense, LowRank, TaskVector, decompose
 from devec_core import algorithm as D
+from devec_core.algorithm import PAPER_TAU
 from tests import literal as L
 
 F64 = dict(dtype="float64")
@@ -42,7 +43,7 @@ def gap_ok(vals, tau):
 @pytest.mark.parametrize("k", [2, 3, 4])
 @pytest.mark.parametrize("dense", [False, True])
 def test_fast_path_equals_literal_equations(k, dense):
-    tau = 0.85
+    tau = PAPER_TAU
     pool = planted(k, dense=dense, seed=k)
     cut = dict(rank=6) if dense else {}
     dec = decompose(pool, tau=tau, dense_rank=6 if dense else None, dense_energy=None, **F64)
@@ -89,7 +90,7 @@ def test_complex_pairs_appear_and_are_kept_whole():
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_shared_plus_unique_rebuilds_and_parts_are_orthogonal(k):
     pool = planted(k, seed=10 + k) + []
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     Z = dec.shared_basis("mod")
     for v in pool:
         s = dec.component("shared", v.name)["mod"]
@@ -105,7 +106,7 @@ def test_shared_plus_unique_rebuilds_and_parts_are_orthogonal(k):
 
 def test_with_tau_equals_a_fresh_decomposition():
     pool = planted(3, seed=4, modules=("a", "b", "c"))
-    base = decompose(pool, tau=0.85, **F64)
+    base = decompose(pool, tau=PAPER_TAU, **F64)
     for tau in (0.3, 0.6, 0.95, 1.0):
         again = base.with_tau(tau)
         fresh = decompose(pool, tau=tau, **F64)
@@ -118,10 +119,10 @@ def test_with_tau_equals_a_fresh_decomposition():
 
 def test_batched_modules_equal_one_at_a_time():
     pool = planted(3, seed=5, modules=("a", "b", "c", "d"))
-    together = decompose(pool, tau=0.85, **F64)
+    together = decompose(pool, tau=PAPER_TAU, **F64)
     assert len(together.blocks) == 1 and len(together.blocks[0].modules) == 4
     for mod in ("a", "b", "c", "d"):
-        alone = decompose([TaskVector(v.name, {mod: v.modules[mod]}) for v in pool], tau=0.85, **F64)
+        alone = decompose([TaskVector(v.name, {mod: v.modules[mod]}) for v in pool], tau=PAPER_TAU, **F64)
         for name in ("v0", "v1", "v2"):
             assert torch.allclose(
                 together.component("unique", name)[mod].dense(), alone.component("unique", name)[mod].dense(), atol=1e-12
@@ -130,7 +131,7 @@ def test_batched_modules_equal_one_at_a_time():
 
 def test_float32_default_is_close_to_float64():
     pool = planted(3, seed=6)
-    d32, d64 = decompose(pool, tau=0.85), decompose(pool, tau=0.85, **F64)
+    d32, d64 = decompose(pool, tau=PAPER_TAU), decompose(pool, tau=PAPER_TAU, **F64)
     assert d32.shared_dims() == d64.shared_dims()
     u32 = d32.component("unique", "v1")["mod"]
     assert u32.B.dtype == torch.float32
@@ -145,11 +146,11 @@ def test_float32_default_is_close_to_float64():
 def test_isolate_union_equals_literal_and_ignores_reference_order():
     pool = planted(4, seed=7, noise=0.05, r=10)
     Ws = [v.modules["mod"].dense(torch.float64) for v in pool]
-    want = L.isolate(Ws[1], [Ws[0], Ws[2], Ws[3]], 0.85)
-    dec = decompose(pool, tau=0.85, mode="isolate", target="v1", **F64)
+    want = L.isolate(Ws[1], [Ws[0], Ws[2], Ws[3]], PAPER_TAU)
+    dec = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v1", **F64)
     got = dec.component("unique", "v1")["mod"].dense(torch.float64)
     assert rel(got, want) <= 1e-8
-    rev = decompose(pool, tau=0.85, mode="isolate", target="v1", references=("v3", "v2", "v0"), **F64)
+    rev = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v1", references=("v3", "v2", "v0"), **F64)
     assert rel(rev.component("unique", "v1")["mod"].dense(torch.float64), want) <= 1e-8
     # references are not edited
     assert torch.equal(dec.component("unique", "v0")["mod"].dense(), pool[0].modules["mod"].dense())
@@ -157,8 +158,8 @@ def test_isolate_union_equals_literal_and_ignores_reference_order():
 
 def test_isolate_sequential_is_offered_and_reported():
     pool = planted(4, seed=8, noise=0.1, r=10)
-    union = decompose(pool, tau=0.85, mode="isolate", target="v0", **F64)
-    seq = decompose(pool, tau=0.85, mode="isolate", target="v0", isolate_order="sequential", **F64)
+    union = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v0", **F64)
+    seq = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v0", isolate_order="sequential", **F64)
     u1 = union.component("unique", "v0")["mod"].dense(torch.float64)
     u2 = seq.component("unique", "v0")["mod"].dense(torch.float64)
     W = pool[0].modules["mod"].dense(torch.float64)
@@ -170,21 +171,21 @@ def test_isolate_sequential_is_offered_and_reported():
 def test_pairwise_shared_vectors_equal_literal():
     pool = planted(3, seed=9)
     Ws = [v.modules["mod"].dense(torch.float64) for v in pool]
-    dec = decompose(pool, tau=0.85, mode="pairwise", **F64)
+    dec = decompose(pool, tau=PAPER_TAU, mode="pairwise", **F64)
     for a, b in [(0, 1), (0, 2), (1, 2)]:
-        Z, _ = L.shared_basis([Ws[a], Ws[b]], 0.85)
+        Z, _ = L.shared_basis([Ws[a], Ws[b]], PAPER_TAU)
         _, _, merged = L.parts([Ws[a], Ws[b]], Z)
         got = dec.component("pair_shared", f"v{a}+v{b}")["mod"].dense(torch.float64)
         assert rel(got, merged) <= 1e-8
     # a vector's unique part in pairwise mode = isolate it against all others
-    iso = decompose(pool, tau=0.85, mode="isolate", target="v2", **F64)
+    iso = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v2", **F64)
     assert rel(dec.component("unique", "v2")["mod"].dense(), iso.component("unique", "v2")["mod"].dense()) < 1e-12
 
 
 def test_symmetric_variant_equals_chain_for_two_vectors():
     pool = planted(2, seed=11)
-    a = decompose(pool, tau=0.85, **F64)
-    b = decompose(pool, tau=0.85, symmetric=True, **F64)
+    a = decompose(pool, tau=PAPER_TAU, **F64)
+    b = decompose(pool, tau=PAPER_TAU, symmetric=True, **F64)
     assert torch.allclose(a.eigenvalues()["mod"].real, b.eigenvalues()["mod"].real, atol=1e-12)
     Za, Zb = a.shared_basis("mod"), b.shared_basis("mod")
     assert rel(Za @ Za.T, Zb @ Zb.T) < 1e-10
@@ -198,10 +199,10 @@ def test_symmetric_variant_equals_chain_for_two_vectors():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_principal_angle_alternative_matches_projection_method(seed):
     pool = planted(2, seed=seed, noise=0.4, r=8, s=4)
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     Q1 = dec.blocks[0].basis(0, 0)
     Q2 = dec.blocks[0].basis(1, 0)
-    p, q, bis, cos2 = D.principal_vectors(Q1, Q2, 0.85)
+    p, q, bis, cos2 = D.principal_vectors(Q1, Q2, PAPER_TAU)
     Z = dec.shared_basis("mod")
     assert p.shape[1] == Z.shape[1]  # same number of directions selected at the same τ
     assert rel(p @ p.T, Z @ Z.T) < 1e-10  # the first side's principal vectors span Z
@@ -249,7 +250,7 @@ def test_toy_appendix7(scaling):
         W1, W2, T = toy(sigma, scaling)
         dec = decompose(
             [TaskVector("a", {"m": Dense(W1)}), TaskVector("b", {"m": Dense(W2)})],
-            tau=0.85, dense_rank=150, dense_energy=None, **F64,
+            tau=PAPER_TAU, dense_rank=150, dense_energy=None, **F64,
         )
         Z = dec.shared_basis("m")
         ang = D.subspace_angles_deg(Z, T) if Z.shape[1] else torch.tensor([90.0])
@@ -268,7 +269,7 @@ def test_toy_appendix7(scaling):
 
 def test_one_vector_is_all_unique():
     pool = planted(1)
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     assert dec.shared_dims() == {"mod": 0}
     assert torch.equal(dec.component("unique", "v0")["mod"].dense(), pool[0].modules["mod"].dense())
     assert dec.component("merged_shared") == {}
@@ -277,7 +278,7 @@ def test_one_vector_is_all_unique():
 def test_module_in_only_one_vector_is_unique():
     pool = planted(3, modules=("a", "b"))
     del pool[1].modules["b"], pool[2].modules["b"]
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     assert dec.shared_dims()["b"] == 0 and dec.shared_dims()["a"] >= 3
     assert torch.equal(dec.component("unique", "v0")["b"].dense(), pool[0].modules["b"].dense())
     row = {r["module"]: r for r in dec.summary()}["b"]
@@ -289,7 +290,7 @@ def test_zero_module():
     # refused, tests/test_stress_engine.py)
     pool = planted(3, modules=("mod", "other"))
     pool[1].modules["mod"] = LowRank(torch.zeros(48, 6, dtype=torch.float64), torch.zeros(6, 40, dtype=torch.float64))
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     assert dec.shared_dims()["mod"] == 0  # nothing is shared with a zero vector
     assert dec.component("unique", "v1")["mod"].dense().abs().max() == 0
     assert torch.equal(dec.component("unique", "v0")["mod"].dense(), pool[0].modules["mod"].dense())
@@ -302,10 +303,10 @@ def test_rank_deficient_factors_use_numerical_rank():
     B = lr.B.clone()
     B[:, 5] = B[:, 4]  # rank 5 factors of nominal rank 6
     pool[0].modules["mod"] = LowRank(B, lr.A, lr.scale)
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     assert dec.summary()[0]["ranks"] == [5, 6]
     Ws = [v.modules["mod"].dense(torch.float64) for v in pool]
-    Z, _ = L.shared_basis(Ws, 0.85)
+    Z, _ = L.shared_basis(Ws, PAPER_TAU)
     Zf = dec.shared_basis("mod")
     assert rel(Zf @ Zf.T, Z @ Z.T) <= 1e-8
 
@@ -365,7 +366,7 @@ def test_bad_pool_and_options():
 
 def test_summary_reports_ranks_norms_and_dims():
     pool = planted(3, seed=12)
-    dec = decompose(pool, tau=0.85, **F64)
+    dec = decompose(pool, tau=PAPER_TAU, **F64)
     (row,) = dec.summary()
     assert row["ranks"] == [6, 6, 6] and row["shared_dim"] == 3 and row["members"] == ["v0", "v1", "v2"]
     for v in pool:
@@ -380,3 +381,57 @@ def test_progress_callback_reports_every_module():
     seen = []
     decompose(pool, progress=lambda done, total, stage: seen.append((done, total, stage)))
     assert seen[-1] == (5, 5, "spectra") and any(s == "bases" for *_, s in seen)
+
+
+# --- the mode registry (issue 16 item 1) ------------------------------------------------------
+
+
+def test_mode_names_come_from_the_registry():
+    from devec_core import modes, pool
+
+    assert pool.MODES is modes.MODES and set(modes.MODES) == {"joint", "pairwise", "isolate"}
+    assert pool.ISOLATE_ORDERS is modes.ISOLATE_ORDERS
+    for cls in [*modes.REGISTRY.values(), *modes.VARIANTS.values()]:
+        assert cls.paper.startswith("arXiv 2512.22511"), cls  # each mode names its paper section
+
+
+def test_decomposition_dispatches_through_the_registry(monkeypatch):
+    """A mode added to the registry is used by Decomposition without any change to pool.py: one
+    that removes from each vector its own whole column space leaves unique = 0, shared = delta."""
+    from devec_core import modes
+    from devec_core.modes.base import Mode
+
+    class Everything(Mode):
+        name, paper = "everything", "arXiv 2512.22511 (test mode)"
+
+        def orders(self, names, members):
+            return []
+
+        def removed(self, dec, bi, pos):
+            T = dec.blocks[bi].T[pos]  # Q_pos = s·F·T: Y = I keeps its whole basis
+            return pos, torch.eye(T.shape[-1], dtype=T.dtype).expand_as(T) * (T.abs().sum(-2, keepdim=True) > 0)
+
+        def parts(self, names):
+            return [("unique", n) for n in names]
+
+    monkeypatch.setitem(modes.REGISTRY, "everything", Everything)
+    pool = planted(3, seed=4)
+    dec = decompose(pool, tau=PAPER_TAU, mode="everything", **F64)
+    assert dec.shared_dims() == {"mod": 6}
+    for v in pool:
+        want = v.modules["mod"].dense()
+        assert rel(dec.component("shared", v.name)["mod"].dense(), want) < 1e-9
+        assert float(dec.component("unique", v.name)["mod"].dense().norm()) < 1e-9 * float(want.norm())
+    assert dec.parts() == [("unique", v.name) for v in pool]
+
+
+@pytest.mark.parametrize("mode", ["joint", "pairwise", "isolate"])
+def test_every_part_a_mode_lists_is_a_component(mode):
+    """``Decomposition.parts()`` (what export writes, the studio mixes) resolves through component()."""
+    pool = planted(3, seed=6)
+    dec = decompose(pool, tau=PAPER_TAU, mode=mode, target="v1" if mode == "isolate" else None, **F64)
+    kinds = {k for k, _ in dec.parts()}
+    assert kinds == {"joint": {"unique", "merged_shared"}, "pairwise": {"unique", "pair_shared"},
+                     "isolate": {"unique", "shared"}}[mode]
+    for kind, name in dec.parts():
+        assert set(dec.component(kind, name)) == {"mod"}

@@ -12,6 +12,7 @@ import torch
 
 from devec_core import LowRank, TaskVector, decompose
 from devec_core import pool as P
+from devec_core.algorithm import PAPER_TAU
 from tests import literal as L
 
 F64 = dict(dtype="float64")
@@ -56,7 +57,7 @@ def rel(a, b):
 def test_isolate_removes_two_distinct_directions_shared_with_two_references(theta, dtype):
     tdt = torch.float64 if dtype == "float64" else torch.float32
     t, r1, r2, d1, d2 = angle_pool(theta, dtype=tdt)
-    dec = decompose([t, r1, r2], tau=0.85, mode="isolate", target="t", dtype=dtype)
+    dec = decompose([t, r1, r2], tau=PAPER_TAU, mode="isolate", target="t", dtype=dtype)
     U = dec.component("unique", "t")["mod"].dense(torch.float64)
     W = dense(t)
     tol = 1e-9 if dtype == "float64" else 1e-4
@@ -64,16 +65,16 @@ def test_isolate_removes_two_distinct_directions_shared_with_two_references(thet
     for d in (d1, d2):
         assert float((d @ U).norm() / (d @ W).norm()) <= tol
     assert dec.shared_dims()["mod"] == 2
-    want = L.isolate(W, [dense(r1), dense(r2)], 0.85)
+    want = L.isolate(W, [dense(r1), dense(r2)], PAPER_TAU)
     assert rel(U, want) <= (1e-8 if dtype == "float64" else 1e-4)
 
 
 def test_isolate_near_copies_count_once():
     # d1, d2 at 20°: cos² = 0.883 > τ = 0.85, so they are copies of one direction: one removed
     t, r1, r2, d1, d2 = angle_pool(20)
-    dec = decompose([t, r1, r2], tau=0.85, mode="isolate", target="t", **F64)
+    dec = decompose([t, r1, r2], tau=PAPER_TAU, mode="isolate", target="t", **F64)
     assert dec.shared_dims()["mod"] == 1
-    want = L.isolate(dense(t), [dense(r1), dense(r2)], 0.85)
+    want = L.isolate(dense(t), [dense(r1), dense(r2)], PAPER_TAU)
     assert rel(dec.component("unique", "t")["mod"].dense(torch.float64), want) <= 1e-8
 
 
@@ -96,10 +97,10 @@ def test_isolate_tilted_copies_remove_the_planted_dimension_only(noise):
     # slightly; the plain span of the union would remove 9 dimensions, the rule must remove 3
     for seed in range(5):
         pool = planted(4, noise=noise, seed=seed)
-        dec = decompose(pool, tau=0.85, mode="isolate", target="v1", **F64)
+        dec = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v1", **F64)
         assert dec.shared_dims()["mod"] == 3
         Ws = [dense(v) for v in pool]
-        want = L.isolate(Ws[1], [Ws[0], Ws[2], Ws[3]], 0.85)
+        want = L.isolate(Ws[1], [Ws[0], Ws[2], Ws[3]], PAPER_TAU)
         assert rel(dec.component("unique", "v1")["mod"].dense(torch.float64), want) <= 1e-8
 
 
@@ -115,12 +116,12 @@ def test_isolate_direction_shared_with_every_reference_and_one_with_a_single_one
 
     t = lora("t", [common, only2])
     refs = [lora("a", [common]), lora("b", [common, only2]), lora("c", [common])]
-    dec = decompose([t] + refs, tau=0.85, mode="isolate", target="t", **F64)
+    dec = decompose([t] + refs, tau=PAPER_TAU, mode="isolate", target="t", **F64)
     U = dec.component("unique", "t")["mod"].dense(torch.float64)
     assert dec.shared_dims()["mod"] == 2
     for d in (common, only2):
         assert float((d @ U).norm()) <= 1e-9 * float((d @ dense(t)).norm())
-    assert rel(U, L.isolate(dense(t), [dense(r) for r in refs], 0.85)) <= 1e-8
+    assert rel(U, L.isolate(dense(t), [dense(r) for r in refs], PAPER_TAU)) <= 1e-8
 
 
 @pytest.mark.parametrize("theta", [30, 60])
@@ -129,19 +130,19 @@ def test_isolate_reference_order_does_not_matter(theta):
     extra = planted(1, n=40, m=30, seed=9)[0]
     extra.name = "r3"
     pool = [t, r1, r2, extra]
-    base = decompose(pool, tau=0.85, mode="isolate", target="t", **F64).component("unique", "t")["mod"].dense()
+    base = decompose(pool, tau=PAPER_TAU, mode="isolate", target="t", **F64).component("unique", "t")["mod"].dense()
     for refs in [("r2", "r1", "r3"), ("r3", "r2", "r1"), ("r1", "r3", "r2")]:
-        dec = decompose(pool, tau=0.85, mode="isolate", target="t", references=refs, **F64)
+        dec = decompose(pool, tau=PAPER_TAU, mode="isolate", target="t", references=refs, **F64)
         assert rel(dec.component("unique", "t")["mod"].dense(), base) <= 1e-10
     # the pool order of the references does not matter either
-    perm = decompose([r2, extra, t, r1], tau=0.85, mode="isolate", target="t", **F64)
+    perm = decompose([r2, extra, t, r1], tau=PAPER_TAU, mode="isolate", target="t", **F64)
     assert rel(perm.component("unique", "t")["mod"].dense(), base) <= 1e-10
 
 
 def test_pairwise_unique_part_keeps_no_direction_shared_with_any_other_vector():
     # pairwise mode: a vector's unique part removes the union of its pair subspaces (same rule)
     t, r1, r2, d1, d2 = angle_pool(60, seed=2)
-    dec = decompose([t, r1, r2], tau=0.85, mode="pairwise", **F64)
+    dec = decompose([t, r1, r2], tau=PAPER_TAU, mode="pairwise", **F64)
     U = dec.component("unique", "t")["mod"].dense(torch.float64)
     for d in (d1, d2):
         assert float((d @ U).norm()) <= 1e-9 * float((d @ dense(t)).norm())
@@ -149,21 +150,21 @@ def test_pairwise_unique_part_keeps_no_direction_shared_with_any_other_vector():
     row = dec.summary()[0]["norms"]["t"]
     assert math.isclose(row["unique"], float(U.norm()), rel_tol=1e-9)
     Zt = dec.shared_basis("mod")
-    want = L.union([L.shared_basis([dense(t), dense(r)], 0.85)[0] for r in (r1, r2)], 0.85)
+    want = L.union([L.shared_basis([dense(t), dense(r)], PAPER_TAU)[0] for r in (r1, r2)], PAPER_TAU)
     assert rel(Zt @ Zt.T, want @ want.T) <= 1e-8
 
 
 def test_isolate_sequential_option_is_kept_and_its_difference_reported():
     t, r1, r2, d1, d2 = angle_pool(60, seed=4)
-    union = decompose([t, r1, r2], tau=0.85, mode="isolate", target="t", **F64)
-    seq = decompose([t, r1, r2], tau=0.85, mode="isolate", target="t", isolate_order="sequential", **F64)
+    union = decompose([t, r1, r2], tau=PAPER_TAU, mode="isolate", target="t", **F64)
+    seq = decompose([t, r1, r2], tau=PAPER_TAU, mode="isolate", target="t", isolate_order="sequential", **F64)
     Uu = union.component("unique", "t")["mod"].dense(torch.float64)
     Us = seq.component("unique", "t")["mod"].dense(torch.float64)
-    assert rel(Us, L.sequential(dense(t), [dense(r1), dense(r2)], 0.85)) <= 1e-8
+    assert rel(Us, L.sequential(dense(t), [dense(r1), dense(r2)], PAPER_TAU)) <= 1e-8
     print(f"\nisolate, d1/d2 at 60°: union vs sequential relative difference {rel(Us, Uu):.2e}")
     pool = planted(4, noise=0.1, seed=8)
-    u = decompose(pool, tau=0.85, mode="isolate", target="v0", **F64).component("unique", "v0")["mod"].dense()
-    s = decompose(pool, tau=0.85, mode="isolate", target="v0", isolate_order="sequential", **F64)
+    u = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v0", **F64).component("unique", "v0")["mod"].dense()
+    s = decompose(pool, tau=PAPER_TAU, mode="isolate", target="v0", isolate_order="sequential", **F64)
     print(f"isolate, planted tilted copies: union vs sequential relative difference "
           f"{rel(s.component('unique', 'v0')['mod'].dense(), u):.2e}")
 
@@ -214,7 +215,7 @@ def test_rank_cut_sees_the_product_not_B_alone(dtype):
         TaskVector(v.name, {"mod": v.modules["mod"].to(dtype=tdt)}) for v in pool[1:]
     ]
     plain = [TaskVector(v.name, {"mod": v.modules["mod"].to(dtype=tdt)}) for v in pool]
-    a, b = decompose(skew, tau=0.85, dtype=dtype), decompose(plain, tau=0.85, dtype=dtype)
+    a, b = decompose(skew, tau=PAPER_TAU, dtype=dtype), decompose(plain, tau=PAPER_TAU, dtype=dtype)
     assert a.summary()[0]["ranks"] == b.summary()[0]["ranks"] == [10, 10, 10]
     assert a.shared_dims() == b.shared_dims() == {"mod": 3}
     tol = 1e-9 if dtype == "float64" else 2e-4
@@ -228,14 +229,14 @@ def test_rank_cut_sees_the_product_not_B_alone(dtype):
 @pytest.mark.parametrize("which", ["B", "both"])
 def test_float32_factors_far_from_one_give_the_float64_answer(factor, which):
     base = conditioned_pool(cond=3.0, dtype=torch.float64)
-    want = decompose(base, tau=0.85, **F64)
+    want = decompose(base, tau=PAPER_TAU, **F64)
 
     def scaled(v):
         lr = v.modules["mod"]
         fa = factor if which == "both" else 1.0
         return TaskVector(v.name, {"mod": LowRank((lr.B * factor).float(), (lr.A * fa).float(), lr.scale)})
 
-    got = decompose([scaled(v) for v in base], tau=0.85)  # float32
+    got = decompose([scaled(v) for v in base], tau=PAPER_TAU)  # float32
     assert got.shared_dims() == want.shared_dims() == {"mod": 4}
     assert got.summary()[0]["ranks"] == want.summary()[0]["ranks"]
     for name in ("v0", "v2"):
@@ -359,7 +360,7 @@ def tall_pool(k=3, n=512, m=384, r=8, seed=0, dense=False):
 def test_state_dict_round_trip_is_exact_and_holds_no_input_factor(mode):
     pool = tall_pool(dense=True)
     opts = dict(mode=mode, target="v1" if mode == "isolate" else None)
-    dec = decompose(pool, tau=0.85, **opts)
+    dec = decompose(pool, tau=PAPER_TAU, **opts)
     state = dec.state_dict()
     back = P.Decomposition.from_state_dict(state, pool, tau=0.6)
     fresh = decompose(pool, tau=0.6, **opts)
@@ -394,7 +395,7 @@ def test_cache_entry_is_a_small_fraction_of_the_inputs(tmp_path):
 
     pool = tall_pool(n=1024, m=1024, r=8)
     cache = DecompositionCache(tmp_path)
-    cached_decompose(pool, 0.85, cache=cache)
+    cached_decompose(pool, PAPER_TAU, cache=cache)
     dec, hit = cached_decompose(pool, 0.5, cache=cache)
     assert hit
     entry = cache.entries()[0][1]

@@ -1,0 +1,329 @@
+"""Blocks: a pool's modules with the same signature, their small matrices stacked on dim 0.
+
+A FLUX pool of ~500 modules has a handful of signatures (members, kinds, shapes, ranks), so a
+block turns thousands of tiny r×r operations into a few batched calls. A ``Block`` holds the
+inputs' factors (references, no copies), and everything τ-independent computed from them:
+Gram matrices, the bases' small matrices T (Q = s·F·T, ``algorithm.lowrank_basis``), norms,
+spectra of member tuples, projections. ``Block.state()`` / ``Block.from_state()`` are its small
+view without the factors (``pool.Decomposition.state_dict``).
+
+Modes (``devec_core.modes``) decide which spectra and projections are needed; the block computes
+each on first use and keeps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import algorithm as D
+from .taskvec import Delta, LowRank, TaskVector
+
+Progress = Callable[[int, int, str], None]
+
+SMALL = torch.float64  # every r×r computation runs in float64: cheap, and it spends no precision
+
+
+@dataclass
+class Spectrum:
+    """τ-independent data of one ordered tuple of members (the first is the basis side)."""
+
+    order: tuple[int, ...]  # positions within the block's members
+    eigvals: torch.Tensor  # (b, p1) complex
+    eigvecs: torch.Tensor  # (b, p1, p1) complex
+
+
+@dataclass
+class Block:
+    """Modules with the same shapes, kinds and members. Per member (position p in `members`):
+    F[p][b] is the tall factor of module b (a LoRA's B, unscaled, or a dense delta's kept left
+    singular vectors), scale[b, p] its scale, so the basis is Q = scale·F·T[p][b].
+
+    Gram matrices of the scaled factors are computed per pair of members when first needed
+    (``gram``): joint mode's spectrum needs only the diagonal blocks and the chain C_12 … C_k1."""
+
+    modules: list[str]
+    members: tuple[int, ...]  # vector indices in pool order
+    shape: tuple[int, int]
+    F: list[list[torch.Tensor]]  # per member, per module: (n, p_i), compute dtype
+    A: list[list[torch.Tensor] | None]  # per member, per module: (r, m); None for dense
+    W: list[list[torch.Tensor] | None]  # per member, per module: dense (n, m); None for LoRA
+    scale: torch.Tensor  # (b, k) SMALL
+    wide: torch.Tensor  # (b,) bool: Grams of these modules computed in float64 (range edge)
+    grams: dict[tuple[int, int], torch.Tensor]  # (i, j) -> (b, p_i, p_j) SMALL: (s_iF_i)ᵀ(s_jF_j)
+    GA: list[torch.Tensor | None]  # per member: A Aᵀ (b, r, r) SMALL; None for dense
+    T: list[torch.Tensor]  # per member: (b, p_i, p_i) SMALL, Q = sF T
+    ranks: torch.Tensor  # (b, k)
+    sq_norms: torch.Tensor  # (b, k) SMALL: ‖ΔW_i‖_F²
+    spectra: dict[tuple[int, ...], Spectrum] = field(default_factory=dict)
+    _proj: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def gram(self, i: int, j: int) -> torch.Tensor:
+        """(s_iF_i)ᵀ (s_jF_j), (b, p_i, p_j) SMALL; one GEMM per module on first use."""
+        if (i, j) not in self.grams:
+            if (j, i) in self.grams:
+                return self.grams[(j, i)].mT
+            G = _grams(self.F[i], self.F[j], self.wide)
+            self.grams[(i, j)] = G * (self.scale[:, i] * self.scale[:, j])[:, None, None]
+        return self.grams[(i, j)]
+
+    def cross(self, i: int, j: int) -> torch.Tensor:
+        """C_ij = Q_iᵀ Q_j = T_iᵀ (s_iF_i)ᵀ(s_jF_j) T_j, (b, p_i, p_j)."""
+        return self.T[i].mT @ self.gram(i, j) @ self.T[j]
+
+    def proj(self, f: int, i: int) -> torch.Tensor:
+        """Q_fᵀ X_i: member i's factor (scaled B, or dense W) in member f's basis, (b, p_f, r|m)."""
+        if (f, i) not in self._proj:
+            if self.W[i] is None:
+                P = self.T[f].mT @ self.gram(f, i)
+            else:
+                FtW = torch.stack([Ff.mT @ Wi for Ff, Wi in zip(self.F[f], self.W[i])]).to(SMALL)
+                P = self.T[f].mT @ (self.scale[:, f, None, None] * FtW)
+            self._proj[(f, i)] = P
+        return self._proj[(f, i)]
+
+    def spectrum(self, order: tuple[int, ...], symmetric: bool) -> Spectrum:
+        if order not in self.spectra:
+            chain = [self.cross(a, b) for a, b in zip(order, order[1:] + order[:1])]
+            vals, vecs = D.chain_spectrum(chain, symmetric=symmetric)
+            self.spectra[order] = Spectrum(order, vals, vecs)
+        return self.spectra[order]
+
+    def factor(self, p: int, b: int) -> torch.Tensor:
+        """Member p's own delta factor X for module b: scaled B (n, r) or dense W (n, m)."""
+        return self.W[p][b] if self.W[p] is not None else self.F[p][b] * float(self.scale[b, p])
+
+    def project(self, f: int, Y: torch.Tensor, i: int) -> list[torch.Tensor]:
+        """Z Zᵀ X_i per module with Z = Q_f Y: s_f F_f (T_f Y Yᵀ Q_fᵀ X_i), one GEMM each."""
+        K = self.T[f] @ Y @ (Y.mT @ self.proj(f, i)) * self.scale[:, f, None, None]
+        K = in_range(K, self.F[f][0].dtype, self.modules)
+        return [Ff @ k for Ff, k in zip(self.F[f], K)]
+
+    def basis(self, p: int, b: int) -> torch.Tensor:
+        """The orthonormal basis Q (n, p_i) of member p for module b (zero columns where cut)."""
+        Tb = in_range(self.T[p][b : b + 1] * self.scale[b, p], self.F[p][b].dtype, self.modules[b : b + 1])[0]
+        return self.F[p][b] @ Tb
+
+    def shared_sq_norm(self, f: int, Y: torch.Tensor, i: int) -> torch.Tensor:
+        """‖Z Zᵀ ΔW_i‖_F² = ‖Yᵀ Q_fᵀ X_i · A_i‖² from small products; (b,)."""
+        core = Y.mT @ self.proj(f, i)
+        if self.GA[i] is None:
+            return core.pow(2).sum((-1, -2))
+        return ((core @ self.GA[i]) * core).sum((-1, -2))
+
+    # --- the small view (cache entries): no factor of the inputs --------------------------------
+    def state(self) -> dict:
+        """The τ-independent tensors that are small, as plain containers.
+
+        Module names, members, scales, the Gram matrices computed so far, A Aᵀ, the bases' small
+        matrices T, ranks, norms, spectra and projections computed so far; for dense members also
+        their kept left singular vectors (an SVD of the input: not cheap to redo). The LoRA
+        factors and dense deltas are not stored: ``from_state`` takes them from the vectors.
+        """
+        return {
+            "modules": list(self.modules), "members": tuple(self.members), "shape": tuple(self.shape),
+            "scale": self.scale, "wide": self.wide, "grams": dict(self.grams),
+            "GA": list(self.GA), "T": list(self.T), "ranks": self.ranks, "sq_norms": self.sq_norms,
+            "spectra": {o: (sp.eigvals, sp.eigvecs) for o, sp in self.spectra.items()},
+            "proj": dict(self._proj),
+            "dense_F": {p: self.F[p] for p in range(len(self.members)) if self.W[p] is not None},
+        }
+
+    @classmethod
+    def from_state(cls, st: dict, vectors: list[TaskVector], signatures: dict[str, tuple], dev, dtype) -> "Block":
+        """A block from ``state()`` and the pool's vectors; ValueError if they do not fit it.
+
+        ``signatures``: module → signature of the vectors (``group_modules``), checked against
+        what the state says of its members' kinds, shapes and ranks.
+        """
+        mods, members = list(st["modules"]), tuple(st["members"])
+        want = tuple(
+            (i, "Dense" if st["GA"][p] is None else "LowRank", tuple(st["shape"]),
+             None if st["GA"][p] is None else st["T"][p].shape[-1])
+            for p, i in enumerate(members)
+        )
+        if {signatures.get(m) for m in mods} != {want}:
+            raise ValueError(f"decomposition state does not fit the vectors (block of {mods[0]!r})")
+        F, A, W, _ = block_inputs(vectors, members, mods, dev, dtype)
+        for p, Fs in st["dense_F"].items():
+            F[p] = [f.to(dev) for f in Fs]
+        to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        return cls(
+            mods, members, tuple(st["shape"]), F, A, W, to(st["scale"]), to(st["wide"]),
+            {tuple(k): to(g) for k, g in st["grams"].items()}, [to(g) for g in st["GA"]], [to(t) for t in st["T"]],
+            to(st["ranks"]), to(st["sq_norms"]),
+            {tuple(o): Spectrum(tuple(o), to(v), to(e)) for o, (v, e) in st["spectra"].items()},
+            {tuple(k): to(x) for k, x in st["proj"].items()},
+        )
+
+
+def in_range(K: torch.Tensor, dtype: torch.dtype, mods: list[str]) -> torch.Tensor:
+    """K (SMALL) cast to the factors' dtype; an error naming the module if it overflows there."""
+    out = K.to(dtype)
+    bad = ~torch.isfinite(out).flatten(1).all(-1) & torch.isfinite(K).flatten(1).all(-1)
+    if bad.any():
+        mod = mods[int(bad.nonzero()[0])]
+        raise ValueError(
+            f"module {mod!r}: overflow: an intermediate of {float(K.abs().max()):.3g} exceeds the {dtype} range "
+            "(the pool's factors differ in scale by more than it can hold); decompose with dtype='float64'"
+        )
+    return out
+
+
+def _grams(Fi: list[torch.Tensor], Fj: list[torch.Tensor], wide: torch.Tensor) -> torch.Tensor:
+    """Per module F_iᵀ F_j, stacked (b, p_i, p_j) in SMALL; GEMM in the factors' dtype, or in
+    float64 for the ``wide`` modules (factors whose squares under- or overflow that dtype)."""
+    out = []
+    for a, b_, w in zip(Fi, Fj, wide.tolist()):
+        if w and a.dtype != SMALL:
+            a, b_ = a.to(SMALL), b_.to(SMALL)
+        out.append(a.mT @ b_)
+    return torch.stack(out).to(SMALL)
+
+
+def _edge(G: torch.Tensor) -> torch.Tensor:
+    """(b,) True where a Gram's diagonal left the normal range of its dtype: an entry below
+    tiny/eps (its factor column underflowed, or is zero) or not finite (overflow, or NaN)."""
+    d = G.diagonal(dim1=-2, dim2=-1)
+    lim = torch.finfo(G.dtype).tiny / torch.finfo(G.dtype).eps
+    return (~torch.isfinite(d) | (d < lim)).any(-1)
+
+
+def _signature(deltas: list[tuple[int, Delta]]):
+    return tuple((i, type(d).__name__, tuple(d.shape), getattr(d, "rank", None)) for i, d in deltas)
+
+
+def group_modules(vectors: list[TaskVector]) -> dict[tuple, list[str]]:
+    """Modules grouped by signature (members, kinds, shapes, ranks); shapes checked across vectors."""
+    present: dict[str, list[tuple[int, Delta]]] = {}
+    for i, v in enumerate(vectors):
+        for mod, d in v.modules.items():
+            present.setdefault(mod, []).append((i, d))
+    groups: dict[tuple, list[str]] = {}
+    for mod, deltas in present.items():
+        i0, d0 = deltas[0]
+        for i, d in deltas[1:]:
+            if tuple(d.shape) != tuple(d0.shape):
+                raise ValueError(
+                    f"module {mod!r}: shape {tuple(d0.shape)} in {vectors[i0].name!r} but {tuple(d.shape)} "
+                    f"in {vectors[i].name!r} (task vectors for different base models?)"
+                )
+        groups.setdefault(_signature(deltas), []).append(mod)
+    return groups
+
+
+def block_inputs(vectors, members, mods, dev, dtype):
+    """Per member: (F, A, W, scale) lists for the block's modules, no copies where dtype/device match.
+    Dense members get F = None here (their basis needs an SVD)."""
+    F, A, W, scales = [], [], [], []
+    for i in members:
+        ds = [vectors[i].modules[mod] for mod in mods]
+        if isinstance(ds[0], LowRank):
+            F.append([d.B.to(dev, dtype) for d in ds])
+            A.append([d.A.to(dev, dtype) for d in ds])
+            W.append(None)
+            scales.append(torch.tensor([float(d.scale) for d in ds], dtype=SMALL))
+        else:
+            F.append(None)
+            A.append(None)
+            W.append([d.W.to(dev, dtype) for d in ds])
+            scales.append(torch.ones(len(mods), dtype=SMALL))
+    return F, A, W, torch.stack(scales, -1).to(dev)
+
+
+def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None) -> list[Block]:
+    # 1. Which vectors have which module, with shape checks (error names module and shapes)
+    groups = group_modules(vectors)
+    total = sum(len(m) for m in groups.values())
+
+    # 2. Per block: tall factors, diagonal Grams, bases (cross Grams come later, when needed)
+    blocks, done = [], 0
+    for sig, mods in groups.items():
+        members = tuple(i for i, *_ in sig)
+        k, (n, m) = len(members), sig[0][2]
+        F, A, W, scale = block_inputs(vectors, members, mods, dev, dtype)
+        sq: list[torch.Tensor | None] = [None] * k
+        for p in range(k):
+            if W[p] is not None:  # dense: ‖W‖² in float64 (no underflow), basis by truncated SVD
+                sq[p] = torch.stack([torch.linalg.vector_norm(w, dtype=SMALL) ** 2 for w in W[p]])
+                _check_finite(sq[p], vectors, members[p], mods)
+                U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
+                width = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
+                F[p] = [u[:, :width].contiguous() for u in U]
+        # 2a. diagonal Grams in the compute dtype; modules whose Grams left its range are redone in
+        #     float64 (factors ~1e-30 square to 0 in float32, ~1e+30 to inf)
+        diag = [torch.stack([f.mT @ f for f in F[p]]) for p in range(k)]
+        GA = [None if A[p] is None else torch.stack([a @ a.mT for a in A[p]]) for p in range(k)]
+        wide = torch.zeros(len(mods), dtype=torch.bool, device=dev)
+        for p in range(k):
+            if A[p] is not None:
+                wide |= _edge(diag[p]) | _edge(GA[p])
+        diag = [g.to(SMALL) for g in diag]
+        GA = [None if g is None else g.to(SMALL) for g in GA]
+        if dtype != SMALL:
+            for b in wide.nonzero().flatten().tolist():
+                for p in range(k):
+                    f = F[p][b].to(SMALL)
+                    diag[p][b] = f.mT @ f
+                    if A[p] is not None:
+                        a = A[p][b].to(SMALL)
+                        GA[p][b] = a @ a.mT
+        grams = {(p, p): diag[p] * (scale[:, p] ** 2)[:, None, None] for p in range(k)}
+        # 2b. norms (checked before any eigen-solve), bases
+        T: list[torch.Tensor | None] = [None] * k
+        for p in range(k):
+            if W[p] is not None:
+                keep = grams[(p, p)].diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
+                T[p] = torch.diag_embed(keep.to(SMALL))
+            else:
+                sq[p] = D.sq_norm_from_grams(grams[(p, p)], GA[p])
+                _check_finite(sq[p], vectors, members[p], mods)
+        rtol = D.rank_rtol(n, m, dtype)
+        widths = [F[p][0].shape[1] for p in range(k)]
+        for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
+            ps = [p for p in range(k) if T[p] is None and widths[p] == w]
+            GB = torch.stack([grams[(p, p)] for p in ps], 1)
+            Ts = D.lowrank_basis(GB, torch.stack([GA[p] for p in ps], 1), rtol)[0]  # (b, len(ps), w, w)
+            for j, p in enumerate(ps):
+                T[p] = Ts[:, j]
+        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
+        blocks.append(Block(mods, members, (n, m), F, A, W, scale, wide, grams, GA, T, ranks, torch.stack(sq, -1)))
+        done += len(mods)
+        if progress:
+            progress(done, total, "bases")
+    return blocks
+
+
+def _check_finite(sq_norms: torch.Tensor, vectors: list[TaskVector], i: int, mods: list[str]) -> None:
+    """A squared norm that is not finite: NaN/Inf in the input, or an overflow (named as such)."""
+    bad = ~torch.isfinite(sq_norms)
+    if not bad.any():
+        return
+    mod = mods[int(bad.nonzero()[0])]
+    d = vectors[i].modules[mod]
+    tensors = {"B": d.B, "A": d.A} if isinstance(d, LowRank) else {"W": d.W}
+    for part, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"task vector {vectors[i].name!r}, module {mod!r}: {part} contains NaN/Inf")
+    big = max(float(t.abs().max()) for t in tensors.values()) if all(t.numel() for t in tensors.values()) else 0.0
+    raise ValueError(
+        f"task vector {vectors[i].name!r}, module {mod!r}: overflow: its squared norm exceeds the float64 range "
+        f"(largest factor entry {big:.3g}, scale {getattr(d, 'scale', 1.0):.3g}); rescale the input"
+    )
+
+
+def check_not_zero(vectors: list[TaskVector], blocks: list[Block]) -> None:
+    """A vector whose every module is exactly zero has nothing to decompose: refuse it plainly."""
+    total = torch.zeros(len(vectors), dtype=SMALL)
+    for blk in blocks:
+        for p, i in enumerate(blk.members):
+            total[i] += blk.sq_norms[:, p].sum().cpu()
+    zero = [v for i, v in enumerate(vectors) if total[i] == 0 and v.modules]
+    if zero:
+        v = zero[0]
+        raise ValueError(
+            f"task vector {v.name!r} is all zero (all {len(v.modules)} of its module deltas are 0): "
+            "nothing to decompose; remove it from the pool"
+        )
