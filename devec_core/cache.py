@@ -382,6 +382,15 @@ class DecompositionCache:
     def path(self, key: str) -> Path:
         return self.root / key
 
+    def has(self, key: str) -> bool:
+        """Whether an entry for ``key`` is present with an intact, matching manifest (its tensors are
+        checked by ``get``). Cheap: reads manifest.json only. The CLI uses it to skip the content
+        checks of inputs whose exact bytes and load options were checked when the entry was written."""
+        try:
+            return _unseal((self.path(key) / "manifest.json").read_text()).get("key") == key
+        except (OSError, ValueError):
+            return False
+
     def get(self, key: str, tau: float, vectors: list[TaskVector] | None = None):
         """The cached decomposition at τ, rebuilt with the pool's ``vectors`` (an entry holds no
         input factors), or None (no vectors given, missing, or unusable: reported, removed).
@@ -499,7 +508,7 @@ class DecompositionCache:
 
 
 def cached_decompose(vectors: list[TaskVector], tau: float = PAPER_TAU, *, cache: DecompositionCache | None = None,
-                     key: str | None = None, progress=None, **options):
+                     key: str | None = None, progress=None, before_compute: Callable[[], None] | None = None, **options):
     """``pool.decompose`` through the cache. Returns (Decomposition, hit).
 
     Args:
@@ -508,6 +517,7 @@ def cached_decompose(vectors: list[TaskVector], tau: float = PAPER_TAU, *, cache
         cache: the cache (default: a ``DecompositionCache()`` at the default root).
         key: a precomputed key (e.g. ``key_for_sources``).
         progress, options: as ``pool.decompose``.
+        before_compute: called on a miss before computing (the CLI's input checks that a hit skips).
     """
     from .algorithm import check_tau
     from .pool import Config, decompose
@@ -522,6 +532,8 @@ def cached_decompose(vectors: list[TaskVector], tau: float = PAPER_TAU, *, cache
     dec = cache.get(key, tau, vectors)
     if dec is not None:
         return dec, True
+    if before_compute is not None:
+        before_compute()
     dec = decompose(vectors, tau=tau, progress=progress, **options)
     cache.put(key, dec)
     return dec, False

@@ -315,7 +315,7 @@ def _config_arg(args) -> dict | None:
 def run_decompose(args) -> int:
     from .cache import DecompositionCache, cached_decompose
     from .export import write_parts
-    from .formats import load_pool, module_report
+    from .formats import check_pool_contents, load_pool, module_report
     from .pool import Config
 
     t0 = time.perf_counter()
@@ -345,20 +345,24 @@ def run_decompose(args) -> int:
 
     # 2. Cache key by file content; 3. load, and decompose through the cache (a hit rebuilds the
     #    decomposition from the loaded inputs and the entry's small tensors: no SVD, no eigen-solve)
+    #    An entry for these files' SHA-256 and options means their contents passed the checks when it
+    #    was written: a hit skips them (most of a load's time); a miss runs them before computing.
     cache = None if args.no_cache else DecompositionCache(args.cache_dir, report=report_msg)
     key = None
     if cache is not None:
         load_opts = {"base": args.base, "allow_pickle": args.allow_pickle, "compress": compress, "alpha": args.alpha,
                      "config": _config_arg(args)}
         key = cache.key_for_sources(paths, names, cfg, load_opts)
+    checked = cache is None or not cache.has(key)
     vectors = load_pool(paths, names, base=args.base, allow_pickle=args.allow_pickle, progress=bars, compress=compress,
-                        alpha=args.alpha, config=_config_arg(args))
+                        alpha=args.alpha, config=_config_arg(args), check_contents=checked)
     for v, s in zip(vectors, inputs):
         v.meta["input"] = s
     bars.close()
     try:
         if cache is not None:
-            dec, hit = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars, **options)
+            dec, hit = cached_decompose(vectors, args.tau, cache=cache, key=key, progress=bars,
+                                        before_compute=None if checked else lambda: check_pool_contents(vectors), **options)
         else:
             from .pool import decompose
 

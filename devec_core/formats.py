@@ -1144,6 +1144,7 @@ def load_pool(
     compress: tuple[int | None, float | None] | None = None,
     alpha: float | None = None,
     config: dict | str | os.PathLike | None = None,
+    check_contents: bool = True,
 ) -> list[TaskVector]:
     """Load several task vectors of one base: checks the pool is non-empty and free of duplicates.
 
@@ -1151,6 +1152,10 @@ def load_pool(
     with ``compress=(rank, energy)`` dense deltas (checkpoints, DoRA) are cut to LoRA factors as
     they are read. Names default to file/folder names, made unique with a numeric suffix.
     ``alpha`` / ``config`` are used for PEFT adapters that carry no adapter_config.json.
+    ``check_contents=False`` skips ``check_pool_contents`` (NaN/Inf, duplicate content: two passes
+    over every tensor, most of a load's time) for inputs whose exact bytes and options already
+    passed it — a cache hit keyed by the files' SHA-256 (``devec_core.cli``); run it before
+    computing anything from them otherwise.
 
     Returns:
         The vectors in the given order.
@@ -1197,13 +1202,20 @@ def load_pool(
     for v in vecs:
         if not v.modules:
             raise FormatError(f"{v.meta['input']!r}: no modules with a nonzero delta")
+    check_same_base(vecs)
+    if check_contents:
+        check_pool_contents(vecs)
+    return vecs
+
+
+def check_pool_contents(vecs: list[TaskVector]) -> None:
+    """Every value finite, and no two vectors with the same content (FormatError naming the input)."""
+    for v in vecs:
         try:
             v.check_finite()
         except ValueError as e:
-            raise FormatError(f"{v.meta['input']!r}: {e}") from None
-    check_same_base(vecs)
+            raise FormatError(f"{v.meta.get('input', v.name)!r}: {e}") from None
     _check_duplicate_content(vecs)
-    return vecs
 
 
 def check_same_base(vectors: list[TaskVector]) -> None:

@@ -249,3 +249,58 @@ def test_default_dir_from_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DEVEC_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert default_cache_dir() == tmp_path / "x" / "devec"
+
+
+# --- the CLI's hit skips the input content checks only when an entry vouches for the exact bytes --
+
+
+def _lora_files(folder, nan=False):
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for mod in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"):
+            B = torch.randn(32, 4, generator=g)
+            B[:, 0] = 1.0  # one shared direction
+            sd[f"transformer.{mod}.lora_A.weight"] = torch.randn(4, 24, generator=g)
+            sd[f"transformer.{mod}.lora_B.weight"] = B
+        if nan and i == 1:
+            sd["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"][3, 2] = float("nan")
+        paths.append(folder / f"style{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    return [str(p) for p in paths]
+
+
+def test_cli_hit_skips_content_checks_only_for_vouched_inputs(tmp_path, monkeypatch, capsys):
+    """Cold run: checked. Hit: not re-checked (an entry exists for these files' SHA-256 + options).
+    An entry that turns out unusable: checked before computing. Changed bytes (a NaN): a new key,
+    checked, refused — a warm cache never lets an unchecked input through."""
+    from devec_core import formats
+    from devec_core.cli import main
+
+    calls = []
+    real = formats.check_pool_contents
+    monkeypatch.setattr(formats, "check_pool_contents", lambda vecs: (calls.append(len(vecs)), real(vecs))[1])
+    cache = tmp_path / "cache"
+    files = _lora_files(tmp_path)
+    run = lambda out, *extra: main(["decompose", *files, "--out", str(tmp_path / out), "--cache-dir", str(cache), "--quiet", *extra])  # noqa: E731
+    assert run("o1") == 0 and calls == [2]
+    assert run("o2", "--tau", "0.5") == 0 and calls == [2] and "cache hit" in capsys.readouterr().out
+    (entry,) = [e for e, _, _ in DecompositionCache(cache).entries()]
+    tf = entry / "tensors.safetensors"
+    data = bytearray(tf.read_bytes())
+    data[-3] ^= 0x10
+    tf.write_bytes(bytes(data))
+    assert run("o3", "--tau", "0.5") == 0 and calls == [2, 2]
+    captured = capsys.readouterr()
+    assert "computed" in captured.out and "unusable" in captured.err
+    assert run("ref", "--tau", "0.5", "--no-cache") == 0
+    for f in (tmp_path / "ref").glob("*.safetensors"):
+        from safetensors.torch import load_file
+
+        a, b = load_file(str(f)), load_file(str(tmp_path / "o3" / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files[:] = _lora_files(tmp_path, nan=True)  # same paths, new bytes
+    assert run("o4") == 1 and calls[-1] == 2 and "NaN" in capsys.readouterr().err
