@@ -12,7 +12,7 @@ projections; dense members' kept singular vectors), not the inputs' factors. A h
 eigendecomposition. An entry is a few percent of the inputs (docs/METHOD.md "Cheap τ").
 
 Layout: ``<root>/<key>/{manifest.json, tensors.safetensors}``. An entry is written in a temp
-folder and renamed into place (atomic). Integrity (``_digest_tensors``, ``_seal``): the manifest
+folder and renamed into place (atomic). Integrity (``hashing.digest_tensors``, ``hashing.seal``): the manifest
 records a SHA-256 per tensor over its name, dtype, shape and bytes in order, and manifest.json is
 sealed by a SHA-256 over its own canonical JSON (which also holds the entry's key). Every read
 checks both; any mismatch, and any error while reading or rebuilding an entry, means "unusable":
@@ -21,7 +21,13 @@ never a wrong result. An invalid τ is refused before the cache is touched. A si
 (``DEVEC_CACHE_MAX_GB``, default 20) evicts the least recently used entries (the entry folder's
 mtime is touched on every hit).
 
+An entry for a key from the input files (``key_for_sources``) also vouches that those exact bytes,
+loaded with those options, passed the content checks (NaN/Inf, duplicates) when it was written:
+the CLI skips them on a hit (``has``) and runs them before computing on a miss.
+
 Root: ``$DEVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/devec`` or ``~/.cache/devec``.
+(Content hashes and the seal live in ``devec_core.hashing``; this file, ~410 lines, is the one job
+"entries on disk": keys, the state encoder, reads that never serve a wrong answer, writes, LRU.)
 """
 
 from __future__ import annotations
@@ -39,82 +45,16 @@ from typing import Callable
 import torch
 
 from .algorithm import PAPER_TAU
-from .taskvec import LowRank, TaskVector
+from .hashing import digest_tensors, hash_file, hash_source, hash_task_vector, seal, unseal
+from .taskvec import TaskVector
 
 CACHE_FORMAT = 3
-_BUF = 1 << 22
-
+__all__ = ["DecompositionCache", "cached_decompose", "default_cache_dir", "hash_file", "hash_source", "hash_task_vector",
+           "make_key", "stale_temp"]
 
 # ---------------------------------------------------------------------------------------------
-# 1. Hashing
+# 1. Keys
 # ---------------------------------------------------------------------------------------------
-
-
-def _update_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
-
-
-def hash_task_vector(v: TaskVector, include_name: bool = True) -> str:
-    """SHA-256 of a task vector's content: module names, factors, scales, extras (and its name).
-
-    Args:
-        v: the vector.
-        include_name: mix the vector's name in (names label the decomposition's parts).
-    Returns:
-        Hex digest.
-    """
-    h = hashlib.sha256()
-    if include_name:
-        h.update(b"name\0" + v.name.encode() + b"\0")
-    for mod in sorted(v.modules):
-        d = v.modules[mod]
-        h.update(b"mod\0" + mod.encode() + b"\0")
-        if isinstance(d, LowRank):
-            h.update(f"lowrank {d.scale!r}".encode())
-            _update_tensor(h, d.B)
-            _update_tensor(h, d.A)
-        else:
-            h.update(b"dense")
-            _update_tensor(h, d.W)
-    for key in sorted(v.extras):
-        h.update(b"extra\0" + key.encode() + b"\0")
-        _update_tensor(h, v.extras[key])
-    return h.hexdigest()
-
-
-def hash_file(path: str | os.PathLike, memo: dict | None = None) -> str:
-    """SHA-256 of a file's bytes (memoised in ``memo`` by path, size, mtime, ctime and inode:
-    any write changes ctime, which no user-level tool can set back)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    tag = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    seen = memo.get(str(p)) if memo is not None else None
-    if isinstance(seen, list) and len(seen) == len(tag) + 1 and seen[:-1] == tag and isinstance(seen[-1], str):
-        return seen[-1]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(_BUF):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        memo[str(p)] = tag + [digest]
-    return digest
-
-
-def hash_source(path: str | os.PathLike, memo: dict | None = None) -> str:
-    """SHA-256 over a file, or over a folder's weight/config files (names + contents)."""
-    p = Path(path)
-    if p.is_file():
-        return hash_file(p, memo)
-    h = hashlib.sha256()
-    for f in sorted(p.rglob("*")):
-        if f.is_file() and f.suffix.lower() in (".safetensors", ".json", ".bin", ".pt", ".ckpt", ".pth"):
-            h.update(str(f.relative_to(p)).encode() + b"\0" + hash_file(f, memo).encode())
-    return h.hexdigest()
-
 
 _NOT_IN_KEY = ("max_work", "max_memory")  # the work budget refuses pools; it never changes a result
 
@@ -219,10 +159,6 @@ def _to_entry(dec) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, enc.tensors
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float, vectors: list[TaskVector]):
     """(manifest, tensors) + the pool's vectors → Decomposition at τ (no SVD / eigen-solve)."""
     from .pool import Decomposition
@@ -245,65 +181,6 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "devec"
 
-
-_CHUNK = 1 << 25  # 32 MiB: the unit a worker thread hashes (hashlib releases the GIL)
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes in memory order, without a copy when it is already contiguous on the CPU."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
-def _digest_tensors(T: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Per tensor: SHA-256 over its name, dtype, shape and bytes, position-sensitive.
-
-    A tensor's bytes are cut into 32 MiB chunks hashed on worker threads; the tensor's digest is
-    the SHA-256 of (name, dtype, shape, byte count, every chunk's digest in order). A flipped bit,
-    two swapped values, a changed dtype or shape all change it. SHA-256 runs at ~1.1 GB/s per
-    core here (SHA extensions), faster than the byte sum it replaces (see bench/bench_cache.py).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    views = {name: _tensor_bytes(t) for name, t in T.items()}
-    jobs = [(name, i) for name, v in views.items() for i in range(0, max(len(v), 1), _CHUNK)]
-    work = lambda job: hashlib.sha256(views[job[0]][job[1] : job[1] + _CHUNK]).digest()  # noqa: E731
-    total = sum(len(v) for v in views.values())
-    if total > 2 * _CHUNK and (os.cpu_count() or 1) > 1:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-            parts = list(ex.map(work, jobs))
-    else:
-        parts = [work(j) for j in jobs]
-    out: dict[str, list] = {}
-    for (name, _), d in zip(jobs, parts):
-        out.setdefault(name, []).append(d)
-    digests = {}
-    for name, t in T.items():
-        h = hashlib.sha256(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0{len(views[name])}\0".encode())
-        for d in out[name]:
-            h.update(d)
-        digests[name] = h.hexdigest()
-    return digests
-
-
-def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def _seal(body: dict) -> str:
-    """manifest.json's text: {"sha256": SHA-256 of the body's canonical JSON, "body": body}."""
-    body = json.loads(_canonical(body))  # what a reader will see (tuples → lists, keys → str)
-    return json.dumps({"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body})
-
-
-def _unseal(text: str) -> dict:
-    """The body of a sealed manifest; ValueError if the seal does not match (or is missing)."""
-    outer = json.loads(text)
-    if not isinstance(outer, dict) or not isinstance(outer.get("body"), dict) or not isinstance(outer.get("sha256"), str):
-        raise ValueError("manifest.json has no seal (written by another version?)")
-    if hashlib.sha256(_canonical(outer["body"])).hexdigest() != outer["sha256"]:
-        raise ValueError("manifest.json does not match its SHA-256")
-    return outer["body"]
 
 
 def stale_temp(d: Path, max_age: float = 3600.0) -> bool:
@@ -387,7 +264,7 @@ class DecompositionCache:
         checked by ``get``). Cheap: reads manifest.json only. The CLI uses it to skip the content
         checks of inputs whose exact bytes and load options were checked when the entry was written."""
         try:
-            return _unseal((self.path(key) / "manifest.json").read_text()).get("key") == key
+            return unseal((self.path(key) / "manifest.json").read_text()).get("key") == key
         except (OSError, ValueError):
             return False
 
@@ -409,7 +286,7 @@ class DecompositionCache:
         except OSError:
             return None
         try:
-            manifest = _unseal((d / "manifest.json").read_text())
+            manifest = unseal((d / "manifest.json").read_text())
             if manifest.get("key") != key:
                 raise ValueError(f"manifest.json belongs to entry {str(manifest.get('key'))[:12]!r}")
             tf = d / "tensors.safetensors"
@@ -421,7 +298,7 @@ class DecompositionCache:
             want = manifest["tensor_sha256"]
             if set(T) != set(want):
                 raise ValueError(f"tensors.safetensors holds {len(T)} tensors, manifest lists {len(want)}")
-            bad = [n for n, h in _digest_tensors(T).items() if want[n] != h]
+            bad = [n for n, h in digest_tensors(T).items() if want[n] != h]
             if bad:
                 raise ValueError(f"tensor {bad[0]!r} does not match its SHA-256 (name, dtype, shape, bytes)")
             dec = _from_entry(manifest, T, tau, vectors)
@@ -453,8 +330,8 @@ class DecompositionCache:
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:12]}-", dir=self.root))
             tf = tmp / "tensors.safetensors"
             save_file(T, str(tf))
-            manifest.update(tensors_bytes=tf.stat().st_size, tensor_sha256=_digest_tensors(T), created=time.time(), key=key)
-            (tmp / "manifest.json").write_text(_seal(manifest))
+            manifest.update(tensors_bytes=tf.stat().st_size, tensor_sha256=digest_tensors(T), created=time.time(), key=key)
+            (tmp / "manifest.json").write_text(seal(manifest))
             final = self.path(key)
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)

@@ -1236,7 +1236,7 @@ def check_same_base(vectors: list[TaskVector]) -> None:
 
 
 def _check_duplicate_content(vectors: list[TaskVector]) -> None:
-    from .cache import hash_task_vector
+    from .hashing import hash_task_vector
 
     seen: dict[str, str] = {}
     for v in vectors:
