@@ -13,6 +13,7 @@ each on first use and keeps it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,7 +88,7 @@ class Block:
     def spectrum(self, order: tuple[int, ...], symmetric: bool) -> Spectrum:
         if order not in self.spectra:
             chain = [self.cross(a, b) for a, b in zip(order, order[1:] + order[:1])]
-            vals, vecs = D.chain_spectrum(chain, symmetric=symmetric)
+            vals, vecs = batched(lambda *c: D.chain_spectrum(list(c), symmetric=symmetric), chain)
             self.spectra[order] = Spectrum(order, vals, vecs)
         return self.spectra[order]
 
@@ -157,6 +158,31 @@ class Block:
             {tuple(o): Spectrum(tuple(o), to(v), to(e)) for o, (v, e) in st["spectra"].items()},
             {tuple(k): to(x) for k, x in st["proj"].items()},
         )
+
+
+def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16) -> list:
+    """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to
+    ``torch.get_num_threads()`` Python threads (torch releases the GIL in its kernels).
+
+    Why: a block's work is many small independent calls (a 16×16 Gram per module and member
+    pair, a 16×16 eigen-solve per matrix). Each call parallelised inside torch/MKL spends more
+    time synchronising its threads than computing; whole calls spread over threads do not
+    (README "Decomposition" has the same-run measurement). Results do not depend on the split:
+    every call sees the same matrices.
+    """
+    w = min(torch.get_num_threads(), b // min_chunk)
+    if w < 2:
+        return [fn(slice(0, b))]
+    bounds = [b * i // w for i in range(w + 1)]
+    with ThreadPoolExecutor(max_workers=w) as ex:
+        return list(ex.map(fn, [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+
+
+def batched(fn: Callable, tensors: list[torch.Tensor], min_chunk: int = 16) -> tuple[torch.Tensor, ...]:
+    """``fn(*tensors)`` for a function batched over dim 0 of every tensor (and of every output),
+    its batch split over threads by ``parallel_chunks``."""
+    parts = parallel_chunks(lambda s: fn(*[t[s] for t in tensors]), tensors[0].shape[0], min_chunk)
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(out) for out in zip(*parts))
 
 
 def in_range(K: torch.Tensor, dtype: torch.dtype, mods: list[str]) -> torch.Tensor:
@@ -233,12 +259,15 @@ def block_inputs(vectors, members, mods, dev, dtype):
     return F, A, W, torch.stack(scales, -1).to(dev)
 
 
-def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None) -> list[Block]:
+def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None,
+                 pairs: Callable[[tuple[int, ...]], set] | None = None) -> list[Block]:
+    """The pool's blocks with bases and Grams. ``pairs(members)``: the member position pairs whose
+    cross Grams the mode's spectra will read (computed here, in the same pass as the diagonal)."""
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
     groups = group_modules(vectors)
     total = sum(len(m) for m in groups.values())
 
-    # 2. Per block: tall factors, diagonal Grams, bases (cross Grams come later, when needed)
+    # 2. Per block: tall factors, Grams, bases (cross Grams the spectra need, or later on first use)
     blocks, done = [], 0
     for sig, mods in groups.items():
         members = tuple(i for i, *_ in sig)
@@ -252,25 +281,34 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
                 U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
                 width = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
                 F[p] = [u[:, :width].contiguous() for u in U]
-        # 2a. diagonal Grams in the compute dtype; modules whose Grams left its range are redone in
-        #     float64 (factors ~1e-30 square to 0 in float32, ~1e+30 to inf)
-        diag = [torch.stack([f.mT @ f for f in F[p]]) for p in range(k)]
-        GA = [None if A[p] is None else torch.stack([a @ a.mT for a in A[p]]) for p in range(k)]
+        # 2a. Grams in the compute dtype, module by module: the diagonal blocks and every cross block
+        #     the mode's spectra need (``pairs``), while the module's factors are in the CPU's cache —
+        #     each factor is read from memory once (with rank 16 these GEMMs are bound by that read).
+        #     Modules whose Grams left the dtype's range are redone in float64 (factors ~1e-30
+        #     square to 0 in float32, ~1e+30 to inf).
+        need = sorted({(p, p) for p in range(k)} | {(min(i, j), max(i, j)) for i, j in (pairs(members) if pairs else ()) if i != j})
+        def grams_of(sl: slice):  # modules sl: {pair: [F_iᵀF_j]}, [[A Aᵀ] per member]
+            g = {ij: [F[ij[0]][b].mT @ F[ij[1]][b] for b in range(sl.start, sl.stop)] for ij in need}
+            return g, [None if A[p] is None else [a @ a.mT for a in A[p][sl]] for p in range(k)]
+
+        parts = parallel_chunks(grams_of, len(mods), min_chunk=4)
+        G = {ij: torch.stack([g for part, _ in parts for g in part[ij]]) for ij in need}
+        GA = [None if A[p] is None else torch.stack([g for _, ga in parts for g in ga[p]]) for p in range(k)]
         wide = torch.zeros(len(mods), dtype=torch.bool, device=dev)
         for p in range(k):
             if A[p] is not None:
-                wide |= _edge(diag[p]) | _edge(GA[p])
-        diag = [g.to(SMALL) for g in diag]
+                wide |= _edge(G[(p, p)]) | _edge(GA[p])
+        G = {ij: g.to(SMALL) for ij, g in G.items()}
         GA = [None if g is None else g.to(SMALL) for g in GA]
         if dtype != SMALL:
             for b in wide.nonzero().flatten().tolist():
+                for i, j in need:
+                    G[(i, j)][b] = F[i][b].to(SMALL).mT @ F[j][b].to(SMALL)
                 for p in range(k):
-                    f = F[p][b].to(SMALL)
-                    diag[p][b] = f.mT @ f
                     if A[p] is not None:
                         a = A[p][b].to(SMALL)
                         GA[p][b] = a @ a.mT
-        grams = {(p, p): diag[p] * (scale[:, p] ** 2)[:, None, None] for p in range(k)}
+        grams = {(i, j): g * (scale[:, i] * scale[:, j])[:, None, None] for (i, j), g in G.items()}
         # 2b. norms (checked before any eigen-solve), bases
         T: list[torch.Tensor | None] = [None] * k
         for p in range(k):
@@ -285,7 +323,7 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
             ps = [p for p in range(k) if T[p] is None and widths[p] == w]
             GB = torch.stack([grams[(p, p)] for p in ps], 1)
-            Ts = D.lowrank_basis(GB, torch.stack([GA[p] for p in ps], 1), rtol)[0]  # (b, len(ps), w, w)
+            Ts = batched(lambda g, a: D.lowrank_basis(g, a, rtol), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
         ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)

@@ -107,7 +107,11 @@ def decompose(
         v.check_ranks()
     check_budget(vectors, cfg)
     # 2. Bases (Grams, numerical ranks), refusing all-zero vectors
-    blocks = build_blocks(vectors, cfg, cfg.torch_device(), cfg.torch_dtype, progress)
+    mode = mode_for(cfg)
+    chain_pairs = lambda members: {  # noqa: E731  (C_12, C_23, …, C_k1 of every spectrum)
+        pair for order in mode.precomputed_orders(names, members) for pair in zip(order, order[1:] + order[:1])
+    }
+    blocks = build_blocks(vectors, cfg, cfg.torch_device(), cfg.torch_dtype, progress, chain_pairs)
     check_not_zero(vectors, blocks)
     # 3. The spectra the mode needs
     dec = Decomposition(names, cfg, blocks, tau, vectors)

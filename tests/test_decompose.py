@@ -435,3 +435,22 @@ def test_every_part_a_mode_lists_is_a_component(mode):
                      "isolate": {"unique", "shared"}}[mode]
     for kind, name in dec.parts():
         assert set(dec.component(kind, name)) == {"mod"}
+
+
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_work_split_over_threads_gives_the_serial_answer(mode):
+    """blocks.parallel_chunks spreads a block's small calls over torch's thread count: the result
+    must not depend on it (same dims, same parts), and every module must be covered once."""
+    pool = planted(3, modules=tuple(f"m{i}" for i in range(40)), seed=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
+        torch.set_num_threads(3)
+        three = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
+    finally:
+        torch.set_num_threads(before)
+    assert one.shared_dims() == three.shared_dims() and set(one.shared_dims()) == {f"m{i}" for i in range(40)}
+    for v in pool:
+        a, b = one.component("unique", v.name), three.component("unique", v.name)
+        assert all(rel(b[m].dense(), a[m].dense()) < 1e-12 for m in a)
