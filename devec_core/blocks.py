@@ -160,7 +160,7 @@ class Block:
         )
 
 
-def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16) -> list:
+def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
     """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to
     ``torch.get_num_threads()`` Python threads (torch releases the GIL in its kernels).
 
@@ -168,9 +168,9 @@ def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16) -> list:
     pair, a 16×16 eigen-solve per matrix). Each call parallelised inside torch/MKL spends more
     time synchronising its threads than computing; whole calls spread over threads do not
     (README "Decomposition" has the same-run measurement). Results do not depend on the split:
-    every call sees the same matrices.
+    every call sees the same matrices. On a GPU (``device``) the calls stay in one thread.
     """
-    w = min(torch.get_num_threads(), b // min_chunk)
+    w = min(torch.get_num_threads(), b // min_chunk) if device is None or device.type == "cpu" else 1
     if w < 2:
         return [fn(slice(0, b))]
     bounds = [b * i // w for i in range(w + 1)]
@@ -181,7 +181,7 @@ def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16) -> list:
 def batched(fn: Callable, tensors: list[torch.Tensor], min_chunk: int = 16) -> tuple[torch.Tensor, ...]:
     """``fn(*tensors)`` for a function batched over dim 0 of every tensor (and of every output),
     its batch split over threads by ``parallel_chunks``."""
-    parts = parallel_chunks(lambda s: fn(*[t[s] for t in tensors]), tensors[0].shape[0], min_chunk)
+    parts = parallel_chunks(lambda s: fn(*[t[s] for t in tensors]), tensors[0].shape[0], min_chunk, tensors[0].device)
     return parts[0] if len(parts) == 1 else tuple(torch.cat(out) for out in zip(*parts))
 
 
@@ -291,7 +291,7 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
             g = {ij: [F[ij[0]][b].mT @ F[ij[1]][b] for b in range(sl.start, sl.stop)] for ij in need}
             return g, [None if A[p] is None else [a @ a.mT for a in A[p][sl]] for p in range(k)]
 
-        parts = parallel_chunks(grams_of, len(mods), min_chunk=4)
+        parts = parallel_chunks(grams_of, len(mods), min_chunk=4, device=torch.device(dev))
         G = {ij: torch.stack([g for part, _ in parts for g in part[ij]]) for ij in need}
         GA = [None if A[p] is None else torch.stack([g for _, ga in parts for g in ga[p]]) for p in range(k)]
         wide = torch.zeros(len(mods), dtype=torch.bool, device=dev)
