@@ -5,7 +5,10 @@
                        stacked in their own colours; the chance level (expected counts for random
                        subspaces of the same ranks, devec_core.chance) as a grey step line and the
                        suggested τ as a dotted marker
-  shared_dims_figure   shared dimension per module as a heat-map: blocks (rows) × layer (columns)
+  shared_dims_figure   per module as a heat-map, rows = layer type × columns = block: the shared
+                       fraction of ‖ΔW‖² (or the shared dimension, integer ticks); the title
+                       gives the dimension (one number when it is the same everywhere)
+  count_note           how the spectrum's "N above" relates to the total shared dimension
   norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state: safe in a server
@@ -65,7 +68,8 @@ def spectrum_figure(dec: Decomposition, bins: int = 40, chance: ChanceReport | N
                 rotation=90, va="bottom", ha="right", transform=ax.get_xaxis_transform())
     ax.axvline(dec.tau, color=_TAU, lw=2, ls="--")
     above = int(hi.sum())
-    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above ", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
+    per_pair = dec.config.mode != "joint" and max(pairs_per_module(dec).values(), default=0) > 1
+    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above " + (f"\n (per pair; shared dim {sum(dec.shared_dims().values())}) " if per_pair else ""), color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("eigenvalue of P₁P₂⋯P_k (real part; 1 = direction in every vector)")
     ax.set_ylabel("count (log)")
@@ -79,36 +83,113 @@ def _split(mod: str) -> tuple[str, int, str]:
     return (m.group(1).rstrip("."), int(m.group(2)), m.group(3)) if m else ("", 0, mod)
 
 
-def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
-    """Heat-map of the shared dimension per module: rows = layer type, columns = block index.
+def pairs_per_module(dec: Decomposition) -> dict[str, int]:
+    """How many spectra each module's eigenvalues come from: 1 (joint), the (target, reference)
+    pairs (isolate) or the ordered pairs (pairwise); 0 where fewer than two vectors have it."""
+    out = {}
+    for blk in dec.blocks:
+        n = len(dec.mode.orders(dec.names, blk.members))
+        out.update((m, n) for m in blk.modules)
+    return out
+
+
+def count_note(dec: Decomposition) -> tuple[int, str]:
+    """(eigenvalues above τ over all modules, a sentence saying how that count relates to the
+    total shared dimension). In joint mode they are the same count; in isolate and pairwise mode
+    every pair has its own spectrum, so a direction shared with several vectors is counted once
+    per pair above τ, and once in the dimension (the union of the pairs' subspaces)."""
+    above = sum(int((ev.real > dec.tau).sum()) for ev in dec.eigenvalues().values())
+    total = sum(dec.shared_dims().values())
+    pairs = max(pairs_per_module(dec).values(), default=0)
+    if dec.config.mode == "joint" or pairs <= 1:
+        if above == total:
+            return above, f"{above} eigenvalues above τ = the total shared dimension {total}."
+        return above, (
+            f"{above} eigenvalues above τ, total shared dimension {total} (the dimension is the rank of the "
+            f"selected subspace: a complex pair or a near-duplicate direction counts once)."
+        )
+    who = "(target, reference) pair" if dec.config.mode == "isolate" else "ordered pair of vectors"
+    return above, (
+        f"{above} eigenvalues above τ vs total shared dimension {total}: the spectrum has one set of eigenvalues "
+        f"per {who} (up to {pairs} per module), so a direction shared with several vectors is counted once per pair; "
+        f"the dimension counts it once (the union of the pairs' subspaces)."
+    )
+
+
+def shared_fractions(dec: Decomposition) -> dict[str, float]:
+    """Per module: the fraction of ‖ΔW‖² that is in shared parts, ‖S‖² / ‖ΔW‖², summed over the
+    vectors the mode removes from (isolate: the target; joint, pairwise: every member)."""
+    out = {}
+    for row in dec.summary():
+        names = [dec.config.target] if dec.config.mode == "isolate" else row["members"]
+        norms = [row["norms"][n] for n in names if n in row["norms"]]
+        tot = sum(v["delta"] ** 2 for v in norms)
+        out[row["module"]] = sum(v["shared"] ** 2 for v in norms) / tot if tot > 0 else 0.0
+    return out
+
+
+def _grid(mods: list[str]):
+    """(rows, blocks, prefixes, cell of each module) for module names "prefix.N.leaf"."""
+    parts = [_split(m) for m in mods]
+    prefixes = list(dict.fromkeys(p for p, _, _ in parts))  # in module order (FLUX: double, single)
+    rows = list(dict.fromkeys((p, leaf) for p, _, leaf in parts))
+    rows.sort(key=lambda r: prefixes.index(r[0]))
+    blocks = sorted({i for _, i, _ in parts})
+    ri, ci = {r: k for k, r in enumerate(rows)}, {b: k for k, b in enumerate(blocks)}
+    cell = {m: (ri[(p, leaf)], ci[i]) for m, (p, i, leaf) in zip(mods, parts)}
+    return rows, blocks, prefixes, cell
+
+
+def shared_dims_figure(dec: Decomposition, max_cols: int = 24, value: str = "fraction"):
+    """Heat-map per module: rows = layer type, columns = block index.
+
+    ``value="fraction"`` (default) colours the shared fraction of the module's ‖ΔW‖²
+    (``shared_fractions``), which varies even where every module has the same shared dimension;
+    ``value="dim"`` colours the shared dimension on a discrete scale with whole-number ticks.
+    Either way the title gives the shared dimension (one number when it is the same in every
+    module, else its range) and the total; on small grids where it varies, the dimension is written in each cell.
 
     Module names "prefix.N.leaf" are grouped by (prefix, leaf) into rows and N into columns
     (FLUX's double and single blocks stacked, separated by a white line);
     e.g. FLUX's "transformer_blocks.3.attn.to_q", an LLM's "model.layers.12.mlp.down_proj".
     Missing modules are grey.
     """
+    if value not in ("fraction", "dim"):
+        raise ValueError(f"value must be 'fraction' or 'dim', got {value!r}")
     dims = dec.shared_dims()
     fig, ax = _figure(6.0, 3.4)
     if not dims:
         ax.text(0.5, 0.5, "no modules", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
-    parts = [_split(m) for m in dims]
-    prefixes = list(dict.fromkeys(p for p, _, _ in parts))  # in module order (FLUX: double, single)
-    rows = list(dict.fromkeys((p, leaf) for p, _, leaf in parts))
-    rows.sort(key=lambda r: prefixes.index(r[0]))
-    blocks = sorted({i for _, i, _ in parts})
-    ri = {r: k for k, r in enumerate(rows)}
-    ci = {b: k for k, b in enumerate(blocks)}
-    M = np.full((len(rows), len(blocks)), np.nan)
+    rows, blocks, prefixes, cell = _grid(list(dims))
+    D = np.full((len(rows), len(blocks)), np.nan)
     for mod, d in dims.items():
-        p, i, leaf = _split(mod)
-        M[ri[(p, leaf)], ci[i]] = d
+        D[cell[mod]] = d
     import matplotlib
+    from matplotlib.colors import BoundaryNorm
 
-    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#eeeeee")
-    vmax = max(1.0, float(np.nanmax(M)) if np.isfinite(M).any() else 1.0)
-    im = ax.imshow(np.ma.masked_invalid(M), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    if value == "fraction":
+        F = np.full_like(D, np.nan)
+        for mod, f in shared_fractions(dec).items():
+            F[cell[mod]] = f
+        cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#eeeeee")
+        vmax = max(1e-12, float(np.nanmax(F)))
+        im = ax.imshow(np.ma.masked_invalid(F), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="shared fraction of ‖ΔW‖²")
+    else:  # whole numbers: one colour per value, ticks at the values
+        top = max(1, int(np.nanmax(D)))
+        cmap = matplotlib.colormaps["magma_r"].resampled(top + 1).with_extremes(bad="#eeeeee")
+        norm = BoundaryNorm(np.arange(top + 2) - 0.5, top + 1)
+        im = ax.imshow(np.ma.masked_invalid(D), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        cb = fig.colorbar(im, ax=ax, shrink=0.8, label="shared dim")
+        step = max(1, -(-(top + 1) // 8))
+        cb.set_ticks(range(0, top + 1, step), labels=[str(k) for k in range(0, top + 1, step)])  # never 0.5, 1.5, ...
+    finite = D[np.isfinite(D)]
+    if D.size <= 120 and finite.min() != finite.max():  # small grids where it varies: the dimension in each cell
+        for (r, c), d in np.ndenumerate(D):
+            if np.isfinite(d):
+                ax.text(c, r, f"{int(d)}", ha="center", va="center", fontsize=6, color="#777777")
     short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
     fs = 7 if len(rows) <= 20 else 5
     ax.set_yticks(range(len(rows)), [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows], fontsize=fs)
@@ -118,10 +199,22 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
         if rows[k][0] != rows[k - 1][0]:
             ax.axhline(k - 0.5, color="white", lw=2)
     ax.set_xlabel("block index")
-    total = int(np.nansum(M))
-    ax.set_title(f"Shared dimension per module at τ = {dec.tau:.2f} (total {total})", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="shared dim")
+    ax.set_title(f"{_what(value)} per module at τ = {dec.tau:.2f}\n{dims_caption(dims)}", fontsize=9)
     return fig
+
+
+def _what(value: str) -> str:
+    return "Shared fraction of ‖ΔW‖²" if value == "fraction" else "Shared dimension"
+
+
+def dims_caption(dims: dict[str, int]) -> str:
+    """"shared dimension 8 in every module (210 modules, total 1680)" or "shared dimension 0–3
+    (418 modules, total 782)": the count the heat-map's title names."""
+    vals = list(dims.values())
+    lo, hi, total = min(vals), max(vals), sum(vals)
+    if lo == hi:
+        return f"shared dimension {lo} in every module ({len(vals)} modules, total {total})"
+    return f"shared dimension {lo}–{hi} ({len(vals)} modules, total {total})"
 
 
 def norms_figure(dec: Decomposition):

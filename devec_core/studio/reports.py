@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..algorithm import PAPER_TAU
 from ..chance import pool_chance
+from ..plots import count_note
 from ..pool import Decomposition
 from ..presets import list_presets
 from .session import Session
@@ -70,6 +71,9 @@ def describe(dec: Decomposition) -> Report:
             f"(total dimension {total_dim}); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
             f"Largest eigenvalue {max_eig:.2f}."
         )
+        above, note = count_note(dec)
+        if above != total_dim:  # the spectrum's "N above" is another count: say how they relate
+            md += f" {note}"
     ch = pool_chance(dec)
     md += f"\n\n{ch.message}"
     if mode == "joint" and len(dec.names) > 1:
