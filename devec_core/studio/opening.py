@@ -91,8 +91,10 @@ def open_custom(
     files, hub_ids = [str(f) for f in files or []], [h.strip() for h in hub_ids or [] if h.strip()]
     if preset_id:
         base = get_preset(preset_id).base.id
-    vectors, n_extra = custom_pool(files, hub_ids, preset_id, progress=progress, base=base, backend=backend)
+    rejected: list[str] = []  # a batch keeps its good files; the bad ones are named in the pool's notes
+    vectors, n_extra = custom_pool(files, hub_ids, preset_id, progress=progress, base=base, backend=backend, rejected=rejected)
     title, kw = "Your pool", {"source": ("custom", tuple(files), tuple(hub_ids), preset_id)}
+    kw["notes"] = [f"⚠ not loaded: {r}" for r in rejected]
     if preset_id:
         preset = get_preset(preset_id)
         title = f"{preset.title} + yours"

@@ -30,7 +30,9 @@ def session_pool(session: Session, progress: Progress | None = None) -> list[Tas
     if kind == "preset":
         vectors = preset_vectors(get_preset(args[0]), progress)
     elif kind == "custom":
-        vectors, _ = custom_pool(*args, progress=progress, base=session.base, backend=session.backend)
+        # the batch's bad files were named when it was opened and fail the same way again; anything
+        # else that changed shows in the content hash below
+        vectors, _ = custom_pool(*args, progress=progress, base=session.base, backend=session.backend, rejected=[])
     else:
         raise StudioError(f"unknown pool source {kind!r}: load the pool again")
     if pool_key(vectors) != session.pool_key:
@@ -117,11 +119,13 @@ def _checkpoint_specs(preset: Preset) -> list[tuple[int, Path]]:
 
 def custom_pool(
     files, hub_ids, preset_id: str | None, progress: Progress | None = None, base: str | None = None, backend: str = "llm",
+    rejected: list[str] | None = None,
 ) -> tuple[list[TaskVector], int]:
-    """(preset's vectors + the user's, number of the user's): names made unique with "-yours"."""
+    """(preset's vectors + the user's, number of the user's): names made unique with "-yours".
+    ``rejected``: see ``custom_vectors`` (bad files named there, the good ones kept)."""
     if preset_id and base is None:
         base = get_preset(preset_id).base.id
-    extra = custom_vectors(list(files), list(hub_ids), progress, base=base, backend=backend) if (files or hub_ids) else []
+    extra = custom_vectors(list(files), list(hub_ids), progress, base=base, backend=backend, rejected=rejected) if (files or hub_ids) else []
     vectors: list[TaskVector] = []
     if preset_id:
         try:

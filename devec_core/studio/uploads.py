@@ -65,54 +65,116 @@ class _Upload:
     config: dict | None = None  # an adapter_config.json uploaded beside the file
 
 
-def upload_sources(files: list[str]) -> tuple[list[_Upload], list[Path]]:
+def _scrub(msg: str, path: Path, label: str) -> str:
+    """``msg`` with the server's copy of an upload (``…/gradio/<hash>/x.safetensors``, an unpacked
+    zip's folder) named by ``label``, the name the user uploaded it under."""
+    for q in dict.fromkeys((path, path.resolve())):
+        msg = msg.replace(str(q), label)
+        for parent in q.parents:  # deepest first; never a bare "/tmp/"
+            if len(parent.parts) > 2:
+                msg = msg.replace(str(parent) + os.sep, "").replace(str(parent), label)
+    return msg.removeprefix(f"{label!r}: ")  # the caller names it
+
+
+def upload_sources(files: list[str], rejected: list[StudioError] | None = None) -> tuple[list[_Upload], list[Path]]:
     """Uploaded files → the task vectors they hold, and the zips unpacked for them.
 
     * ``x.safetensors``: one vector; an ``adapter_config.json`` uploaded with it gives its alpha
       (one config for the whole upload: several PEFT adapters need one zip each);
     * ``x.zip``: a zipped adapter / checkpoint folder, or several (this Studio's own export zip
       gives ``unique-<name>``, ``shared`` ...): one vector per folder inside.
+
+    With a list ``rejected``, a file that cannot be used is left out and its StudioError (naming
+    it and why, the cause chained) goes there, and the others go on; without one, it is raised.
+    Two adapter_config.json files always raise (which file goes with which is not known).
     """
-    paths = [check_upload(f) for f in files]
+    def reject(msg: str, cause: Exception | None = None) -> None:
+        err = StudioError(msg)
+        err.__cause__ = cause
+        if rejected is None:
+            raise err
+        rejected.append(err)
+
+    paths = []
+    for f in files:
+        try:
+            paths.append(check_upload(f))
+        except StudioError as e:
+            reject(str(e), e.__cause__)
     configs = [p for p in paths if p.suffix.lower() == ".json"]
     if len(configs) > 1:
         raise StudioError(
             f"{len(configs)} adapter_config.json uploads: one config can go with loose adapter files; "
             f"upload each adapter folder as a .zip instead"
         )
-    try:
-        config = formats.read_adapter_config(configs[0]) if configs else None
-    except formats.FormatError as e:
-        raise StudioError(f"upload adapter_config.json: {e}") from e
+    config, bad_config = None, False
+    if configs:
+        try:
+            config = formats.read_adapter_config(configs[0])
+        except formats.FormatError as e:
+            reject(f"upload adapter_config.json: {_scrub(str(e), configs[0], 'adapter_config.json')}", e)
+            bad_config = True
     out: list[_Upload] = []
     zips: list[Path] = []
     for p in paths:
         if p.suffix.lower() == ".safetensors":
+            if bad_config:  # read without its config, its scale would be wrong
+                reject(f"{p.name!r}: left out with the adapter_config.json uploaded beside it, which could not be read")
+                continue
             out.append(_Upload(p.name, _name_from(p.name), p, config))
         elif p.suffix.lower() == ".zip":
-            zips.append(p)
             try:
                 found = formats.zip_vectors(p)
             except formats.FormatError as e:
-                raise StudioError(f"could not read upload {p.name!r}: {e}") from e
+                reject(f"could not read upload {p.name!r}: {_scrub(str(e), p, p.name)}", e)
+                continue
+            zips.append(p)
             out += [_Upload(f"{p.name}:{n}", _name_from(n), q) for n, q in found]
-    if config is not None and not any(u.config is not None for u in out):
+    if config is not None and not any(Path(f).suffix.lower() == ".safetensors" for f in files):
         raise StudioError("adapter_config.json was uploaded without a .safetensors adapter file to go with it")
     return out, zips
 
 
 def custom_vectors(
     files: list[str], hub_ids: list[str], progress: Progress | None = None, base: str | None = None, backend: str = "llm",
+    rejected: list[str] | None = None,
 ) -> list[TaskVector]:
     """Load uploads (``.safetensors``, ``.zip``, ``adapter_config.json``; size-capped) and Hub ids
     into one pool. DoRA adapters and full checkpoints take the tab's base model ``base`` (its
-    loaded weights, see ``base_weights``) and are cut to factors as they are read (``dense_cut``)."""
-    ups, zips = upload_sources(list(files))
-    ups += [_Upload(h.strip(), _name_from(h.strip()), Path(h.strip())) for h in hub_ids if h.strip()]
-    if not ups:
-        raise StudioError("the pool is empty: pick a preset, upload .safetensors LoRAs / zipped adapter folders or give Hub ids")
-    if len(ups) > MAX_VECTORS:
-        raise StudioError(f"{len(ups)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
+    loaded weights, see ``base_weights``) and are cut to factors as they are read (``dense_cut``).
+
+    A batch keeps its good files: with a list ``rejected``, each file or Hub id that cannot be read
+    is left out and named there with why (its upload name, never the server's temp path). When
+    nothing could be read, or without a list and anything is bad, StudioError names every bad one.
+    """
+    bad: list[StudioError] = []
+    hubs = [h.strip() for h in hub_ids if h.strip()]
+    ups, zips = upload_sources(list(files), bad)
+    try:
+        n_files = len(ups)
+        ups += [_Upload(h, _name_from(h), Path(h)) for h in hubs]
+        if not ups and not bad:
+            raise StudioError("the pool is empty: pick a preset, upload .safetensors LoRAs / zipped adapter folders or give Hub ids")
+        if len(ups) > MAX_VECTORS:
+            raise StudioError(f"{len(ups)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
+        out = _load_all(ups, n_files, progress, base, backend, bad)
+    finally:
+        for z in zips:
+            formats.forget_zip(z)  # tensors are read; the unpacked copy is not needed any more
+    if bad and (rejected is None or not out):
+        head = "could not read any upload or Hub id given" if not out else f"{len(bad)} of the uploads / Hub ids could not be read"
+        if len(bad) == 1:
+            raise bad[0]
+        raise StudioError(f"{head}: " + "; ".join(map(str, bad))) from bad[0].__cause__
+    if rejected is not None:
+        rejected += map(str, bad)
+    check_pool(out)
+    return out
+
+
+def _load_all(ups: list[_Upload], n_files: int, progress, base, backend, bad: list[StudioError]) -> list[TaskVector]:
+    """Each upload (the first ``n_files``) and Hub id as a task vector; unreadable ones are named
+    in ``bad`` and left out."""
     names: list[str] = []
     out = []
     weights = None
@@ -125,26 +187,24 @@ def custom_vectors(
             weights = base_weights(backend, base)
         return weights
 
-    try:
-        for i, u in enumerate(ups):
-            n, k = u.name, 2
-            while n in names:
-                n, k = f"{u.name}-{k}", k + 1
-            names.append(n)
-            hub = i >= len(ups) - len([h for h in hub_ids if h.strip()])
-            try:
-                v = formats.load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
-            except READ_ERRORS as e:
-                where = "Hub id" if hub else "upload"
-                raise StudioError(f"could not read {where} {u.label!r}: {e}") from e
-            v.meta["input"] = u.label
-            out.append(v)
-            if progress:
-                progress(i + 1, len(ups), "load")
-    finally:
-        for z in zips:
-            formats.forget_zip(z)  # tensors are read; the unpacked copy is not needed any more
-    check_pool(out)
+    for i, u in enumerate(ups):
+        n, k = u.name, 2
+        while n in names:
+            n, k = f"{u.name}-{k}", k + 1
+        hub = i >= n_files
+        try:
+            v = formats.load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
+        except READ_ERRORS as e:
+            reason = str(e).removeprefix(f"{u.label!r}: ") if hub else _scrub(str(e), u.path, u.label)
+            err = StudioError(f"could not read {'Hub id' if hub else 'upload'} {u.label!r}: {reason}")
+            err.__cause__ = e
+            bad.append(err)
+            continue
+        names.append(n)
+        v.meta["input"] = u.label
+        out.append(v)
+        if progress:
+            progress(i + 1, len(ups), "load")
     return out
 
 
