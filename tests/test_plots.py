@@ -175,3 +175,14 @@ def test_joint_mode_counts_agree_and_the_report_adds_nothing(planted):
     texts = " ".join(t.get_text() for t in plots.spectrum_figure(dec).axes[0].texts)
     assert "per pair" not in texts
     assert "eigenvalues above τ" not in describe(dec).markdown
+
+
+def test_pairwise_mode_counts_each_ordered_pair():
+    refs, shared = 2, 2
+    vecs, n_mod = _isolate_pool(refs, shared)  # 3 vectors sharing the same 2 directions per module
+    dec = decompose(vecs, tau=0.85, mode="pairwise", dtype="float64")
+    above, note = plots.count_note(dec)
+    assert above == 3 * 2 * shared * n_mod  # 6 ordered pairs, each sees the 2 directions
+    assert "ordered pair" in note and str(sum(dec.shared_dims().values())) in note
+    fig = plots.shared_dims_figure(dec)
+    assert "shared dimension 2 in every module" in fig.axes[0].get_title()
