@@ -164,6 +164,10 @@ def save_model(pipe, folder: str | Path, fp16: bool = True) -> Path:
             m.to(dt)
         m.save_pretrained(folder / name, safe_serialization=True)
         m.to(sd_dtype)
+        cfg_path = folder / name / "config.json"
+        meta = json.loads(cfg_path.read_text())
+        if meta.pop("_name_or_path", None) is not None:  # where it was loaded from: a local path, not part of the model
+            cfg_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (folder / MARKER).write_text(json.dumps({"vae": dict(pipe.vae.config), "vocab": list(VOCAB), "gen": GEN}, indent=1, default=list))
     return folder
 

@@ -164,3 +164,65 @@ def test_evaluate_runs_on_the_small_build(small_build, tmp_path):
         d = r["palette+stripes|devec_s1"][k]
         assert d["lo"] <= d["mean"] <= d["hi"]
     assert set(rep["auroc"]) >= {"palette", "stripes", "mono", "neon", "storybook"}
+
+
+def test_refine_lr_schedule_is_warmup_then_cosine():
+    """Written from the definition: linear warm-up to lr, then a half cosine from lr to lr_end."""
+    c = {"steps": 110, "warmup": 10, "lr": 1e-3, "lr_end": 1e-4}
+    assert B._lr_at(c, 0) == pytest.approx(1e-4)  # (0 + 1) / 10 of lr
+    assert B._lr_at(c, 9) == pytest.approx(1e-3)
+    assert B._lr_at(c, 10) == pytest.approx(1e-3)  # cosine starts at lr
+    assert B._lr_at(c, 60) == pytest.approx(0.55e-3)  # half way: the mean of lr and lr_end
+    assert B._lr_at(c, 110) == pytest.approx(1e-4)
+    lrs = [B._lr_at(c, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.slow
+def test_refine_starts_from_phase_one_and_resumes(tmp_path, monkeypatch):
+    """Refine continues from phase 1's model (not from scratch), changes it, and an interrupted
+    refine resumes from its checkpoint to the same weights as an uninterrupted one."""
+    cfg = json.loads(json.dumps(B.SMALL))
+    imgs, _, labels = B.D.scenes(cfg["n_data"], seed=cfg["seed"])
+
+    def run(folder, interrupt=False):
+        (folder / ".work").mkdir(parents=True)
+        B.stage_base(cfg, folder, imgs, labels)
+        if interrupt:
+            real = B._atomic_torch_save
+
+            def save_then_die(obj, path):
+                real(obj, path)
+                if Path(path).name == "refine_ckpt.pt":
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(B, "_atomic_torch_save", save_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                B.stage_refine(cfg, folder, imgs, labels)
+            monkeypatch.setattr(B, "_atomic_torch_save", real)
+            assert torch.load(folder / ".work" / "refine_ckpt.pt", weights_only=True)["step"] == cfg["refine"]["ckpt_every"]
+            assert not (folder / ".work" / "refine.json").exists()
+        return B.stage_refine(cfg, folder, imgs, labels)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    info = run(full)
+    assert info["steps"] == cfg["refine"]["steps"]
+    start = TF.load_model(full / ".work" / "base1").transformer.state_dict()
+    a = TF.load_model(full / "model").transformer.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # refine changed phase 1's weights
+    run(part, interrupt=True)
+    b = TF.load_model(part / "model").transformer.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    # cached: a second call returns the saved info and does not retrain
+    mt = (full / "model" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert B.stage_refine(cfg, full, imgs, labels) == info
+    assert (full / "model" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mt
+
+
+def test_refine_with_zero_steps_leaves_the_model_alone(tmp_path):
+    cfg = json.loads(json.dumps(B.SMALL))
+    cfg["refine"]["steps"] = 0
+    (tmp_path / ".work").mkdir()
+    assert B.stage_refine(cfg, tmp_path, None, None) == {"seconds": 0.0, "steps": 0}
+    assert not (tmp_path / "model").exists() and not (tmp_path / ".work" / "base1").exists()

