@@ -420,7 +420,9 @@ def test_a_preset_of_hub_checkpoints_streams_them_together_cut_as_read(tmp_path,
     _llama_checkpoint(tmp_path / "ft1", 1)
     _llama_checkpoint(tmp_path / "ft2", 2, vocab_extra=16)
     real = formats.resolve_source
-    monkeypatch.setattr(formats, "resolve_source", lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw))
+    fake = lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw)  # noqa: E731
+    for where in (formats, formats.checkpoint):  # the Studio's look-up and the base reader's
+        monkeypatch.setattr(where, "resolve_source", fake)
     preset = Preset.model_validate({
         "id": "toy-llama", "title": "t", "backend": "llm", "base": {"id": "hub/base"}, "mode": "isolate", "user_slot": True,
         "vectors": [{"name": "a", "source": "hub/ft1", "role": "reference"}, {"name": "b", "source": "hub/ft2", "role": "reference"}],
