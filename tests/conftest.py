@@ -28,6 +28,18 @@ import pytest  # noqa: E402
 from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run where CUDA is present and are skipped elsewhere (``pytest -m gpu`` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux():
     return tiny_flux_pipeline(seed=0)
