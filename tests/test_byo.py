@@ -26,19 +26,10 @@ from devec_core.formats import (
 from devec_core.mix import vanilla
 from devec_core.studio import StudioError
 from devec_core.taskvec import LowRank, TaskVector
-from tests.tiny_models import LLAMA_TARGETS, random_llama_lora, tiny_llama
+from tests.tiny_models import random_llama_lora, tiny_llama
+from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
-
-
-def _peft_folder(path, sd, **cfg):
-    from peft import LoraConfig
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
-    cfg.setdefault("target_modules", list(LLAMA_TARGETS))
-    LoraConfig(**cfg).save_pretrained(str(path))
-    return path
 
 
 def _zip(folder):

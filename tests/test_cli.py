@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from devec_core import METHOD_VERSION
 from devec_core.cli import main
 from devec_core.export import read_devec_metadata
-from tests.test_formats import _kohya_real_shapes, _peft_folder, _tiny_llama_dir
+from tests.test_formats import _kohya_real_shapes, _tiny_llama_dir
+from tests.tiny_models import peft_folder as _peft_folder
 from tests.tiny_models import random_flux_lora, random_llama_lora
 
 

@@ -1,6 +1,5 @@
 """devec_core.formats: every input format → TaskVector, scaling folded in, bad inputs refused."""
 
-import json
 import pickle
 
 import pytest
@@ -16,20 +15,11 @@ from devec_core.formats import (
     load_task_vector,
     module_report,
 )
-from devec_core.taskvec import Dense, LowRank
-from tests.tiny_models import LLAMA_TARGETS, random_flux_lora, random_llama_lora, tiny_llama
+from devec_core.taskvec import Dense
+from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_llama
+from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
-
-
-def _peft_folder(path, sd, **cfg):
-    from peft import LoraConfig
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / "adapter_model.safetensors"))
-    cfg.setdefault("target_modules", list(LLAMA_TARGETS))
-    LoraConfig(**cfg).save_pretrained(str(path))
-    return path
 
 
 def _ab(sd, prefix, mod):
