@@ -261,8 +261,23 @@ def test_truncated_and_corrupt_safetensors(tmp_path, tiny_flux):
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.safetensors").write_bytes(b"\x07" * 64)
     for name in ("trunc", "junk"):
-        with pytest.raises(FormatError, match=rf"{name}\.safetensors.*truncated or corrupt"):
+        with pytest.raises(FormatError, match=rf"{name}\.safetensors.*truncated or corrupt") as err:
             load_task_vector(tmp_path / f"{name}.safetensors")
+        assert err.value.__cause__ is not None  # the reader's own error stays attached
+
+
+def test_a_bug_while_reading_is_not_reported_as_a_bad_file(tmp_path, tiny_flux, monkeypatch):
+    """Only what a broken file raises becomes a FormatError; a bug elsewhere keeps its own type."""
+    import devec_core.formats.files as files
+
+    save_file(random_flux_lora(tiny_flux.transformer, rank=4, seed=1), str(tmp_path / "ok.safetensors"))
+
+    def broken(*a, **k):
+        raise TypeError("a bug, not a file problem")
+
+    monkeypatch.setattr(files, "safe_open", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        load_task_vector(tmp_path / "ok.safetensors")
 
 
 def test_unknown_layout_lists_keys(tmp_path):
