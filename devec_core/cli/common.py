@@ -18,12 +18,14 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 class UsageError(ValueError):
     """A bad argument: exit 2 with one line naming the argument and the value."""
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: …``) and exit 2."""
 
     def error(self, message):
         print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
 
 class _Bars:
     """progress(done, total, stage) → one tqdm bar per stage (stderr)."""
@@ -46,11 +48,13 @@ class _Bars:
             self.bar = None
             self.stage = None
 
+
 def _alpha_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="ADAPTER_CONFIG_JSON",
                    help="adapter_config.json for PEFT adapter files/folders that have none beside them (alpha, rsLoRA, patterns)")
     p.add_argument("--alpha", type=float,
                    help="lora_alpha for PEFT adapter files/folders that have no adapter_config.json (scale = alpha / r)")
+
 
 def check_tau_arg(tau: float) -> None:
     """``--tau`` in (0, 1] (UsageError naming the flag and the value)."""
@@ -58,6 +62,7 @@ def check_tau_arg(tau: float) -> None:
         check_tau(tau)
     except ValueError as e:
         raise UsageError(f"--tau: must be a number in (0, 1]; got {tau!r}") from e
+
 
 def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
     if names_arg is not None:
@@ -78,6 +83,7 @@ def _names_for(inputs: list[str], names_arg: str | None) -> list[str]:
         names.append(cand)
     return names
 
+
 def _check_duplicate_paths(inputs: list[str]) -> list[Path]:
     if not inputs:
         raise FormatError("empty pool: give at least one input")
@@ -90,6 +96,7 @@ def _check_duplicate_paths(inputs: list[str]) -> list[Path]:
         seen[key] = s
         paths.append(p)
     return paths
+
 
 def _config_arg(args) -> dict | None:
     """--config, parsed once (a broken file is an input error naming it)."""

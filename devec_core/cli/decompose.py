@@ -91,12 +91,14 @@ def _check_args(args) -> None:
             raise UsageError(f"{flag}: must be a positive number; got {v!r}")
     _budget_options(args)
 
+
 def _target_name(target: str | None, inputs: list[str], names: list[str]) -> str | None:
     if target is None or target in names:
         return target
     if target in inputs:
         return names[inputs.index(target)]
     raise UsageError(f"--target: {target!r} is neither a name {names} nor one of the inputs")
+
 
 def run_decompose(args) -> int:
     t0 = time.perf_counter()
@@ -172,6 +174,7 @@ def run_decompose(args) -> int:
     print(f"  wrote {out / 'report.json'}")
     return EXIT_OK
 
+
 def _budget_options(args) -> dict:
     """``--max-work`` / ``--max-memory-gb`` as the engine's Config fields ``max_work`` / ``max_memory``."""
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -185,6 +188,7 @@ def _budget_options(args) -> dict:
         out[field] = v
     return out
 
+
 def _with_inputs(msg: str, names: list[str], inputs: list[str]) -> str:
     """An engine message naming vectors: say which input file each named vector is."""
     named = [(n, s) for n, s in zip(names, inputs) if (f"'{n}'" in msg or f'"{n}"' in msg) and s not in msg]
@@ -193,6 +197,7 @@ def _with_inputs(msg: str, names: list[str], inputs: list[str]) -> str:
     if named:
         return f"{msg} [inputs: {', '.join(f'{n} = {s}' for n, s in named)}]"
     return msg
+
 
 def make_report(dec, modules_of: dict[str, list[str]], *, hit: bool, seconds: float, files: list[dict]) -> dict:
     """report.json: versions, τ, config, inputs, each file's component and vector or pair (never

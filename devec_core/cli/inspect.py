@@ -63,6 +63,7 @@ def describe(vectors, tau: float = PAPER_TAU) -> dict:
         out["pool"] = _chance_summary(pool_chance(decompose(vectors, tau=tau)))  # joint, pool order
     return out
 
+
 def _chance_summary(ch) -> dict:
     """The pool-level numbers of a chance report (devec_core.chance) for inspect."""
     mods = ch.modules
@@ -73,6 +74,7 @@ def _chance_summary(ch) -> dict:
         "chance_q95_median": med([m.null_q95 for m in mods]), "z_median": med([m.z for m in mods]),
         "fdr_at_tau": ch.to_dict()["fdr_at_tau"], "message": ch.message.replace("**", ""),
     }
+
 
 def run_inspect(args) -> int:
     check_tau_arg(args.tau)
@@ -107,6 +109,7 @@ def run_inspect(args) -> int:
         print("pool (joint, in the order given): " + _chance_line(info["pool"]))
         print("  " + info["pool"]["message"])
     return EXIT_OK
+
 
 def _chance_line(c: dict) -> str:
     sug = f"{c['suggested_tau']:.2f}" if c["suggested_tau"] is not None else "none"

@@ -26,6 +26,7 @@ def _listed_files(report: dict) -> set[str]:
         raise ValueError("no file list")
     return {f["file"] if isinstance(f, dict) else str(f) for f in files}
 
+
 def _check_out(out: Path, paths: list[Path], cache_dir: Path | None) -> None:
     """--out must be new, empty, or an earlier output (everything in it listed by its report.json),
     and must neither hold nor sit inside an input or the cache: it is replaced as a whole."""
@@ -59,6 +60,7 @@ def _check_out(out: Path, paths: list[Path], cache_dir: Path | None) -> None:
         raise UsageError(f"--out {str(out)!r}: holds {extra[0]!r}, which no earlier DeVec run wrote; "
                          "it would be replaced: move it or choose a new folder")
 
+
 def _clean_stale_temps(out: Path) -> None:
     """Remove ``.<out>.tmp-<pid>-*`` / ``.<out>.old-<pid>-*`` folders whose process is gone."""
     if not out.parent.is_dir():
@@ -67,6 +69,7 @@ def _clean_stale_temps(out: Path) -> None:
         for d in out.parent.glob(pat):
             if d.is_dir() and stale_temp(d):
                 shutil.rmtree(d, ignore_errors=True)
+
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
@@ -79,6 +82,7 @@ def _exchange(a: Path, b: Path) -> bool:
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
     return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
 
 def _publish(tmp: Path, out: Path) -> None:
     """Put the finished folder ``tmp`` at ``out`` (a sibling: renames on one filesystem).
