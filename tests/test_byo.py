@@ -26,7 +26,7 @@ from devec_core.formats import (
 from devec_core.mix import vanilla
 from devec_core.studio import StudioError
 from devec_core.taskvec import LowRank, TaskVector
-from tests.tiny_models import random_llama_lora, tiny_llama
+from tests.tiny_models import dora_folder, random_llama_lora, tiny_llama
 from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
@@ -241,17 +241,7 @@ def test_the_studios_own_export_zip_round_trips(tmp_path, tiny_base):
 
 
 def _dora_folder(tmp_path, model):
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1.1)
-    pm.save_pretrained(str(tmp_path / "dora"))
-    merged = pm.merge_and_unload()
-    return tmp_path / "dora", {n: p.detach().clone() for n, p in merged.named_parameters()}
+    return dora_folder(model, tmp_path / "dora")
 
 
 def test_dora_upload_uses_the_loaded_base_and_matches_peft_merge(tmp_path, tiny_base, monkeypatch):

@@ -16,7 +16,7 @@ from devec_core.formats import (
     module_report,
 )
 from devec_core.taskvec import Dense
-from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_llama
+from tests.tiny_models import dora_folder, random_flux_lora, random_llama_lora, tiny_llama
 from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
@@ -164,25 +164,16 @@ def test_full_checkpoint_pair_streams_one_module_at_a_time(tmp_path):
 
 
 def test_dora_dense_delta_equals_peft_merge(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     model, _ = tiny_llama(seed=0)
     model.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1.1)
-    pm.save_pretrained(str(tmp_path / "dora"))
+    folder, merged = dora_folder(model, tmp_path / "dora", targets=("q_proj", "v_proj"))
     with pytest.raises(FormatError, match="DoRA.*base"):
-        load_task_vector(tmp_path / "dora")
-    tv = load_task_vector(tmp_path / "dora", base=tmp_path / "base")
+        load_task_vector(folder)
+    tv = load_task_vector(folder, base=tmp_path / "base")
     assert tv.meta["dora"] and all(isinstance(d, Dense) for d in tv.modules.values())
-    merged = pm.merge_and_unload()
     for mod, d in tv.modules.items():
-        got = dict(merged.named_modules())[mod].weight.detach() - base[mod + ".weight"]
+        got = merged[mod + ".weight"] - base[mod + ".weight"]
         torch.testing.assert_close(d.W, got, atol=1e-5, rtol=1e-4)
 
 

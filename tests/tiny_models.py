@@ -20,6 +20,7 @@ Public API (import from ``tests.tiny_models``):
     lora_to_taskvector(sd, name, prefix) -> devec_core.TaskVector (module paths without prefix)
     peft_folder(path, sd, **LoraConfig kwargs) -> path   a PEFT adapter folder on disk
     shared_flux_pair(transformer, folder) -> [a, b]      two FLUX LoRA files sharing one direction
+    dora_folder(model, folder, targets) -> (folder, PEFT's merged weights)   a DoRA adapter on disk
 
 All builders are deterministic in ``seed``.
 """
@@ -300,3 +301,18 @@ def shared_flux_pair(transformer, folder) -> list:
     for sd, p in zip((a, b), paths):
         save_file(sd, str(p))
     return paths
+
+
+def dora_folder(model, folder, targets=("q_proj", "v_proj", "down_proj")):
+    """Save a rank-4 DoRA adapter of ``model`` (alpha 8, random factors, magnitudes × 1.1) to
+    ``folder``; returns (folder, PEFT's merged weights {name: tensor}). ``model`` is wrapped by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.1)
+    pm.save_pretrained(str(folder))
+    merged = pm.merge_and_unload()
+    return folder, {n: p.detach().clone() for n, p in merged.named_parameters()}
