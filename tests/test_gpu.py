@@ -116,4 +116,4 @@ def test_flux_image_on_cuda_changes_with_the_mix_and_comes_back():
     again = image()
     assert torch.isfinite(mixed).all()
     assert (mixed - base).abs().max() > 1e-3  # the mix reaches the image
-    assert torch.allclose(again, base, rtol=0, atol=1e-6)  # restored weights, the base image
+    assert torch.allclose(again, base, rtol=0, atol=1e-5)  # restored weights, the base image (CUDA kernels need not be bitwise repeatable)
