@@ -3,6 +3,7 @@
     python docs/import_graph.py              # Mermaid graph of the units (docs/ARCHITECTURE.md's figure)
     python docs/import_graph.py --lazy       # also list imports of siblings made inside functions
     python docs/import_graph.py --modules    # one node per module instead of per unit
+    python docs/import_graph.py --update docs/ARCHITECTURE.md   # rewrite the figure in that file
 
 A *unit* is a top-level module (``devec_core/pool.py`` → ``pool``) or a subpackage
 (``devec_core/formats/…`` → ``formats``). Edges are module-level imports between units; imports
@@ -186,8 +187,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lazy", action="store_true", help="draw imports made inside functions (dotted) and list them")
     ap.add_argument("--modules", action="store_true", help="one node per module, not per unit")
+    ap.add_argument("--update", type=Path, metavar="MARKDOWN", help="replace the first mermaid block of this file with the graph")
     args = ap.parse_args()
     g = graph(unit_level=not args.modules)
+    if args.update:
+        text = args.update.read_text(encoding="utf-8")
+        start = text.index("```mermaid\n")
+        end = text.index("```", start + len("```mermaid\n"))
+        args.update.write_text(text[:start] + "```mermaid\n" + mermaid(g, lazy=args.lazy) + "\n" + text[end:], encoding="utf-8")
+        print(f"updated the graph in {args.update}")
+        return
     print("```mermaid")
     print(mermaid(g, lazy=args.lazy))
     print("```")
