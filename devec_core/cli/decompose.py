@@ -25,6 +25,7 @@ from ..cache import DecompositionCache, cached_decompose
 from ..chance import pool_chance
 from ..export import write_parts
 from ..formats import check_pool_contents, load_pool, module_report
+from ..modes import ISOLATE_ORDERS, MODES
 from ..paths import cache_root
 from ..pool import METHOD_VERSION, Config, decompose
 from .common import EXIT_OK, UsageError, _alpha_args, _Bars, _check_duplicate_paths, _config_arg, _names_for, check_tau_arg
@@ -37,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="LoRA file, PEFT folder, checkpoint, or Hub id")
     d.add_argument("--out", required=True, type=Path, help="output folder")
     d.add_argument("--tau", type=float, default=PAPER_TAU, help=f"eigenvalue threshold (default {PAPER_TAU}, the paper's)")
-    d.add_argument("--mode", choices=("joint", "pairwise", "isolate"), default="joint")
+    d.add_argument("--mode", choices=MODES, default="joint")
     d.add_argument("--target", help="isolate mode: the vector to clean (a name, or one of the INPUTs)")
     g = d.add_mutually_exclusive_group()
     g.add_argument("--rank", type=int, help="dense deltas (DoRA, checkpoints): keep this many directions")
@@ -51,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--names", help="comma-separated names, one per input (default: file names)")
     d.add_argument("--format", choices=("diffusers", "peft"), help="export layout (default: the inputs' family)")
     d.add_argument("--symmetric", action="store_true", help="symmetric spectrum variant")
-    d.add_argument("--isolate-order", choices=("union", "sequential"), default="union")
+    d.add_argument("--isolate-order", choices=ISOLATE_ORDERS, default="union")
     d.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     d.add_argument("--device", default="auto")
     d.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt with torch.load(weights_only=True)")
