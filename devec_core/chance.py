@@ -286,8 +286,8 @@ def _regime(mods: list[ModuleChance], tau: float, suggested: float | None, fdr: 
 
     "saturated" when chance alone reaches τ in most modules, or when more than ``SATURATED_FDR``
     of the eigenvalues above τ are expected from random subspaces (pooled FDR at τ): then even
-    significant modules are split mostly along chance directions (measured: dense SmolLM2 deltas
-    kept at rank 160 — every module above chance, FDR(0.85) = 0.82).
+    significant modules are split mostly along chance directions (README, "Chance level": dense
+    SmolLM2 deltas kept at rank 160 are the example).
     """
     if not mods:
         return "none", "No module is in two or more vectors: there is nothing to compare with chance."

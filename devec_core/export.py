@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .taskvec import Delta, Dense, LowRank
+from .pool import METHOD_VERSION
+from .taskvec import Delta, LowRank
 
 FLUX_PREFIX = "transformer."
 PEFT_PREFIX = "base_model.model."
@@ -106,8 +109,6 @@ def save_flux_lora(
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     sd = flux_lora_state_dict(parts, **kw)
     save_file(sd, str(path), metadata=_meta_header({**(metadata or {}), "modules": len(sd) // 2}))
@@ -159,8 +160,6 @@ def save_peft_adapter(
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     factors = _as_factors(parts, rank, energy, dtype)
@@ -180,8 +179,6 @@ def save_peft_adapter(
 
 def read_devec_metadata(path: str | os.PathLike) -> dict:
     """The ``"devec"`` metadata of an exported file or PEFT folder ({} if none)."""
-    from safetensors import safe_open
-
     p = Path(path)
     if p.is_dir():
         p = p / "adapter_model.safetensors"
@@ -323,8 +320,6 @@ def write_parts(
     Returns:
         One ``Part`` per file or folder written, in ``plan_parts`` order.
     """
-    from .pool import METHOD_VERSION
-
     out_dir = Path(out_dir)
     metas = [v.meta for v in dec.vectors]
     family = family or export_family(metas)

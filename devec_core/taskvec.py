@@ -7,6 +7,7 @@ features, m = in features. Every file format is converted into this form at load
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Union
@@ -79,6 +80,14 @@ class Dense:
 Delta = Union[LowRank, Dense]
 
 
+def _update_tensor(h, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes (memory order, on the CPU) into hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 @dataclass
 class TaskVector:
     """A named task vector: module name → delta, plus parameters that are not matrices.
@@ -126,3 +135,30 @@ class TaskVector:
 
     def sq_norm(self) -> float:
         return sum(d.sq_norm() for d in self.modules.values())
+
+    def digest(self, include_name: bool = True) -> str:
+        """SHA-256 of the vector's content: module names, factors, scales, dense deltas, extras.
+
+        Args:
+            include_name: mix the vector's name in (names label a decomposition's parts; two
+                files with the same tensors under different names are the same content).
+        Returns:
+            Hex digest. ``meta`` (where it came from) is not part of the content.
+        """
+        h = hashlib.sha256()
+        if include_name:
+            h.update(b"name\0" + self.name.encode() + b"\0")
+        for mod in sorted(self.modules):
+            d = self.modules[mod]
+            h.update(b"mod\0" + mod.encode() + b"\0")
+            if isinstance(d, LowRank):
+                h.update(f"lowrank {d.scale!r}".encode())
+                _update_tensor(h, d.B)
+                _update_tensor(h, d.A)
+            else:
+                h.update(b"dense")
+                _update_tensor(h, d.W)
+        for key in sorted(self.extras):
+            h.update(b"extra\0" + key.encode() + b"\0")
+            _update_tensor(h, self.extras[key])
+        return h.hexdigest()

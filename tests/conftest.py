@@ -28,6 +28,18 @@ import pytest  # noqa: E402
 from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run where CUDA is present and are skipped elsewhere (``pytest -m gpu`` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux():
     return tiny_flux_pipeline(seed=0)
@@ -52,20 +64,16 @@ def tiny_llm_loras(tiny_llm):
 def launched_app(cache_dir: Path):
     """``app.build_demo()`` served on a free localhost port with its own DEVEC_CACHE_DIR (restored
     afterwards); yields the URL. Used by the API and browser tests."""
-    old = os.environ.get("DEVEC_CACHE_DIR")
-    os.environ["DEVEC_CACHE_DIR"] = str(cache_dir)
-    import app
+    with pytest.MonkeyPatch.context() as mp:  # the variable is restored however this ends
+        mp.setenv("DEVEC_CACHE_DIR", str(cache_dir))
+        import app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = app.build_demo()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-        if old is None:
-            os.environ.pop("DEVEC_CACHE_DIR", None)
-        else:
-            os.environ["DEVEC_CACHE_DIR"] = old
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        demo = app.build_demo()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_KWARGS)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()

@@ -26,19 +26,10 @@ from devec_core.formats import (
 from devec_core.mix import vanilla
 from devec_core.studio import StudioError
 from devec_core.taskvec import LowRank, TaskVector
-from tests.tiny_models import LLAMA_TARGETS, random_llama_lora, tiny_llama
+from tests.tiny_models import dora_folder, random_llama_lora, tiny_llama
+from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
-
-
-def _peft_folder(path, sd, **cfg):
-    from peft import LoraConfig
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
-    cfg.setdefault("target_modules", list(LLAMA_TARGETS))
-    LoraConfig(**cfg).save_pretrained(str(path))
-    return path
 
 
 def _zip(folder):
@@ -250,17 +241,7 @@ def test_the_studios_own_export_zip_round_trips(tmp_path, tiny_base):
 
 
 def _dora_folder(tmp_path, model):
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1.1)
-    pm.save_pretrained(str(tmp_path / "dora"))
-    merged = pm.merge_and_unload()
-    return tmp_path / "dora", {n: p.detach().clone() for n, p in merged.named_parameters()}
+    return dora_folder(model, tmp_path / "dora")
 
 
 def test_dora_upload_uses_the_loaded_base_and_matches_peft_merge(tmp_path, tiny_base, monkeypatch):
@@ -420,7 +401,9 @@ def test_a_preset_of_hub_checkpoints_streams_them_together_cut_as_read(tmp_path,
     _llama_checkpoint(tmp_path / "ft1", 1)
     _llama_checkpoint(tmp_path / "ft2", 2, vocab_extra=16)
     real = formats.resolve_source
-    monkeypatch.setattr(formats, "resolve_source", lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw))
+    fake = lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw)  # noqa: E731
+    for where in (formats, formats.checkpoint):  # the Studio's look-up and the base reader's
+        monkeypatch.setattr(where, "resolve_source", fake)
     preset = Preset.model_validate({
         "id": "toy-llama", "title": "t", "backend": "llm", "base": {"id": "hub/base"}, "mode": "isolate", "user_slot": True,
         "vectors": [{"name": "a", "source": "hub/ft1", "role": "reference"}, {"name": "b", "source": "hub/ft2", "role": "reference"}],

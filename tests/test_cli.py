@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from devec_core import METHOD_VERSION
 from devec_core.cli import main
 from devec_core.export import read_devec_metadata
-from tests.test_formats import _kohya_real_shapes, _peft_folder, _tiny_llama_dir
+from tests.test_formats import _kohya_real_shapes, _tiny_llama_dir
+from tests.tiny_models import peft_folder as _peft_folder
 from tests.tiny_models import random_flux_lora, random_llama_lora
 
 
@@ -181,12 +182,14 @@ BAD_ARGS = {
 @pytest.mark.parametrize("case", list(BAD_ARGS))
 def test_bad_arguments_exit_2_in_one_line_before_any_tensor_is_read(tmp_path, flux_pair, cache_dir, capsys, monkeypatch, case):
     import devec_core.cache
-    import devec_core.formats
+    import devec_core.cli.decompose
+    import devec_core.cli.inspect
 
     def no_read(*a, **k):
         raise AssertionError("a tensor was read before the arguments were checked")
 
-    for mod, fn in ((devec_core.formats, "load_pool"), (devec_core.formats, "load_task_vector"), (devec_core.cache, "load_file")):
+    # patched where the CLI looks them up
+    for mod, fn in ((devec_core.cli.decompose, "load_pool"), (devec_core.cli.inspect, "load_task_vector"), (devec_core.cache, "load_file")):
         monkeypatch.setattr(mod, fn, no_read, raising=False)
     monkeypatch.setattr("safetensors.torch.load_file", no_read)
     extra, out = BAD_ARGS[case], tmp_path / "out"
@@ -321,7 +324,7 @@ KILL = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import devec_core.cli as cli, devec_core.export as ex
+import devec_core.cli as cli, devec_core.cli.outdir as outdir, devec_core.export as ex
 where, out = sys.argv[1], Path(sys.argv[2]).resolve()
 if where == "export":  # killed while writing the second part
     real, n = ex.save_part, [0]
@@ -332,7 +335,7 @@ if where == "export":  # killed while writing the second part
         return real(*a, **k)
     ex.save_part = save_part
 else:  # killed right after the first rename that touches --out
-    cli._exchange = lambda a, b: False
+    outdir._exchange = lambda a, b: False  # no atomic exchange: the two-rename path
     real = os.replace
     def replace(a, b):
         r = real(a, b)

@@ -1,28 +1,14 @@
 """devec_core.export: exported unique/shared parts load in diffusers and PEFT and equal the engine's parts."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from devec_core import METHOD_VERSION, decompose
-from devec_core.export import export_decomposition, read_devec_metadata, save_flux_lora, to_lowrank
+from devec_core.export import export_decomposition, read_devec_metadata, to_lowrank
 from devec_core.formats import load_pool
 from devec_core.taskvec import Dense, LowRank
-from tests.tiny_models import LLAMA_TARGETS, random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama
-
-
-def _shared_pool_flux(transformer, tmp_path):
-    """Two FLUX LoRAs whose first direction is shared, so every part is nonzero."""
-    a = random_flux_lora(transformer, rank=4, seed=1)
-    b = random_flux_lora(transformer, rank=4, seed=2)
-    for k in a:
-        if k.endswith("lora_B.weight"):
-            b[k][:, 0] = a[k][:, 0]
-    save_file(a, str(tmp_path / "a.safetensors"))
-    save_file(b, str(tmp_path / "b.safetensors"))
-    return [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+from tests.tiny_models import LLAMA_TARGETS, random_llama_lora, shared_flux_pair, tiny_flux_pipeline, tiny_llama
 
 
 def _dense(d):
@@ -31,7 +17,7 @@ def _dense(d):
 
 def test_flux_export_loads_in_diffusers_and_equals_parts(tmp_path):
     pipe = tiny_flux_pipeline(seed=0)  # private copy: we fuse into it
-    vecs = load_pool(_shared_pool_flux(pipe.transformer, tmp_path))
+    vecs = load_pool(shared_flux_pair(pipe.transformer, tmp_path))
     dec = decompose(vecs, tau=0.85)
     assert sum(dec.shared_dims().values()) > 0
     out = tmp_path / "out"

@@ -1,6 +1,5 @@
 """devec_core.formats: every input format → TaskVector, scaling folded in, bad inputs refused."""
 
-import json
 import pickle
 
 import pytest
@@ -16,20 +15,11 @@ from devec_core.formats import (
     load_task_vector,
     module_report,
 )
-from devec_core.taskvec import Dense, LowRank
-from tests.tiny_models import LLAMA_TARGETS, random_flux_lora, random_llama_lora, tiny_llama
+from devec_core.taskvec import Dense
+from tests.tiny_models import dora_folder, random_flux_lora, random_llama_lora, tiny_llama
+from tests.tiny_models import peft_folder as _peft_folder
 
 PEFT = "base_model.model."
-
-
-def _peft_folder(path, sd, **cfg):
-    from peft import LoraConfig
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / "adapter_model.safetensors"))
-    cfg.setdefault("target_modules", list(LLAMA_TARGETS))
-    LoraConfig(**cfg).save_pretrained(str(path))
-    return path
 
 
 def _ab(sd, prefix, mod):
@@ -174,25 +164,16 @@ def test_full_checkpoint_pair_streams_one_module_at_a_time(tmp_path):
 
 
 def test_dora_dense_delta_equals_peft_merge(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     model, _ = tiny_llama(seed=0)
     model.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1.1)
-    pm.save_pretrained(str(tmp_path / "dora"))
+    folder, merged = dora_folder(model, tmp_path / "dora", targets=("q_proj", "v_proj"))
     with pytest.raises(FormatError, match="DoRA.*base"):
-        load_task_vector(tmp_path / "dora")
-    tv = load_task_vector(tmp_path / "dora", base=tmp_path / "base")
+        load_task_vector(folder)
+    tv = load_task_vector(folder, base=tmp_path / "base")
     assert tv.meta["dora"] and all(isinstance(d, Dense) for d in tv.modules.values())
-    merged = pm.merge_and_unload()
     for mod, d in tv.modules.items():
-        got = dict(merged.named_modules())[mod].weight.detach() - base[mod + ".weight"]
+        got = merged[mod + ".weight"] - base[mod + ".weight"]
         torch.testing.assert_close(d.W, got, atol=1e-5, rtol=1e-4)
 
 
@@ -271,8 +252,23 @@ def test_truncated_and_corrupt_safetensors(tmp_path, tiny_flux):
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.safetensors").write_bytes(b"\x07" * 64)
     for name in ("trunc", "junk"):
-        with pytest.raises(FormatError, match=rf"{name}\.safetensors.*truncated or corrupt"):
+        with pytest.raises(FormatError, match=rf"{name}\.safetensors.*truncated or corrupt") as err:
             load_task_vector(tmp_path / f"{name}.safetensors")
+        assert err.value.__cause__ is not None  # the reader's own error stays attached
+
+
+def test_a_bug_while_reading_is_not_reported_as_a_bad_file(tmp_path, tiny_flux, monkeypatch):
+    """Only what a broken file raises becomes a FormatError; a bug elsewhere keeps its own type."""
+    import devec_core.formats.files as files
+
+    save_file(random_flux_lora(tiny_flux.transformer, rank=4, seed=1), str(tmp_path / "ok.safetensors"))
+
+    def broken(*a, **k):
+        raise TypeError("a bug, not a file problem")
+
+    monkeypatch.setattr(files, "safe_open", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        load_task_vector(tmp_path / "ok.safetensors")
 
 
 def test_unknown_layout_lists_keys(tmp_path):

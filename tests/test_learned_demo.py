@@ -366,20 +366,16 @@ def test_chance_summary_is_strict_json():
     json.dumps(summ, allow_nan=False)
 
 
-def test_rescore_recomputes_the_text_measures_from_the_replies():
+def test_rescore_recomputes_the_text_measures_from_the_replies(monkeypatch):
     data = {"heldout_prompts": ["Tell me about penguins.", "Describe snow in a few words."]}
     monkey = {"replies": ["**Penguins**\n**Penguins**\n**Pengu", "**Snow**\nSnow is cold and white."],
               "title_answer": [1.0, 1.0], "bold_only": [0.0, 0.0], "title_any": [0.0, 0.0], "qa": [1.0]}
-    old = EL.N_PROMPTS
-    try:
-        EL.N_PROMPTS = 2
-        out = EL.rescore(monkey, data)
-        assert out["title_answer"] == [0.0, 1.0] and out["bold_only"] == [1.0, 0.0] and out["title_any"] == [1.0, 1.0]
-        assert out["qa"] == [1.0] and monkey["bold_only"] == [0.0, 0.0]  # other measures kept; input untouched
-        with pytest.raises(ValueError, match="3 stored replies for 2 prompts"):
-            EL.rescore({**monkey, "replies": ["a", "b", "c"]}, data)
-    finally:
-        EL.N_PROMPTS = old
+    monkeypatch.setattr(EL, "N_PROMPTS", 2)
+    out = EL.rescore(monkey, data)
+    assert out["title_answer"] == [0.0, 1.0] and out["bold_only"] == [1.0, 0.0] and out["title_any"] == [1.0, 1.0]
+    assert out["qa"] == [1.0] and monkey["bold_only"] == [0.0, 0.0]  # other measures kept; input untouched
+    with pytest.raises(ValueError, match="3 stored replies for 2 prompts"):
+        EL.rescore({**monkey, "replies": ["a", "b", "c"]}, data)
 
 
 def test_reproduce_command_names_what_was_not_built():

@@ -16,7 +16,7 @@ from devec_core.merge import merge
 from devec_core.merge.writeout import compress, fuse_into, to_lora, write_lora, write_model
 from devec_core.taskvec import Dense, LowRank
 from tests.test_formats import _peft_folder, _tiny_llama_dir
-from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_llama
+from tests.tiny_models import random_flux_lora, random_llama_lora, shared_flux_pair, tiny_llama
 
 
 def _rand_lowrank(n=20, m=14, r=6, seed=0):
@@ -107,14 +107,7 @@ def test_peft_folder_loads_and_reproduces_the_fused_weights(tmp_path, llama_vect
 
 def test_flux_lora_of_a_devec_merge_loads_in_diffusers(tmp_path, tiny_flux):
     pipe = tiny_flux
-    a = random_flux_lora(pipe.transformer, rank=4, seed=1)
-    b = random_flux_lora(pipe.transformer, rank=4, seed=2)
-    for k in a:
-        if k.endswith("lora_B.weight"):
-            b[k][:, 0] = a[k][:, 0]
-    save_file(a, str(tmp_path / "a.safetensors"))
-    save_file(b, str(tmp_path / "b.safetensors"))
-    vecs = load_pool([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    vecs = load_pool(shared_flux_pair(pipe.transformer, tmp_path))
     merged = merge(vecs, "devec", [1.0, 0.5], pair_weights=0.25)
     path, rep = write_lora(merged.modules, tmp_path / "mix.safetensors", family="diffusers", metadata=merged.meta)
     assert rep.relative_error == 0.0

@@ -18,6 +18,9 @@ Public API (import from ``tests.tiny_models``):
         PEFT-format Llama LoRA: keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``.
     llama_lora_config(rank=4, modules=None) -> peft.LoraConfig matching random_llama_lora (alpha = rank).
     lora_to_taskvector(sd, name, prefix) -> devec_core.TaskVector (module paths without prefix)
+    peft_folder(path, sd, **LoraConfig kwargs) -> path   a PEFT adapter folder on disk
+    shared_flux_pair(transformer, folder) -> [a, b]      two FLUX LoRA files sharing one direction
+    dora_folder(model, folder, targets) -> (folder, PEFT's merged weights)   a DoRA adapter on disk
 
 All builders are deterministic in ``seed``.
 """
@@ -268,3 +271,48 @@ def lora_to_taskvector(sd: dict[str, torch.Tensor], name: str, prefix: str):
             mod = key[len(prefix) : -len(".lora_A.weight")]
             mods[mod] = LowRank(sd[f"{prefix}{mod}.lora_B.weight"].clone(), sd[key].clone(), 1.0)
     return TaskVector(name, mods)
+
+
+# --- LoRA files on disk ----------------------------------------------------------------------
+def peft_folder(path, sd: dict[str, torch.Tensor], **cfg):
+    """Write a PEFT adapter folder: ``adapter_model.safetensors`` + ``adapter_config.json`` from
+    ``LoraConfig(**cfg)`` (target_modules default: LLAMA_TARGETS). Returns the folder."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
+    cfg.setdefault("target_modules", list(LLAMA_TARGETS))
+    LoraConfig(**cfg).save_pretrained(str(path))
+    return path
+
+
+def shared_flux_pair(transformer, folder) -> list:
+    """Two diffusers FLUX LoRA files (rank 4, seeds 1 and 2) whose first B column is the same in
+    every module, so both shared and unique parts are nonzero. Returns their paths."""
+    from safetensors.torch import save_file
+
+    a = random_flux_lora(transformer, rank=4, seed=1)
+    b = random_flux_lora(transformer, rank=4, seed=2)
+    for k in a:
+        if k.endswith("lora_B.weight"):
+            b[k][:, 0] = a[k][:, 0]
+    paths = [folder / "a.safetensors", folder / "b.safetensors"]
+    for sd, p in zip((a, b), paths):
+        save_file(sd, str(p))
+    return paths
+
+
+def dora_folder(model, folder, targets=("q_proj", "v_proj", "down_proj")):
+    """Save a rank-4 DoRA adapter of ``model`` (alpha 8, random factors, magnitudes × 1.1) to
+    ``folder``; returns (folder, PEFT's merged weights {name: tensor}). ``model`` is wrapped by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.1)
+    pm.save_pretrained(str(folder))
+    merged = pm.merge_and_unload()
+    return folder, {n: p.detach().clone() for n, p in merged.named_parameters()}

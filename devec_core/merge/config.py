@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from .engine import merge
 from .registry import ALIASES, MethodName, get_method, resolve_params
 
 
@@ -52,6 +53,4 @@ class MergeConfig(BaseModel):
 
     def run(self, vectors, **kw):
         """``engine.merge`` with these settings."""
-        from .engine import merge
-
         return merge(vectors, self.method, self.weights, convention=self.convention, pair_weights=self.pair_weights, **self.params, **kw)

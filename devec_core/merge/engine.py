@@ -22,7 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ..taskvec import Delta, Dense, LowRank, TaskVector
+from ..pool import decompose
+from ..taskvec import Delta, Dense, TaskVector
 from . import dare, magnitude_prune, ties
 from .registry import MergeMethod, MethodName, get_method, resolve_params
 from .task_arithmetic import task_arithmetic_factors
@@ -150,8 +151,6 @@ def iter_merge(
 
 
 def _pairwise(vectors: list[TaskVector], tau: float, dtype: torch.dtype):
-    from ..pool import decompose
-
     return decompose(vectors, tau=tau, mode="pairwise", dtype="float64" if dtype == torch.float64 else "float32")
 
 

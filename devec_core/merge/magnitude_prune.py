@@ -38,7 +38,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     flat = delta.reshape(-1)
     if k == 0:
         return torch.zeros_like(delta)
-    # the k-th largest |value| by selection (O(n), ~3x faster than topk here), then exactly k kept:
+    # the k-th largest |value| by selection (O(n); topk sorts), then exactly k kept:
     # everything above it, and entries equal to it in index order until k
     mag = flat.abs()
     thr = torch.kthvalue(mag, flat.numel() - k + 1).values

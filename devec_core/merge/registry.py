@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..algorithm import PAPER_TAU
 from . import dare, magnitude_prune, task_arithmetic, ties
 
 DEVEC_PAPER = "https://arxiv.org/abs/2512.22511"
@@ -93,7 +94,7 @@ for _base in (MethodName.task_arithmetic, MethodName.ties, MethodName.dare_linea
     _b = METHODS[_base]
     _name = MethodName.devec if _base == MethodName.task_arithmetic else MethodName("devec_" + _base.value)
     register(MergeMethod(
-        _name, DEVEC_PAPER, _b.dense, {**_b.params, "tau": 0.85, "parts": "unique"}, base=_base,
+        _name, DEVEC_PAPER, _b.dense, {**_b.params, "tau": PAPER_TAU, "parts": "unique"}, base=_base,
         doc=f"{_base.value} over the unique parts + each pair's shared vector added once with its own coefficient",
     ))
 
@@ -103,8 +104,8 @@ def get_method(name: str | MethodName) -> MergeMethod:
     key = ALIASES.get(str(name), str(name))
     try:
         return METHODS[MethodName(key)]
-    except ValueError:
-        raise ValueError(f"Unknown merge method {name!r}; expected one of {[m.value for m in METHODS]} or {sorted(ALIASES)}") from None
+    except ValueError as e:
+        raise ValueError(f"Unknown merge method {name!r}; expected one of {[m.value for m in METHODS]} or {sorted(ALIASES)}") from e
 
 
 def resolve_params(method: MergeMethod, params: dict, convention: str = "peft") -> dict:

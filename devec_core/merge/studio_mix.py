@@ -13,6 +13,11 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from ..mix import Mix, VectorPool, vanilla
+from .engine import merge, pair_names
+from .task_arithmetic import task_arithmetic_factors
+from .writeout import write_lora
+
 LEFT_METHODS = {  # UI label -> registry name
     "Vanilla task arithmetic": "task_arithmetic",
     "TIES": "ties",
@@ -43,9 +48,6 @@ def left_mix(dec, pool_key: str, weights: dict[str, float], method: str = DEFAUL
     Returns:
         A ``devec_core.mix.Mix``.
     """
-    from ..mix import Mix, VectorPool, vanilla
-    from .engine import merge
-
     if method not in LEFT_METHODS.values():
         raise ValueError(f"Unknown left-side method {method!r}; expected one of {list(LEFT_METHODS.values())}")
     active = {n: float(weights.get(n, 0.0)) for n in dec.names}
@@ -71,8 +73,6 @@ def left_mix(dec, pool_key: str, weights: dict[str, float], method: str = DEFAUL
 
 def pair_terms(dec, shared: float, pairs: dict[str, float] | None) -> list[tuple]:
     """Pairwise mode: one term per pair's shared vector, λ from ``pairs`` (else ``shared``)."""
-    from .engine import pair_names
-
     pairs = pairs or {}
     unknown = sorted(set(pairs) - set(pair_names(dec.names)))
     if unknown:
@@ -83,8 +83,6 @@ def pair_terms(dec, shared: float, pairs: dict[str, float] | None) -> list[tuple
 def mix_modules(mix) -> tuple[dict, dict]:
     """A mix as one task vector: module -> delta (exact: LoRA factors concatenated, dense added),
     and the extras (biases) its delta/unique terms carry."""
-    from .task_arithmetic import task_arithmetic_factors
-
     per: dict[str, list] = {}
     extras: dict = {}
     for comp, lam in mix.active().items():
@@ -100,8 +98,6 @@ def mix_modules(mix) -> tuple[dict, dict]:
 
 def write_mix(mix, out: Path, family: str, settings: dict, base_config: dict | None = None) -> Path:
     """Write ``mix`` as one exact LoRA (PEFT folder or diffusers file) carrying ``settings``."""
-    from .writeout import write_lora
-
     modules, extras = mix_modules(mix)
     if not modules:
         raise ValueError(f"mix {mix.label!r} is empty: every coefficient is 0")

@@ -12,6 +12,7 @@ exact: ‖ΔW − ΔW_r‖_F² = Σ_{i>r} σ_i², per module and relative over t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from typing import Iterable
 
 import torch
 
-from ..taskvec import Delta, Dense, LowRank, TaskVector
+from ..export import save_flux_lora, save_peft_adapter
+from ..mix import VectorPool, WeightEditor, vanilla
+from ..taskvec import Delta, LowRank, TaskVector
 
 
 @dataclass
@@ -123,8 +126,6 @@ def write_lora(
     Returns:
         (path written, CompressionReport).
     """
-    from ..export import save_flux_lora, save_peft_adapter
-
     factors, rep = to_lora(modules, rank)
     meta = {**(metadata or {}), "lora": rep.to_dict()}
     if family == "peft":
@@ -139,8 +140,6 @@ def write_lora(
 def fuse_into(root: torch.nn.Module, merged: TaskVector, coefficient: float = 1.0):
     """Fuse ``merged`` into ``root``'s weights with the library's WeightEditor (fp32 accumulation,
     cast to the weights' dtype). Returns the editor: ``editor.restore()`` gives the base back."""
-    from ..mix import VectorPool, WeightEditor, vanilla
-
     editor = WeightEditor(root)
     editor.apply(vanilla(VectorPool([merged]), {merged.name: coefficient}, label="merged"))
     return editor
@@ -149,8 +148,6 @@ def fuse_into(root: torch.nn.Module, merged: TaskVector, coefficient: float = 1.
 def write_model(root: torch.nn.Module, merged: TaskVector, out: str | os.PathLike, *, metadata: dict | None = None) -> Path:
     """Save ``root`` (an LLM or a FLUX transformer) with the merge fused in, via ``save_pretrained``;
     the weights in memory are restored afterwards. ``devec_merge.json`` holds the settings."""
-    import json
-
     out = Path(out)
     editor = fuse_into(root, merged)
     try:

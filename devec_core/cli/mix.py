@@ -17,19 +17,26 @@ FLUX transformer's folder). The settings travel in the output's metadata (header
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ..algorithm import PAPER_TAU
+from ..export import export_family
+from ..formats import load_pool
+from ..merge.config import MergeConfig
+from ..merge.engine import _pair_weights, _weights_for, iter_merge, merge, merged_extras, settings
+from ..merge.registry import ALIASES, METHODS, get_method, resolve_params
+from ..merge.writeout import write_lora, write_model
+from ..models import load_causal_lm, load_flux_pipeline
+from ..pool import METHOD_VERSION
+from .common import _names_for
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the ``mix`` subcommand on ``sub`` (argparse subparsers)."""
-    from .merge.registry import ALIASES, METHODS
-
     names = [m.value for m in METHODS] + sorted(ALIASES)
     p = sub.add_parser("mix", help="merge task vectors (TA, TIES, DARE, magnitude pruning, DeVec) into one LoRA or model")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="LoRA file, PEFT folder, checkpoint, or Hub id")
@@ -41,7 +48,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="DARE: mask seed (default 0)")
     p.add_argument("--majority-sign", choices=("total", "frequency"), help="TIES/DARE-TIES sign election")
     p.add_argument("--convention", choices=("peft", "mergekit"), help="how weights enter TIES/DARE (default peft)")
-    p.add_argument("--tau", type=float, help="DeVec: eigenvalue threshold (default 0.85)")
+    p.add_argument("--tau", type=float, help=f"DeVec: eigenvalue threshold (default {PAPER_TAU})")
     p.add_argument("--parts", choices=("unique", "delta"), help="DeVec: merge the unique parts (default) or the original vectors, "
                                                                 "each pair's shared vector added as an extra task vector")
     p.add_argument("--names", help="comma-separated names, one per input (default: file names)")
@@ -65,14 +72,12 @@ def _parse_coefs(values: list[str] | None, what: str):
             raise ValueError("mix of name=C and plain numbers")
         nums = [float(v) for v in values]
     except ValueError as e:
-        raise ValueError(f"{what} {' '.join(values)!r}: expected numbers or name=number pairs ({e})") from None
+        raise ValueError(f"{what} {' '.join(values)!r}: expected numbers or name=number pairs ({e})") from e
     return nums[0] if len(nums) == 1 else nums
 
 
 def config_from_args(args):
     """The MergeConfig the flags (over --config) describe."""
-    from .merge.config import MergeConfig
-
     base = MergeConfig.from_yaml(args.config.read_text()).model_dump() if args.config else {"method": "devec"}
     if args.inputs:
         base["inputs"] = [str(s) for s in args.inputs]
@@ -115,13 +120,6 @@ def _replace(src: Path, out: Path) -> None:
 
 
 def run_mix(args) -> int:
-    from .cli import _names_for
-    from .export import export_family
-    from .formats import load_pool
-    from .merge.engine import _pair_weights, _weights_for, iter_merge, merge, merged_extras, settings
-    from .merge.registry import get_method, resolve_params
-    from .pool import METHOD_VERSION
-
     t0 = time.perf_counter()
     # 1. Check the settings and inputs (cheap), then load
     cfg = config_from_args(args)
@@ -151,8 +149,6 @@ def run_mix(args) -> int:
             target = _write_model(vectors, merged, args.base, tmp / "model", meta)
             line = f"merged model ({len(merged.modules)} modules fused)"
         else:
-            from .merge.writeout import write_lora
-
             stream = iter_merge(vectors, method.name, cfg.weights, **kw)
             extras = merged_extras(vectors, w) or None
             base_config = next((v.meta.get("config") for v in vectors if v.meta.get("config")), None)
@@ -175,17 +171,11 @@ def run_mix(args) -> int:
 
 def _write_model(vectors, merged, base: str, dest: Path, meta: dict) -> Path:
     """Load the base (an LLM, or a FLUX pipeline's transformer), fuse, save_pretrained (+ its tokenizer)."""
-    from .merge.writeout import write_model
-
     families = {v.meta.get("family") for v in vectors}
     tok = None
     if families == {"flux"}:
-        from .models import load_flux_pipeline
-
         root = load_flux_pipeline(base, dtype="float32").transformer
     elif base.lower() == "smollm2" or base.endswith(".gguf"):
-        from .models import load_causal_lm
-
         root, tok = load_causal_lm(base, dtype="float32")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
