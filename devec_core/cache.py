@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from .algorithm import PAPER_TAU
+from .paths import cache_root
 from .hashing import digest_tensors, hash_file, hash_source, hash_task_vector, seal, unseal
 from .taskvec import TaskVector
 
@@ -175,11 +176,8 @@ def _from_entry(manifest: dict, T: dict[str, torch.Tensor], tau: float, vectors:
 
 
 def default_cache_dir() -> Path:
-    """``$DEVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/devec``, else ``~/.cache/devec``."""
-    if os.environ.get("DEVEC_CACHE_DIR"):
-        return Path(os.environ["DEVEC_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "devec"
+    """The cache root (``paths.cache_root``: one rule for the whole library)."""
+    return cache_root()
 
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .taskvec import LowRank, TaskVector
+from .taskvec import TaskVector
 
 _BUF = 1 << 22
 
@@ -25,39 +25,9 @@ _BUF = 1 << 22
 # ---------------------------------------------------------------------------------------------
 
 
-def _update_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
-
-
 def hash_task_vector(v: TaskVector, include_name: bool = True) -> str:
-    """SHA-256 of a task vector's content: module names, factors, scales, extras (and its name).
-
-    Args:
-        v: the vector.
-        include_name: mix the vector's name in (names label the decomposition's parts).
-    Returns:
-        Hex digest.
-    """
-    h = hashlib.sha256()
-    if include_name:
-        h.update(b"name\0" + v.name.encode() + b"\0")
-    for mod in sorted(v.modules):
-        d = v.modules[mod]
-        h.update(b"mod\0" + mod.encode() + b"\0")
-        if isinstance(d, LowRank):
-            h.update(f"lowrank {d.scale!r}".encode())
-            _update_tensor(h, d.B)
-            _update_tensor(h, d.A)
-        else:
-            h.update(b"dense")
-            _update_tensor(h, d.W)
-    for key in sorted(v.extras):
-        h.update(b"extra\0" + key.encode() + b"\0")
-        _update_tensor(h, v.extras[key])
-    return h.hexdigest()
+    """SHA-256 of a task vector's content (``TaskVector.digest``, the one definition)."""
+    return v.digest(include_name)
 
 
 def hash_file(path: str | os.PathLike, memo: dict | None = None) -> str:

@@ -277,12 +277,16 @@ def test_cli_hit_skips_content_checks_only_for_vouched_inputs(tmp_path, monkeypa
     """Cold run: checked. Hit: not re-checked (an entry exists for these files' SHA-256 + options).
     An entry that turns out unusable: checked before computing. Changed bytes (a NaN): a new key,
     checked, refused — a warm cache never lets an unchecked input through."""
-    from devec_core import formats
+    from devec_core.cli import decompose as cli_decompose
     from devec_core.cli import main
+    from devec_core.formats import load as formats_load
 
     calls = []
-    real = formats.check_pool_contents
-    monkeypatch.setattr(formats, "check_pool_contents", lambda vecs: (calls.append(len(vecs)), real(vecs))[1])
+    real = formats_load.check_pool_contents
+    counted = lambda vecs: (calls.append(len(vecs)), real(vecs))[1]  # noqa: E731
+    # the two callers: load_pool (a checked load) and the CLI's before_compute (an entry proved unusable)
+    monkeypatch.setattr(formats_load, "check_pool_contents", counted)
+    monkeypatch.setattr(cli_decompose, "check_pool_contents", counted)
     cache = tmp_path / "cache"
     files = _lora_files(tmp_path)
     run = lambda out, *extra: main(["decompose", *files, "--out", str(tmp_path / out), "--cache-dir", str(cache), "--quiet", *extra])  # noqa: E731

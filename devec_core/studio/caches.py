@@ -12,7 +12,6 @@ import hashlib
 import threading
 from collections import OrderedDict
 
-from ..cache import hash_task_vector
 from ..pool import Decomposition
 from ..taskvec import TaskVector
 from .session import StudioError
@@ -37,7 +36,7 @@ def pool_key(vectors: list[TaskVector]) -> str:
     """Content hash of a pool in order (names included): the key of every cache."""
     h = hashlib.sha256()
     for v in vectors:
-        h.update(hash_task_vector(v, include_name=True).encode())
+        h.update(v.digest(include_name=True).encode())
     return h.hexdigest()[:20]
 
 
