@@ -382,16 +382,6 @@ def _js_fresh(prefix: str, part: str) -> str:
             f" r.dataset.made = '1'; }} }}")
 
 
-def _watch_js(prefixes) -> str:
-    """Page-load script: any edit inside a tab's controls marks its outputs and downloads stale."""
-    ids = ",".join(f"'{p}'" for p in prefixes)
-    return f"""() => {{ for (const p of [{ids}]) {{
-  const c = document.getElementById(p + '-controls'); if (!c) continue;
-  const mark = (e) => {{ if (e.target.closest('.devec-nostale')) return; ({STALE_JS})(p); }};
-  c.addEventListener('input', mark, true); c.addEventListener('change', mark, true);
-}} }}"""
-
-
 def build_tab(backend: str, prefix: str, opening: tuple | None):
     """One tab's widgets and events. ``opening`` = (session, decomposition) of the default preset,
     computed once at server start: the page opens with it, no load event races the user."""
@@ -722,6 +712,18 @@ def _wire_tab(w):
     w.shared.release(on_link, [w.link, w.shared], w.pair_sliders, api_name=False)
     w.examples.click(lambda s: s[0] if isinstance(s, (list, tuple)) else s, [w.examples], [w.prompt], api_name=False, queue=False)
 
+    # stale marking, in the browser (no request): any edit a user makes to what the outputs were
+    # made with marks the outputs and downloads out of date; a new generation / export clears it
+    edits = [w.tau, w.mode, w.refs, *w.ons, *w.links, *w.vans, *w.unis, w.shared, w.link, *w.pair_sliders, w.density, w.prompt,
+             w.seed, *w.extra.values()]
+    for comp in edits:
+        comp.input(None, js=stale, api_name=False, queue=False)
+        if isinstance(comp, gr.Slider):  # a typed number arrives as "release" (on blur)
+            comp.release(None, js=stale, api_name=False, queue=False)
+    for comp in (w.target, w.left):
+        comp.select(None, js=stale, api_name=False, queue=False)
+    w.examples.click(None, js=stale, api_name=False, queue=False)
+
 
 HISTORY_MAX = 12
 
@@ -782,7 +784,6 @@ def build_demo() -> gr.Blocks:
 
         all_outs = [tabs_box] + [c for w in tabs.values() for c in _pool_out_list(w)]
         demo.load(on_visit, None, all_outs, api_name=False, show_progress_on=[tabs["llm"].report, tabs["flux"].report])
-        demo.load(None, js=_watch_js(list(tabs)))
     demo.queue(default_concurrency_limit=2, max_size=32)
     demo.devec_tabs = tabs
     return demo

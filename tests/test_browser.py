@@ -180,13 +180,14 @@ def test_outputs_say_what_made_them_turn_stale_and_history_grows(page, tmp_path)
     note = page.locator("#llm-gen-note").inner_text()
     assert "τ 0.90" in note and "isolate" in note and "toxic -0.25/-0.25" in note and "seed 3" in note, note
     assert "toxicity" in page.locator("#llm-time-devec").inner_text()
+    page.wait_for_function("document.getElementById('llm-results').dataset.made === '1'", timeout=10_000)
     assert page.locator("#llm-results.devec-stale").count() == 0
     # any change of the settings marks the outputs out of date
     _set_number(page, "#llm-tau input[type=number]", "0.8")
-    page.wait_for_selector("#llm-results.devec-stale", timeout=10_000)
+    page.wait_for_selector("#llm-results.devec-stale", state="attached", timeout=10_000)
     page.wait_for_function("document.querySelector('#llm-report').innerText.includes('τ = 0.80')", timeout=60_000)
     _generate(page, "llm", 1)
-    assert page.locator("#llm-results.devec-stale").count() == 0
+    page.wait_for_selector("#llm-results.devec-stale", state="detached", timeout=10_000)  # fresh again
     hist = page.locator("#llm-history").inner_text()
     assert "#2" in hist and "#1" in hist and hist.index("#2") < hist.index("#1"), hist
     assert "τ 0.80" in hist and "τ 0.90" in hist
