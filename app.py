@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import logging
 import os
-import re
 import tempfile
 import threading
 from pathlib import Path
@@ -22,11 +21,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from devec_core import hosting, plots, share, studio  # noqa: E402
+from devec_core import hosting, plots, studio  # noqa: E402
+from devec_core.studio import share  # noqa: E402
 from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from devec_core.merge.engine import pair_names  # noqa: E402
 from devec_core.merge.studio_mix import DEFAULT_LEFT, LEFT_METHODS, left_label  # noqa: E402
-from devec_core.studio import MAX_VECTORS, Coefficients, StudioError  # noqa: E402
+from devec_core.studio import MAX_VECTORS, Coefficients, StudioError, clean_message  # noqa: E402
 
 TAU_MIN = 0.05  # the τ slider's lower end (τ → 0 would call every direction shared)
 FLUX_HUB_BASE = "black-forest-labs/FLUX.1-schnell"  # the base for uploaded FLUX LoRAs
@@ -116,12 +116,6 @@ footer {display: none !important;}
 
 log = logging.getLogger("devec.app")
 TOAST_S = 8  # seconds an error toast stays up
-_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"`\\/]+)+[\\/]([^\s'\"`\\/]+)")
-
-
-def clean_message(msg: str) -> str:
-    """A user-facing message without server paths: '/tmp/gradio/ab12/x.safetensors' → 'x.safetensors'."""
-    return _PATH_RE.sub(lambda m: m.group(1), str(msg))
 
 
 def _ui_errors(fn):
@@ -152,14 +146,16 @@ def wire(fn, named: dict, progress: bool = False, request: bool = False):
     """Named inputs: ``fn(x, ...)`` gets one namespace ``x`` with an attribute per widget name
     (lists of widgets stay lists), instead of slicing ``*args``. Returns (callable, input list)
     for a Gradio event; ``progress`` / ``request`` add gr.Progress / gr.Request after the inputs."""
-    comps, layout = [], []
+    comps, layout, pnames = [], [], []
     for name, c in named.items():
         if isinstance(c, (list, tuple)):
             layout.append((name, len(c)))
             comps += list(c)
+            pnames += [f"{name}_{i}" for i in range(len(c))]
         else:
             layout.append((name, None))
             comps.append(c)
+            pnames.append(name)
 
     def call(*values):
         vals = list(values[: len(comps)])
@@ -180,7 +176,7 @@ def wire(fn, named: dict, progress: bool = False, request: bool = False):
         return fn(SimpleNamespace(**ns), **kw)
 
     P = inspect.Parameter
-    params = [P(f"x{i}", P.POSITIONAL_ONLY) for i in range(len(comps))]
+    params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in pnames]  # the API's parameter names (gradio_client kwargs)
     ann = {}
     if progress:
         params.append(P("progress", P.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
@@ -352,11 +348,14 @@ def start_warmup(backends=("llm", "flux")) -> dict[str, threading.Thread]:
         pid = studio.default_preset(b)
         if not pid:
             continue
-        base = studio.get_preset(pid).base.id
+        preset = studio.get_preset(pid)
+        base = preset.base.id
 
-        def work(b=b, base=base):
+        def work(b=b, base=base, scores=tuple(preset.scores)):
             try:
                 (studio.get_llm_backend if b == "llm" else studio.get_flux_backend)(base)
+                if b == "llm" and scores:
+                    studio.score_texts(["warm-up"], scores)  # the scorers' own one-time loads
                 log.info("warm-up: %s base %s loaded", b, base)
             except Exception as e:  # noqa: BLE001 - a missing model is the user's error later, not a crash now
                 log.warning("warm-up: %s base %s not loaded (%s)", b, base, e)
@@ -601,8 +600,11 @@ def _wire_tab(w):
         return {w.state: session, w.tau: session.tau, w.report: studio.describe(dec).markdown, **dict(zip(w.plots, plots.all_figures(dec)))}
 
     fn, ins = wire(on_tau, {"state": w.state, "tau": w.tau})
+    # a typed τ outside the slider arrives unclamped (Gradio 6.31 sends "release" before clamping
+    # the box): clamp it here, in the browser, so the τ the box shows is the τ that is applied
     w.tau.release(fn, ins, [w.state, w.tau, w.report, *w.plots], api_name=f"{prefix}_tau", concurrency_limit=4,
-                  trigger_mode="always_last", show_progress_on=on_report)
+                  trigger_mode="always_last", show_progress_on=on_report,
+                  js=f"(s, t) => [s, Math.min(Math.max(Number(t), {TAU_MIN}), 1.0)]")
 
     @_ui_errors
     def on_defaults(x):
@@ -795,9 +797,14 @@ LAUNCH_KWARGS = dict(theme=gr.themes.Soft(primary_hue="orange", secondary_hue="b
 # "cuda" now and streams it into each GPU worker); elsewhere they load on first use.
 PRELOADED = hosting.preload()
 
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get("DEVEC_WARMUP", "1") != "0":
+        # the one-time work (SmolLM2's GGUF conversion + load, the tiny FLUX model) starts now, in
+        # the background, while the default presets are decomposed and the page is built
+        start_warmup()
+
 demo = build_demo()
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    start_warmup()  # SmolLM2's one-time conversion + load and the tiny FLUX model, while the page opens
     demo.launch(**LAUNCH_KWARGS)

@@ -5,7 +5,9 @@
                        stacked in their own colours; the chance level (expected counts for random
                        subspaces of the same ranks, devec_core.chance) as a grey step line and the
                        suggested τ as a dotted marker
-  shared_dims_figure   shared dimension per module as a heat-map: blocks (rows) × layer (columns)
+  shared_dims_figure   shared dimension per module as a heat-map: layer type (rows) × block (columns),
+                       integer colour ticks; when every module has the same dimension, the shared
+                       fraction of each module's ‖ΔW‖² instead (the title says so)
   norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state: safe in a server
@@ -65,7 +67,9 @@ def spectrum_figure(dec: Decomposition, bins: int = 40, chance: ChanceReport | N
                 rotation=90, va="bottom", ha="right", transform=ax.get_xaxis_transform())
     ax.axvline(dec.tau, color=_TAU, lw=2, ls="--")
     above = int(hi.sum())
-    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} above ", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
+    pairs = _chains(dec)
+    per = f"\n ({pairs} spectra per module;\n shared dim counts their union)" if pairs > 1 else ""
+    ax.text(dec.tau, 0.97, f" τ = {dec.tau:.2f}\n {above} eigenvalues above{per} ", color=_TAU, va="top", ha="left" if dec.tau < 0.8 else "right", transform=ax.get_xaxis_transform(), fontsize=9)
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("eigenvalue of P₁P₂⋯P_k (real part; 1 = direction in every vector)")
     ax.set_ylabel("count (log)")
@@ -74,14 +78,39 @@ def spectrum_figure(dec: Decomposition, bins: int = 40, chance: ChanceReport | N
     return fig
 
 
+def _chains(dec: Decomposition) -> int:
+    """How many spectra each module has: isolate mode keeps one per (target, reference) pair, so
+    the count of eigenvalues above τ exceeds the shared dimension (the dimension of their union)."""
+    k = len(dec.names)
+    if dec.config.mode == "pairwise":
+        return max(1, k * (k - 1))  # one per ordered pair (pool.estimate_work)
+    if dec.config.mode != "isolate":
+        return 1
+    refs = getattr(dec.config, "references", None)
+    return len(refs) if refs else max(1, k - 1)
+
+
 def _split(mod: str) -> tuple[str, int, str]:
     m = _BLOCK_RE.match(mod)
     return (m.group(1).rstrip("."), int(m.group(2)), m.group(3)) if m else ("", 0, mod)
 
 
-def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
-    """Heat-map of the shared dimension per module: rows = layer type, columns = block index.
+def _shared_fractions(dec: Decomposition) -> dict[str, float]:
+    """Per module: Σ_vectors ‖shared‖² / Σ_vectors ‖ΔW‖² (0 when the module has no energy)."""
+    out = {}
+    for row in dec.summary():
+        tot = sum(v["delta"] ** 2 for v in row["norms"].values())
+        sh = sum(v["shared"] ** 2 for v in row["norms"].values())
+        out[row["module"]] = sh / tot if tot > 0 else 0.0
+    return out
 
+
+def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
+    """Heat-map per module: rows = layer type, columns = block index.
+
+    Colour = the shared dimension at τ (integer colour ticks) — or, when every module has the same
+    shared dimension (a colour that says nothing), the shared fraction of each module's ‖ΔW‖²,
+    with the common dimension in the title.
     Module names "prefix.N.leaf" are grouped by (prefix, leaf) into rows and N into columns
     (FLUX's double and single blocks stacked, separated by a white line);
     e.g. FLUX's "transformer_blocks.3.attn.to_q", an LLM's "model.layers.12.mlp.down_proj".
@@ -100,15 +129,38 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
     blocks = sorted({i for _, i, _ in parts})
     ri = {r: k for k, r in enumerate(rows)}
     ci = {b: k for k, b in enumerate(blocks)}
+    same = len(set(dims.values())) == 1
+    d = next(iter(dims.values()))
+    if same and d == 0:  # nothing shared anywhere: how close each module comes (its largest eigenvalue)
+        values = {m: float(ev.real.max()) if ev.numel() else np.nan for m, ev in dec.eigenvalues().items()}
+    else:
+        values = _shared_fractions(dec) if same else dims
     M = np.full((len(rows), len(blocks)), np.nan)
-    for mod, d in dims.items():
+    for mod in dims:
         p, i, leaf = _split(mod)
-        M[ri[(p, leaf)], ci[i]] = d
+        M[ri[(p, leaf)], ci[i]] = values.get(mod, np.nan)
     import matplotlib
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib.ticker import MaxNLocator
 
-    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#eeeeee")
-    vmax = max(1.0, float(np.nanmax(M)) if np.isfinite(M).any() else 1.0)
-    im = ax.imshow(np.ma.masked_invalid(M), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    total = int(sum(dims.values()))
+    if same:
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+        what = "largest eigenvalue" if d == 0 else "shared fraction of ‖ΔW‖²"
+        hi = 1.0 if d == 0 else max(1e-6, float(np.nanmax(M)) if np.isfinite(M).any() else 1.0)
+        im = ax.imshow(np.ma.masked_invalid(M), aspect="auto", cmap=cmap, vmin=0.0, vmax=hi, interpolation="nearest")
+        ax.set_title(f"Every module has shared dimension {d} at τ = {dec.tau:.2f} (total {total});\n"
+                     f"colour: each module's {what}", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=what)
+    else:
+        vmax = max(1, int(np.nanmax(M)))
+        cmap = matplotlib.colormaps["magma_r"].resampled(vmax + 1).with_extremes(bad="#eeeeee")
+        norm = BoundaryNorm(np.arange(-0.5, vmax + 1.5), cmap.N)  # one colour per whole number
+        im = ax.imshow(np.ma.masked_invalid(M), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(f"Shared dimension per module at τ = {dec.tau:.2f} (total {total})", fontsize=10)
+        cb = fig.colorbar(im, ax=ax, shrink=0.8, label="shared dim")
+        cb.locator = MaxNLocator(integer=True)
+        cb.update_ticks()
     short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
     fs = 7 if len(rows) <= 20 else 5
     ax.set_yticks(range(len(rows)), [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows], fontsize=fs)
@@ -118,9 +170,6 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24):
         if rows[k][0] != rows[k - 1][0]:
             ax.axhline(k - 0.5, color="white", lw=2)
     ax.set_xlabel("block index")
-    total = int(np.nansum(M))
-    ax.set_title(f"Shared dimension per module at τ = {dec.tau:.2f} (total {total})", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="shared dim")
     return fig
 
 

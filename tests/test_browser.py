@@ -114,6 +114,11 @@ def test_open_escape_changes_nothing_and_a_pick_sends_one_request(page):
     # check for settings in the URL), nothing that loads a preset
     _wait_idle(page)
     assert len(page.joins) <= 1, page.joins
+    # out-of-range τ typed into the box is clamped *and* applied: the report follows the box
+    for typed, shown in (("1.5", "1.00"), ("0", "0.05")):
+        _set_number(page, "#llm-tau input[type=number]", typed)
+        page.wait_for_function(f"document.querySelector('#llm-report').innerText.includes('τ = {shown}')", timeout=60_000)
+        assert float(_value(page, "#llm-tau input[type=number]")) == float(shown)
     _set_number(page, "#llm-tau input[type=number]", "0.9")
     page.wait_for_function("document.querySelector('#llm-report').innerText.includes('τ = 0.90')", timeout=60_000)
     _set_number(page, "#llm-van-0 input[type=number]", "-0.4")

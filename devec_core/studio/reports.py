@@ -67,7 +67,11 @@ def describe(dec: Decomposition) -> Report:
     else:
         md = (
             f"At τ = {dec.tau:.2f}: **{n_shared} of {len(dims)} modules** have directions {what} "
-            f"(total dimension {total_dim}); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
+            f"(shared dimension {total_dim}, summed over modules"
+            + ("; the spectrum counts more eigenvalues above τ: one spectrum per reference, whose union is this dimension"
+               if mode == "isolate" else "; the spectrum counts one eigenvalue per pair of vectors that share a direction"
+               if mode == "pairwise" else "")
+            + f"); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
             f"Largest eigenvalue {max_eig:.2f}."
         )
     ch = pool_chance(dec)
