@@ -242,7 +242,7 @@ def pool_updates(w, session, dec, coef=None, prompt=None, off=()):
     others = [n for n in session.names if n != session.target]
     out = {
         w.state: session,
-        w.info: studio.session_markdown(session),
+        w.info: clean_message(studio.session_markdown(session)),
         w.mode: gr.Radio(value=session.mode),
         w.target: gr.Dropdown(choices=session.names, value=session.target, visible=iso),
         w.refs: gr.CheckboxGroup(choices=others, value=list(session.effective_references() or others), visible=iso),
@@ -567,6 +567,9 @@ def _wire_tab(w):
                                           progress=_progress_cb(progress))
         out = pool_updates(w, session, dec)
         out[w.preset] = gr.Dropdown(value=None)  # the box says what is loaded: not a preset any more
+        left_out = [n for n in session.notes if n.startswith("left out of the pool")]
+        if left_out:  # the good files of the batch are loaded; say which were not
+            gr.Warning(clean_message(f"{len(left_out)} file(s) left out (see the pool box): " + "; ".join(left_out))[:400], duration=TOAST_S)
         return out
 
     fn, ins = wire(on_custom, {"files": w.files, "hub": w.hub, "base": w.base, "add_to": w.add_to, "preset": w.preset,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import formats
@@ -63,6 +63,7 @@ class _Upload:
     name: str
     path: Path  # a file, or a folder inside an unpacked zip
     config: dict | None = None  # an adapter_config.json uploaded beside the file
+    refused: list[str] = field(default_factory=list)  # the batch's files left out, with why (on its first upload)
 
 
 def upload_sources(files: list[str]) -> tuple[list[_Upload], list[Path]]:
@@ -73,7 +74,12 @@ def upload_sources(files: list[str]) -> tuple[list[_Upload], list[Path]]:
     * ``x.zip``: a zipped adapter / checkpoint folder, or several (this Studio's own export zip
       gives ``unique-<name>``, ``shared`` ...): one vector per folder inside.
     """
-    paths = [check_upload(f) for f in files]
+    paths, refused = [], []
+    for f in files:  # a bad file is named and left out; the good ones of the batch are kept
+        try:
+            paths.append(check_upload(f))
+        except StudioError as e:
+            refused.append(str(e))
     configs = [p for p in paths if p.suffix.lower() == ".json"]
     if len(configs) > 1:
         raise StudioError(
@@ -94,10 +100,15 @@ def upload_sources(files: list[str]) -> tuple[list[_Upload], list[Path]]:
             try:
                 found = formats.zip_vectors(p)
             except formats.FormatError as e:
-                raise StudioError(f"could not read upload {p.name!r}: {e}") from e
+                refused.append(f"could not read upload {p.name!r}: {e}")
+                continue
             out += [_Upload(f"{p.name}:{n}", _name_from(n), q) for n, q in found]
     if config is not None and not any(u.config is not None for u in out):
         raise StudioError("adapter_config.json was uploaded without a .safetensors adapter file to go with it")
+    if refused and not out:
+        raise StudioError(refused[0] if len(refused) == 1 else "none of the uploads could be read: " + "; ".join(refused))
+    if refused:
+        out[0].refused = refused
     return out, zips
 
 
@@ -115,6 +126,7 @@ def custom_vectors(
         raise StudioError(f"{len(ups)} vectors: the Studio shows at most {MAX_VECTORS}; remove some")
     names: list[str] = []
     out = []
+    refused = [r for u in ups for r in u.refused]
     weights = None
 
     def base_src():  # loaded only when a DoRA adapter or a checkpoint needs it
@@ -134,9 +146,15 @@ def custom_vectors(
             hub = i >= len(ups) - len([h for h in hub_ids if h.strip()])
             try:
                 v = formats.load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
-            except READ_ERRORS as e:
+            except StudioError as e:
+                refused.append(str(e))
+                names.pop()
+                continue
+            except READ_ERRORS as e:  # an unreadable file: named, left out, the batch goes on (a bug is raised)
                 where = "Hub id" if hub else "upload"
-                raise StudioError(f"could not read {where} {u.label!r}: {e}") from e
+                refused.append(f"could not read {where} {u.label!r}: {e}")
+                names.pop()
+                continue
             v.meta["input"] = u.label
             out.append(v)
             if progress:
@@ -144,6 +162,10 @@ def custom_vectors(
     finally:
         for z in zips:
             formats.forget_zip(z)  # tensors are read; the unpacked copy is not needed any more
+    if not out:
+        raise StudioError(refused[0] if len(refused) == 1 else "none of the inputs could be read: " + "; ".join(refused))
+    if refused:
+        out[0].meta["refused"] = refused  # the pool's note names what was left out (skipped_notes)
     check_pool(out)
     return out
 
@@ -153,6 +175,8 @@ def skipped_notes(vectors: list[TaskVector]) -> list[str]:
     per FLUX vector that also touches the text encoders."""
     notes = []
     for v in vectors:
+        for r in v.meta.get("refused") or []:
+            notes.append(f"left out of the pool: {r}")
         te = [m for m in v.modules if m.startswith(("text_encoder.", "text_encoder_2."))]
         if te:
             notes.append(f"{v.name}: {len(te)} text-encoder module(s), applied to the text encoder(s) too (vanilla and DeVec)")
