@@ -373,12 +373,18 @@ STALE_JS = """(prefix) => { const r = document.getElementById(prefix + '-results
 
 
 def _js_mark_stale(prefix: str) -> str:
-    return f"() => {{ ({STALE_JS})('{prefix}'); }}"
+    # returns a stamp for a hidden box: a js-only step with no output ran only once in Gradio 6.31
+    return f"() => {{ ({STALE_JS})('{prefix}'); return 'stale ' + Date.now(); }}"
+
+
+def _js_fresh_then(prefix: str, part: str) -> str:
+    """A click's browser step: mark ``part`` fresh, pass the inputs on unchanged."""
+    return f"(...args) => {{ ({_js_fresh(prefix, part)})(); return args; }}"
 
 
 def _js_fresh(prefix: str, part: str) -> str:
     return (f"() => {{ const r = document.getElementById('{prefix}-{part}'); if (r) {{ r.classList.remove('devec-stale');"
-            f" r.dataset.made = '1'; }} }}")
+            f" r.dataset.made = '1'; }} return 'fresh ' + Date.now(); }}")
 
 
 def build_tab(backend: str, prefix: str, opening: tuple | None):
@@ -388,6 +394,7 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
     coef = studio.default_coefficients(session) if session else None
     w = SimpleNamespace(backend=backend, prefix=prefix)
     w.state = gr.State(session)
+    w.stamp = gr.Textbox(visible=False)  # written by the browser-side stale / fresh steps
     w.history_state = gr.State([])
     with gr.Column(elem_id=f"{prefix}-controls"):
         with gr.Row():
@@ -556,7 +563,7 @@ def _wire_tab(w):
         return pool_updates(w, session, dec, prompt=session.prompts[0] if session.prompts else "")
 
     fn, ins = wire(on_preset, {"preset": w.preset, "state": w.state}, progress=True)
-    w.preset.change(fn, ins, pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2, show_progress_on=on_report).then(None, js=stale)
+    w.preset.change(fn, ins, pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2, show_progress_on=on_report)
 
     @_ui_errors
     def on_custom(x, progress=None):
@@ -574,7 +581,7 @@ def _wire_tab(w):
 
     fn, ins = wire(on_custom, {"files": w.files, "hub": w.hub, "base": w.base, "add_to": w.add_to, "preset": w.preset,
                                "mode": w.mode, "tau": w.tau}, progress=True)
-    w.load.click(fn, ins, pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1, show_progress_on=on_report).then(None, js=stale)
+    w.load.click(fn, ins, pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1, show_progress_on=on_report)
 
     @_ui_errors
     def on_config(x, progress=None):
@@ -670,7 +677,7 @@ def _wire_tab(w):
     fn, ins = wire(on_generate, gen_named, progress=True)
     gen_outs = [w.out_van, w.out_dv, w.t_van, w.t_dv, w.gen_note, w.state, w.history_state, w.history, w.settings_json, w.settings_link]
     w.gen.click(fn, ins, gen_outs, api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
-                show_progress_on=[w.out_van, w.out_dv]).success(None, js=_js_fresh(prefix, "results"))
+                show_progress_on=[w.out_van, w.out_dv], js=_js_fresh_then(prefix, "results"))
 
     @_ui_errors
     def on_export(x):
@@ -678,7 +685,7 @@ def _wire_tab(w):
         return [str(p) for p in studio.export_parts(session)]
 
     fn, ins = wire(on_export, {"state": w.state, "tau": w.tau})
-    w.exp.click(fn, ins, [w.exp_files], api_name=f"{prefix}_export", concurrency_limit=2).success(None, js=_js_fresh(prefix, "downloads"))
+    w.exp.click(fn, ins, [w.exp_files], api_name=f"{prefix}_export", concurrency_limit=2, js=_js_fresh_then(prefix, "downloads"))
 
     @_ui_errors
     def on_download(x):
@@ -687,7 +694,7 @@ def _wire_tab(w):
         return [str(p) for p in studio.download_mix(session, _coefficients(w, x))]
 
     fn, ins = wire(on_download, {**coef_named, "tau": w.tau})
-    w.dl.click(fn, ins, [w.exp_files], api_name=f"{prefix}_download", concurrency_limit=2).success(None, js=_js_fresh(prefix, "downloads"))
+    w.dl.click(fn, ins, [w.exp_files], api_name=f"{prefix}_download", concurrency_limit=2, js=_js_fresh_then(prefix, "downloads"))
 
     @_ui_errors
     def on_settings_now(x):
@@ -707,7 +714,7 @@ def _wire_tab(w):
 
     fn, ins = wire(on_apply, {"text": w.settings_json}, progress=True)
     w.apply_settings.click(fn, ins, pool_outs, api_name=f"{prefix}_apply_settings", concurrency_limit=2,
-                           show_progress_on=on_report).then(None, js=stale)
+                           show_progress_on=on_report)
 
     def on_link(link, shared):
         """Linked: every pair slider follows λˢ (and is locked); unlinked: they move on their own."""
@@ -722,12 +729,16 @@ def _wire_tab(w):
     edits = [w.tau, w.mode, w.refs, *w.ons, *w.links, *w.vans, *w.unis, w.shared, w.link, *w.pair_sliders, w.density, w.prompt,
              w.seed, *w.extra.values()]
     for comp in edits:
-        comp.input(None, js=stale, api_name=False, queue=False)
+        comp.input(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
         if isinstance(comp, gr.Slider):  # a typed number arrives as "release" (on blur)
-            comp.release(None, js=stale, api_name=False, queue=False)
+            comp.release(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
     for comp in (w.target, w.left):
-        comp.select(None, js=stale, api_name=False, queue=False)
-    w.examples.click(None, js=stale, api_name=False, queue=False)
+        comp.select(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+    w.examples.click(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+    # a new pool (preset, upload, applied settings): its description changes. Fresh again: when a
+    # generation / export starts (the click's own browser step; Gradio 6.31 ran a chained js-only
+    # .success step, or a Markdown .change step, only the first time)
+    w.info.change(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
 
 
 HISTORY_MAX = 12
