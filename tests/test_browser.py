@@ -103,8 +103,8 @@ def _wait_idle(page, ms: int = 1500):
 
 def _generate(page, prefix: str, n_before: int):
     page.locator(f"#{prefix}-generate").click()
-    page.wait_for_function(
-        f"document.querySelectorAll('#{prefix}-history strong').length > {n_before}", timeout=300_000)
+    page.wait_for_function(  # the history's newest entry is "#n · τ …" (its number, not a count of bold text)
+        f"(document.querySelector('#{prefix}-history')?.innerText || '').includes('#{n_before + 1} ·')", timeout=300_000)
 
 
 def test_open_escape_changes_nothing_and_a_pick_sends_one_request(page):
