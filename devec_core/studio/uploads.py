@@ -127,6 +127,7 @@ def custom_vectors(
     names: list[str] = []
     out = []
     refused = [r for u in ups for r in u.refused]
+    causes: list[BaseException] = []
     weights = None
 
     def base_src():  # loaded only when a DoRA adapter or a checkpoint needs it
@@ -148,11 +149,13 @@ def custom_vectors(
                 v = formats.load_task_vector(str(u.path), n, base=base_src, config=u.config, compress=dense_cut())
             except StudioError as e:
                 refused.append(str(e))
+                causes.append(e.__cause__ or e)
                 names.pop()
                 continue
             except READ_ERRORS as e:  # an unreadable file: named, left out, the batch goes on (a bug is raised)
                 where = "Hub id" if hub else "upload"
                 refused.append(f"could not read {where} {u.label!r}: {e}")
+                causes.append(e)
                 names.pop()
                 continue
             v.meta["input"] = u.label
@@ -163,7 +166,8 @@ def custom_vectors(
         for z in zips:
             formats.forget_zip(z)  # tensors are read; the unpacked copy is not needed any more
     if not out:
-        raise StudioError(refused[0] if len(refused) == 1 else "none of the inputs could be read: " + "; ".join(refused))
+        msg = refused[0] if len(refused) == 1 else "none of the inputs could be read: " + "; ".join(refused)
+        raise StudioError(msg) from (causes[0] if causes else None)  # the first file's cause, chained
     if refused:
         out[0].meta["refused"] = refused  # the pool's note names what was left out (skipped_notes)
     check_pool(out)
