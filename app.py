@@ -9,18 +9,27 @@ Run: ``python app.py`` (then open http://127.0.0.1:7860).
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
+import logging
 import os
-import traceback
+import tempfile
+import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
 from devec_core import hosting, plots, studio  # noqa: E402
-from devec_core.studio import MAX_VECTORS, Coefficients, StudioError  # noqa: E402
+from devec_core.studio import share  # noqa: E402
+from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from devec_core.merge.engine import pair_names  # noqa: E402
-from devec_core.merge.studio_mix import LEFT_METHODS, left_label  # noqa: E402
+from devec_core.merge.studio_mix import DEFAULT_LEFT, LEFT_METHODS, left_label  # noqa: E402
+from devec_core.studio import MAX_VECTORS, Coefficients, StudioError, clean_message  # noqa: E402
+
+TAU_MIN = 0.05  # the τ slider's lower end (τ → 0 would call every direction shared)
+FLUX_HUB_BASE = "black-forest-labs/FLUX.1-schnell"  # the base for uploaded FLUX LoRAs
 
 MAX_PAIRS = MAX_VECTORS * (MAX_VECTORS - 1) // 2  # pairwise mode: one slider per pair's shared vector
 
@@ -96,109 +105,95 @@ CSS = """
 .devec-out textarea {font-size: 15px !important;}
 .devec-note {border-left: 4px solid #DD8452; padding-left: 10px;}
 footer {display: none !important;}
+.devec-results.devec-stale {position: relative;}
+.devec-results.devec-stale > * {opacity: 0.45;}
+.devec-results.devec-stale::before {content: "Out of date: the settings changed since this was made. Generate again to update.";
+  display: block; background: #fff3cd; color: #664d03; padding: 4px 10px; border-radius: 6px; font-size: 14px; opacity: 1;}
 """
 
 
-def _ui_errors(fn):
-    """StudioError → gr.Error with its message; anything else → gr.Error, logged, server stays up."""
+# --- errors: a toast that closes itself, on the action's own outputs, one log line -----------
 
-    @functools.wraps(fn)
+log = logging.getLogger("devec.app")
+TOAST_S = 8  # seconds an error toast stays up
+
+
+def _ui_errors(fn):
+    """StudioError (and share.SettingsError) → one toast, one log line; anything else is a bug:
+    traceback in the log, a toast that says so. The server stays up either way."""
+
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except StudioError as e:
-            raise gr.Error(str(e), duration=None) from None
+        except (StudioError, share.SettingsError) as e:
+            msg = clean_message(e)
+            log.info("user error in %s: %s", fn.__name__, msg)
+            raise gr.Error(msg, duration=TOAST_S, print_exception=False) from e
         except Exception as e:  # noqa: BLE001 - a bad input must never take the server down
-            traceback.print_exc()
-            raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). Try another input; if it persists, report it.", duration=None) from None
+            log.exception("bug in %s", fn.__name__)
+            raise gr.Error(clean_message(f"Unexpected error ({type(e).__name__}: {e}). Try another input; if it persists, report it."),
+                           duration=TOAST_S, print_exception=False) from e
 
+    wrapper.__name__ = fn.__name__
+    wrapper.__signature__ = inspect.signature(fn)
+    wrapper.__annotations__ = getattr(fn, "__annotations__", {})
     return wrapper
+
+
+def wire(fn, named: dict, progress: bool = False, request: bool = False):
+    """Named inputs: ``fn(x, ...)`` gets one namespace ``x`` with an attribute per widget name
+    (lists of widgets stay lists), instead of slicing ``*args``. Returns (callable, input list)
+    for a Gradio event; ``progress`` / ``request`` add gr.Progress / gr.Request after the inputs."""
+    comps, layout, pnames = [], [], []
+    for name, c in named.items():
+        if isinstance(c, (list, tuple)):
+            layout.append((name, len(c)))
+            comps += list(c)
+            pnames += [f"{name}_{i}" for i in range(len(c))]
+        else:
+            layout.append((name, None))
+            comps.append(c)
+            pnames.append(name)
+
+    def call(*values):
+        vals = list(values[: len(comps)])
+        extra = list(values[len(comps):])
+        ns, i = {}, 0
+        for name, n in layout:
+            if n is None:
+                ns[name] = vals[i]
+                i += 1
+            else:
+                ns[name] = vals[i : i + n]
+                i += n
+        kw = {}
+        if progress:
+            kw["progress"] = extra.pop(0)
+        if request:
+            kw["request"] = extra.pop(0)
+        return fn(SimpleNamespace(**ns), **kw)
+
+    P = inspect.Parameter
+    params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in pnames]  # the API's parameter names (gradio_client kwargs)
+    ann = {}
+    if progress:
+        params.append(P("progress", P.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+    if request:
+        params.append(P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request))
+        ann["request"] = gr.Request
+    call.__signature__ = inspect.Signature(params)
+    call.__annotations__ = ann
+    call.__name__ = fn.__name__
+    return call, comps
 
 
 def _progress_cb(progress):
     return lambda done, total, stage: progress(done / max(total, 1), desc=f"{stage} {done}/{total}")
 
 
-# --- callbacks (thin: translate widgets <-> studio) --------------------------------------------
-
-
-def _pool_outputs(session: studio.Session, dec, new_pool: bool = True):
-    """Everything that changes when a pool is (re)loaded: state, texts, sliders, plots."""
-    coef = studio.default_coefficients(session)
-    rep = studio.describe(dec)
-    rows, vans, unis = [], [], []
-    for i in range(MAX_VECTORS):
-        if i < len(session.names):
-            n = session.names[i]
-            role = " · target" if session.mode == "isolate" and n == session.target else ""
-            rows.append(gr.Row(visible=True))
-            vans.append(gr.Slider(value=coef.vanilla[n], label=f"{n}{role} · vanilla λ", visible=True))
-            unis.append(gr.Slider(value=coef.unique[n], label=f"{n}{role} · DeVec unique λ", visible=True))
-        else:
-            rows.append(gr.Row(visible=False))
-            vans.append(gr.Slider(value=0.0, visible=False))
-            unis.append(gr.Slider(value=0.0, visible=False))
-    iso = session.mode == "isolate"
-    target = gr.Dropdown(choices=session.names, value=session.target, visible=iso)
-    others = [n for n in session.names if n != session.target]
-    refs = gr.CheckboxGroup(choices=others, value=list(session.effective_references() or others), visible=iso)
-    return [
-        session,
-        studio.session_markdown(session),
-        gr.Radio(value=session.mode),
-        target,
-        refs,
-        gr.Slider(value=session.tau),
-        rep.markdown,
-        *rows,
-        *vans,
-        *unis,
-        gr.Slider(value=coef.shared),
-        *_pair_outputs(session, coef.shared),
-        *plots.all_figures(dec),
-        gr.Textbox(value=session.prompts[0]) if new_pool and session.prompts else gr.skip(),
-    ]
-
-
-def _pair_outputs(session, shared: float):
-    """Pairwise mode: the pair box and one slider per pair (label "a+b"), all at λˢ, linked."""
-    pairs = pair_names(session.names) if session.mode == "pairwise" else []
-    out = [gr.Group(visible=bool(pairs)), gr.Checkbox(value=True)]
-    for i in range(MAX_PAIRS):
-        if i < len(pairs):
-            out.append(gr.Slider(value=shared, label=f"{pairs[i]} · shared λ", visible=True, interactive=False))
-        else:
-            out.append(gr.Slider(value=0.0, visible=False))
-    return out
-
-
-def _with_merge(session, coef, left=None, density=None, link=True, *pair_values):
-    """The left side's method and (pairwise, unlinked) the per-pair λ's into the coefficients
-    (callers that pass none of them get vanilla TA and every pair at λˢ)."""
-    coef.left = LEFT_METHODS.get(left, "task_arithmetic")
-    coef.density = float(density) if coef.left != "task_arithmetic" and density is not None else None
-    if session.mode == "pairwise" and not link:
-        coef.pairs = {p: float(v) for p, v in zip(pair_names(session.names), pair_values)}
-    return coef
-
-
-def on_link(link, shared):
-    """Linked: every pair slider follows λˢ (and is locked); unlinked: they move on their own."""
-    return [gr.Slider(value=shared, interactive=False) if link else gr.Slider(interactive=True) for _ in range(MAX_PAIRS)]
-
-
-def _tau_outputs(session, dec):
-    # τ goes back into its slider: Gradio 6.31 otherwise puts the slider's previous value back when
-    # the next event starts after τ was typed or moved with the keyboard (the report said one τ,
-    # generation used another)
-    return [session, session.tau, studio.describe(dec).markdown, *plots.all_figures(dec)]
-
-
-def _coefficients(session, values):
-    n = MAX_VECTORS
-    return Coefficients.from_lists(session.names, list(values[:n]), list(values[n : 2 * n]), values[2 * n])
+# --- one tab's widgets, by name ----------------------------------------------------------------
 
 
 def _need(session):
@@ -207,250 +202,606 @@ def _need(session):
     return session
 
 
-@_ui_errors
-def on_preset(preset_id, progress=gr.Progress()):
-    if not preset_id:
-        raise StudioError("pick a preset")
-    session, dec = studio.open_preset(preset_id, _progress_cb(progress))
-    return _pool_outputs(session, dec)
-
-
-def make_on_custom(backend):
-    @_ui_errors
-    def on_custom(files, hub_text, base, add_to_preset, preset_id, mode, tau, progress=gr.Progress()):
-        files = [getattr(f, "name", f) for f in (files or [])]
-        hubs = [h for h in (hub_text or "").splitlines() if h.strip()]
-        base = (base or "").strip() or ("smollm2" if backend == "llm" else "black-forest-labs/FLUX.1-schnell")
-        session, dec = studio.open_custom(
-            backend, base, files, hubs, preset_id if add_to_preset else None, mode=mode, tau=tau, progress=_progress_cb(progress)
-        )
-        return _pool_outputs(session, dec)
-
-    return on_custom
-
-
-@_ui_errors
-def on_config(session, mode, target, references, tau, progress=gr.Progress()):
-    session = _need(session)
-    if mode == "isolate" and target != session.target:
-        references = None  # a new target: every other vector is a reference again
-    session = studio.with_settings(session, mode=mode, target=target if mode == "isolate" else None, tau=tau, references=references)
-    dec = studio.decompose_cached(session, _progress_cb(progress))
-    return _pool_outputs(session, dec, new_pool=False)
-
-
-@_ui_errors
-def on_tau(session, tau):
-    session = studio.with_settings(_need(session), tau=tau)
-    return _tau_outputs(session, studio.decompose_cached(session))
-
-
-def _timing(label, s, scores=None):
-    return f"**{label}** · {s:.1f} s" + studio.scores_markdown(scores or {})
-
-
-@_ui_errors
-def on_generate_llm(session, tau, *args):
-    n = 2 * MAX_VECTORS + 1
-    session = studio.with_settings(_need(session), tau=tau)
-    prompt, seed, max_new = args[n], args[n + 1], args[n + 2]
-    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n + 3 :])
-    job = studio.llm_job(session, coef, prompt, int(seed), int(max_new))
-    r = studio.score_job(session, run_generation(job))
-    return (
-        r.vanilla, r.devec,
-        _timing(left_label(coef.left), r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
-        r.note,
-    )
-
-
-@_ui_errors
-def on_generate_flux(session, tau, *args):
-    n = 2 * MAX_VECTORS + 1
-    session = studio.with_settings(_need(session), tau=tau)
-    prompt, seed, steps, width, height = args[n : n + 5]
-    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n + 5 :])
-    why = studio.flux_can_generate(session)
-    if why:
-        raise StudioError(why)
-    r = studio.score_job(session, run_generation(studio.flux_job(session, coef, prompt, int(seed), int(steps), int(width), int(height))))
-    return (
-        r.vanilla, r.devec,
-        _timing(left_label(coef.left), r.vanilla_s, r.vanilla_scores), _timing("DeVec", r.devec_s, r.devec_scores),
-        r.note,
-    )
-
-
-@_ui_errors
-def on_export(session, tau):
-    session = studio.with_settings(_need(session), tau=tau)
-    return [str(p) for p in studio.export_parts(session)]
-
-
-@_ui_errors
-def on_download(session, tau, *args):
-    n = 2 * MAX_VECTORS + 1
-    session = studio.with_settings(_need(session), tau=tau)
-    coef = _with_merge(session, _coefficients(session, args[:n]), *args[n:])
-    return [str(p) for p in studio.download_mix(session, coef)]
-
-
-@_ui_errors
-def on_defaults(session):
-    session = _need(session)
-    c = studio.default_coefficients(session)
-    vals = [c.vanilla.get(n, 0.0) for n in session.names] + [0.0] * (MAX_VECTORS - len(session.names))
-    uvals = [c.unique.get(n, 0.0) for n in session.names] + [0.0] * (MAX_VECTORS - len(session.names))
-    return [*vals, *uvals, c.shared]
-
-
-# --- layout ----------------------------------------------------------------------------------
-
-
-def build_tab(backend: str, prefix: str):
-    """One tab's widgets and events. ``prefix`` names its API endpoints (``llm_tau`` ...)."""
-    state = gr.State(None)
-    choices = studio.preset_choices(backend)
-    with gr.Row():
-        with gr.Column(scale=1, min_width=320):
-            gr.Markdown("### 1 · Pool")
-            preset = gr.Dropdown(choices=choices, value=studio.default_preset(backend), label="Preset", elem_id=f"{prefix}-preset")
-            with gr.Accordion("Your own task vectors (upload or Hub ids)", open=False):
-                files = gr.File(
-                    label="LoRA / DoRA adapters, checkpoints: .safetensors, a zipped adapter folder (.zip, e.g. this page's export), "
-                    "or adapter_model.safetensors + adapter_config.json",
-                    file_count="multiple", file_types=list(studio.UPLOAD_SUFFIXES),
-                )
-                hub = gr.Textbox(label="Hub ids, one per line", placeholder="owner/repo  or  owner/repo/file.safetensors", lines=2)
-                base = gr.Textbox(
-                    label="Base model",
-                    value="smollm2" if backend == "llm" else "black-forest-labs/FLUX.1-schnell",
-                    info=("'smollm2' = SmolLM2-135M-Instruct, offline" if backend == "llm" else "images need this model and a CUDA GPU")
-                    + "; DoRA adapters and full checkpoints are taken against this model's loaded weights",
-                )
-                add_to = gr.Checkbox(label="Add to the preset's pool (e.g. your toxic adapter as target against its references)", value=False)
-                load = gr.Button("Decompose my pool", variant="secondary")
-            mode = gr.Radio(list(studio.MODES), value="joint", label="Mode", info="joint: style mixing · pairwise: merging · isolate: remove a behaviour")
-            target = gr.Dropdown(choices=[], label="Target (isolate): the vector to clean", visible=False, elem_id=f"{prefix}-target")
-            refs = gr.CheckboxGroup(choices=[], label="References (isolate): what the target shares with these is removed", visible=False)
-            info = gr.Markdown()
-        with gr.Column(scale=2):
-            gr.Markdown("### 2 · Threshold and coefficients")
-            tau = gr.Slider(0.05, 1.0, value=0.85, step=0.01, label="τ (eigenvalue threshold; the paper uses 0.85)", elem_id=f"{prefix}-tau")
-            report = gr.Markdown(elem_classes=["devec-note"], elem_id=f"{prefix}-report")
-            rows, vans, unis = [], [], []
-            for i in range(MAX_VECTORS):
-                with gr.Row(visible=False) as row:
-                    vans.append(gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label=f"vector {i + 1} · vanilla λ", elem_id=f"{prefix}-van-{i}"))
-                    unis.append(gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label=f"vector {i + 1} · DeVec unique λ", elem_id=f"{prefix}-uni-{i}"))
-                rows.append(row)
-            with gr.Row():
-                shared = gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label="DeVec shared λˢ (0 = mix unique parts only)", elem_id=f"{prefix}-shared")
-                defaults = gr.Button("Reset coefficients", size="sm", scale=0)
-            with gr.Group(visible=False) as pair_box:
-                link = gr.Checkbox(value=True, label="Link all pairs to λˢ (untick: one slider per pair's shared vector)", elem_id=f"{prefix}-link")
-                pair_sliders = []
-                for j in range(0, MAX_PAIRS, 3):
-                    with gr.Row():
-                        for i in range(j, min(j + 3, MAX_PAIRS)):
-                            pair_sliders.append(gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label=f"pair {i + 1} · shared λ", visible=False,
-                                                          interactive=False, elem_id=f"{prefix}-pair-{i}"))
-            with gr.Row():
-                left = gr.Dropdown(list(LEFT_METHODS), value=next(iter(LEFT_METHODS)), label="Left side: merge method",
-                                   info="what DeVec is compared with (same λᵢ)", elem_id=f"{prefix}-left")
-                density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES / DARE density (fraction kept)", elem_id=f"{prefix}-density")
-
-    gr.Markdown("### 3 · Generate: vanilla vs DeVec, same seed")
-    with gr.Row():
-        if backend == "llm":
-            prompt = gr.Textbox(label="Prompt", value="What is the capital of Sweden?", scale=3, elem_id=f"{prefix}-prompt")
-            seed = gr.Number(label="Seed", value=0, precision=0, scale=1)
-            extra = [gr.Slider(1, 256, value=32, step=1, label="Max new tokens", scale=1)]
+def _slider_updates(w, session: studio.Session, coef: Coefficients, off=()):
+    """Rows, on/off, link, vanilla and DeVec sliders for this pool (hidden beyond it)."""
+    out = {}
+    for i in range(MAX_VECTORS):
+        if i < len(session.names):
+            n = session.names[i]
+            role = " · target" if session.mode == "isolate" and n == session.target else ""
+            v, u = coef.vanilla.get(n, 0.0), coef.unique.get(n, 0.0)
+            linked = abs(v - u) < 1e-12
+            out[w.rows[i]] = gr.Row(visible=True)
+            out[w.ons[i]] = gr.Checkbox(value=n not in off, label=f"{n}{role}")
+            out[w.links[i]] = gr.Checkbox(value=linked)
+            out[w.vans[i]] = gr.Slider(value=v, label="λ (vanilla)" if not linked else "λ (both sides)", visible=True)
+            out[w.unis[i]] = gr.Slider(value=u, label="DeVec unique λ", visible=True, interactive=not linked)
         else:
-            prompt = gr.Textbox(label="Prompt", value="a fox in a forest clearing at dawn", scale=3, elem_id=f"{prefix}-prompt")
-            seed = gr.Number(label="Seed", value=0, precision=0, scale=1)
-            extra = [
-                gr.Slider(1, 50, value=4, step=1, label="Steps", scale=1),
-                gr.Slider(256, 1536, value=768, step=64, label="Width", scale=1),
-                gr.Slider(256, 1536, value=768, step=64, label="Height", scale=1),
-            ]
-        gen = gr.Button("Generate both", variant="primary", scale=1, elem_id=f"{prefix}-generate")
+            out[w.rows[i]] = gr.Row(visible=False)
+            out[w.ons[i]] = gr.Checkbox(value=True)
+            out[w.links[i]] = gr.Checkbox(value=True)
+            out[w.vans[i]] = gr.Slider(value=0.0)
+            out[w.unis[i]] = gr.Slider(value=0.0)
+    out[w.shared] = gr.Slider(value=coef.shared)
+    pairs = pair_names(session.names) if session.mode == "pairwise" else []
+    out[w.pair_box] = gr.Group(visible=bool(pairs))
+    out[w.link] = gr.Checkbox(value=True)
+    for i in range(MAX_PAIRS):
+        if i < len(pairs):
+            out[w.pair_sliders[i]] = gr.Slider(value=coef.shared, label=f"{pairs[i]} · shared λ", visible=True, interactive=False)
+        else:
+            out[w.pair_sliders[i]] = gr.Slider(value=0.0, visible=False)
+    return out
+
+
+def pool_updates(w, session, dec, coef=None, prompt=None, off=()):
+    """Everything that changes when a pool, mode, target or references change: state, texts,
+    sliders, plots; the prompt box and the preset prompts when ``prompt`` is given."""
+    coef = coef or studio.default_coefficients(session)
+    iso = session.mode == "isolate"
+    others = [n for n in session.names if n != session.target]
+    out = {
+        w.state: session,
+        w.info: clean_message(studio.session_markdown(session)),
+        w.mode: gr.Radio(value=session.mode),
+        w.target: gr.Dropdown(choices=session.names, value=session.target, visible=iso),
+        w.refs: gr.CheckboxGroup(choices=others, value=list(session.effective_references() or others), visible=iso),
+        w.tau: gr.Slider(value=session.tau),
+        w.report: studio.describe(dec).markdown,
+        **_slider_updates(w, session, coef, off),
+        **dict(zip(w.plots, plots.all_figures(dec))),
+    }
+    if prompt is not None:
+        out[w.prompt] = gr.Textbox(value=prompt)
+        out[w.examples] = gr.Dataset(samples=[[p] for p in session.prompts] or [[prompt]])
+    return out
+
+
+def _coefficients(w, x) -> Coefficients:
+    """The sliders as Coefficients: a vector switched off is 0 on both sides; a linked one takes
+    its vanilla λ on the DeVec side too; the left method, density and (pairwise) pair λ's."""
+    session = x.state
+    n = len(session.names)
+    vans = [v if on else 0.0 for v, on in zip(x.vans[:n], x.ons[:n])]
+    unis = [(v if link else u) if on else 0.0 for v, u, on, link in zip(x.vans[:n], x.unis[:n], x.ons[:n], x.links[:n])]
+    coef = Coefficients.from_lists(session.names, vans, unis, x.shared)
+    coef.left = LEFT_METHODS.get(x.left, DEFAULT_LEFT)
+    coef.density = float(x.density) if coef.left != DEFAULT_LEFT and x.density is not None else None
+    if session.mode == "pairwise" and not x.link:
+        coef.pairs = {p: float(v) for p, v in zip(pair_names(session.names), x.pair_sliders)}
+    return coef
+
+
+def current_settings(w, x) -> dict:
+    """The shareable settings (devec_core.share) of what is on screen."""
+    session = x.state
+    n = len(session.names)
+    coef = _coefficients(w, x)
+    s = {"tab": w.backend}
+    if session.source and session.source[0] == "preset":
+        s["preset"] = session.source[1]
+    else:
+        s["pool"] = "custom"
+    s.update(mode=session.mode, tau=round(float(session.tau), 4))
+    if session.mode == "isolate":
+        s["target"] = session.target
+        if session.references is not None:
+            s["references"] = list(session.effective_references() or [])
+    s["vanilla"] = {nm: float(v) for nm, v in zip(session.names, x.vans[:n])}
+    s["unique"] = {nm: float(v if link else u) for nm, v, u, link in zip(session.names, x.vans[:n], x.unis[:n], x.links[:n])}
+    s["off"] = [nm for nm, on in zip(session.names, x.ons[:n]) if not on]
+    s["shared"] = float(x.shared)
+    s["left"] = x.left
+    if coef.density is not None:
+        s["density"] = coef.density
+    s["prompt"] = x.prompt
+    s["seed"] = int(x.seed or 0)
+    for k in w.extra:
+        s[k] = getattr(x, k)
+    return s
+
+
+def settings_outputs(w, settings: dict) -> dict:
+    q = share.to_query(settings) if settings.get("preset") else ""
+    link = (f"[🔗 Link to these settings](?{q}) (right-click → copy link; opens this page with them)" if q
+            else "Settings of an uploaded pool: load the same files to restore them.")
+    return {w.settings_json: share.to_json(settings), w.settings_link: link}
+
+
+def _tab_restore(w, settings: dict, progress=None):
+    """Open the settings' preset and put every control where the settings say."""
+    session, _ = studio.open_preset(settings["preset"], _progress_cb(progress) if progress else None)
+    session = studio.with_settings(session, mode=settings.get("mode"), target=settings.get("target"), tau=settings.get("tau"),
+                                   references=settings.get("references"))
+    dec = studio.decompose_cached(session)
+    base = studio.default_coefficients(session)
+    van = {n: float(settings.get("vanilla", {}).get(n, base.vanilla[n])) for n in session.names}
+    uni = {n: float(settings.get("unique", {}).get(n, base.unique[n])) for n in session.names}
+    coef = Coefficients(van, uni, float(settings.get("shared", base.shared)))
+    out = pool_updates(w, session, dec, coef, prompt=settings.get("prompt") or (session.prompts[0] if session.prompts else ""),
+                       off=settings.get("off", ()))
+    out[w.preset] = gr.Dropdown(value=settings["preset"])
+    if "seed" in settings:
+        out[w.seed] = settings["seed"]
+    if settings.get("left") in LEFT_METHODS:
+        out[w.left] = settings["left"]
+    if settings.get("density") is not None:
+        out[w.density] = settings["density"]
+    for k, comp in w.extra.items():
+        if settings.get(k) is not None:
+            out[comp] = settings[k]
+    return out
+
+
+# --- the model's one-time work, in the background at server start --------------------------
+
+_WARM: dict[str, threading.Thread] = {}
+
+
+def start_warmup(backends=("llm", "flux")) -> dict[str, threading.Thread]:
+    """Load the default presets' base models in background threads (SmolLM2: the one-time GGUF
+    conversion + load; the tiny FLUX model), so the first "Generate both" only waits for what is
+    left. A base that fails to load is logged; its error reaches the user when they generate."""
+    for b in backends:
+        if b in _WARM:
+            continue
+        pid = studio.default_preset(b)
+        if not pid:
+            continue
+        preset = studio.get_preset(pid)
+        base = preset.base.id
+
+        def work(b=b, base=base, scores=tuple(preset.scores)):
+            try:
+                (studio.get_llm_backend if b == "llm" else studio.get_flux_backend)(base)
+                if b == "llm" and scores:
+                    studio.score_texts(["warm-up"], scores)  # the scorers' own one-time loads
+                log.info("warm-up: %s base %s loaded", b, base)
+            except Exception as e:  # noqa: BLE001 - a missing model is the user's error later, not a crash now
+                log.warning("warm-up: %s base %s not loaded (%s)", b, base, e)
+
+        t = threading.Thread(target=work, name=f"devec-warmup-{b}", daemon=True)
+        t.start()
+        _WARM[b] = t
+    return _WARM
+
+
+# --- layout + events ----------------------------------------------------------------------------
+
+STALE_JS = """(prefix) => { const r = document.getElementById(prefix + '-results'); if (r && r.dataset.made) r.classList.add('devec-stale');
+ const d = document.getElementById(prefix + '-downloads'); if (d) d.classList.add('devec-stale'); }"""
+
+
+def _js_mark_stale(prefix: str) -> str:
+    # returns a stamp for a hidden box: a js-only step with no output ran only once in Gradio 6.31
+    return f"() => {{ ({STALE_JS})('{prefix}'); return 'stale ' + Date.now(); }}"
+
+
+def _js_fresh_then(prefix: str, part: str) -> str:
+    """A click's browser step: mark ``part`` fresh, pass the inputs on unchanged."""
+    return f"(...args) => {{ ({_js_fresh(prefix, part)})(); return args; }}"
+
+
+def _js_fresh(prefix: str, part: str) -> str:
+    return (f"() => {{ const r = document.getElementById('{prefix}-{part}'); if (r) {{ r.classList.remove('devec-stale');"
+            f" r.dataset.made = '1'; }} return 'fresh ' + Date.now(); }}")
+
+
+def build_tab(backend: str, prefix: str, opening: tuple | None):
+    """One tab's widgets and events. ``opening`` = (session, decomposition) of the default preset,
+    computed once at server start: the page opens with it, no load event races the user."""
+    session, dec = opening if opening else (None, None)
+    coef = studio.default_coefficients(session) if session else None
+    w = SimpleNamespace(backend=backend, prefix=prefix)
+    w.state = gr.State(session)
+    w.stamp = gr.Textbox(visible=False)  # written by the browser-side stale / fresh steps
+    w.history_state = gr.State([])
+    with gr.Column(elem_id=f"{prefix}-controls"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                gr.Markdown("### 1 · Pool")
+                w.preset = gr.Dropdown(choices=studio.preset_choices(backend), value=session.preset_id if session else None,
+                                       label="Preset", elem_id=f"{prefix}-preset")
+                with gr.Accordion("Your own task vectors (upload or Hub ids)", open=False):
+                    w.files = gr.File(
+                        label="LoRA / DoRA adapters, checkpoints: .safetensors, a zipped adapter folder (.zip, e.g. this page's export), "
+                        "or adapter_model.safetensors + adapter_config.json",
+                        file_count="multiple", file_types=list(studio.UPLOAD_SUFFIXES),
+                    )
+                    w.hub = gr.Textbox(label="Hub ids, one per line", placeholder="owner/repo  or  owner/repo/file.safetensors", lines=2)
+                    default_base = studio.get_preset(studio.default_preset(backend)).base.id if backend == "llm" else FLUX_HUB_BASE
+                    w.base = gr.Textbox(
+                        label="Base model", value=default_base,
+                        info=("'smollm2' = SmolLM2-135M-Instruct, offline" if backend == "llm" else "images need this model and a CUDA GPU")
+                        + "; DoRA adapters and full checkpoints are taken against this model's loaded weights",
+                    )
+                    w.add_to = gr.Checkbox(label="Add to the preset's pool (e.g. your toxic adapter as target against its references)", value=False)
+                    w.load = gr.Button("Decompose my pool", variant="secondary", elem_id=f"{prefix}-load")
+                w.mode = gr.Radio(list(studio.MODES), value=session.mode if session else "joint", label="Mode",
+                                  info="joint: style mixing · pairwise: merging · isolate: remove a behaviour")
+                iso = bool(session and session.mode == "isolate")
+                names = session.names if session else []
+                others = [n for n in names if n != (session.target if session else None)]
+                w.target = gr.Dropdown(choices=names, value=session.target if iso else None, label="Target (isolate): the vector to clean",
+                                       visible=iso, elem_id=f"{prefix}-target")
+                w.refs = gr.CheckboxGroup(choices=others, value=others if iso else [], visible=iso,
+                                          label="References (isolate): what the target shares with these is removed")
+                w.info = gr.Markdown(studio.session_markdown(session) if session else "", elem_id=f"{prefix}-info")
+            with gr.Column(scale=2):
+                gr.Markdown("### 2 · Threshold and coefficients")
+                w.tau = gr.Slider(TAU_MIN, 1.0, value=session.tau if session else PAPER_TAU, step=0.01,
+                                  label=f"τ (eigenvalue threshold; the paper uses {PAPER_TAU}; {TAU_MIN}–1)", elem_id=f"{prefix}-tau")
+                w.report = gr.Markdown(studio.describe(dec).markdown if dec else "", elem_classes=["devec-note"], elem_id=f"{prefix}-report")
+                gr.Markdown("<small>Per vector: on/off · 🔗 one λ for both sides (untick to set DeVec's separately)</small>")
+                w.rows, w.ons, w.links, w.vans, w.unis = [], [], [], [], []
+                for i in range(MAX_VECTORS):
+                    # the opening values of the default preset (later pools arrive as updates)
+                    n = names[i] if i < len(names) else None
+                    v, u = (coef.vanilla[n], coef.unique[n]) if n else (0.0, 0.0)
+                    linked = abs(v - u) < 1e-12
+                    role = " · target" if iso and n == session.target else ""
+                    with gr.Row(visible=n is not None, equal_height=True) as row:
+                        w.ons.append(gr.Checkbox(value=True, label=f"{n}{role}" if n else f"vector {i + 1}", scale=1, min_width=120,
+                                                 elem_id=f"{prefix}-on-{i}"))
+                        w.links.append(gr.Checkbox(value=linked, label="🔗", scale=0, min_width=60, elem_id=f"{prefix}-link-{i}"))
+                        w.vans.append(gr.Slider(-2.0, 2.0, value=v, step=0.05, label="λ (both sides)" if linked else "λ (vanilla)", scale=3,
+                                                elem_id=f"{prefix}-van-{i}"))
+                        w.unis.append(gr.Slider(-2.0, 2.0, value=u, step=0.05, label="DeVec unique λ", scale=3, interactive=not linked,
+                                                elem_id=f"{prefix}-uni-{i}"))
+                    w.rows.append(row)
+                with gr.Row():
+                    w.shared = gr.Slider(-2.0, 2.0, value=coef.shared if coef else 0.0, step=0.05, label="DeVec shared λˢ (0 = mix unique parts only)", elem_id=f"{prefix}-shared")
+                    w.defaults = gr.Button("Reset coefficients", size="sm", scale=0)
+                with gr.Group(visible=False) as w.pair_box:
+                    w.link = gr.Checkbox(value=True, label="Link all pairs to λˢ (untick: one slider per pair's shared vector)", elem_id=f"{prefix}-link")
+                    w.pair_sliders = []
+                    for j in range(0, MAX_PAIRS, 3):
+                        with gr.Row():
+                            for i in range(j, min(j + 3, MAX_PAIRS)):
+                                w.pair_sliders.append(gr.Slider(-2.0, 2.0, value=0.0, step=0.05, label=f"pair {i + 1} · shared λ", visible=False,
+                                                                interactive=False, elem_id=f"{prefix}-pair-{i}"))
+                with gr.Row():
+                    w.left = gr.Dropdown(list(LEFT_METHODS), value=next(iter(LEFT_METHODS)), label="Left side: merge method",
+                                         info="what DeVec is compared with (same λᵢ)", elem_id=f"{prefix}-left")
+                    w.density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES / DARE density (fraction kept)", elem_id=f"{prefix}-density")
+
+        gr.Markdown("### 3 · Generate: vanilla vs DeVec, same seed")
+        with gr.Row():
+            first = (session.prompts[0] if session and session.prompts else "")
+            w.prompt = gr.Textbox(label="Prompt", value=first, scale=3, elem_id=f"{prefix}-prompt")
+            w.seed = gr.Number(label="Seed", value=0, precision=0, scale=1, elem_id=f"{prefix}-seed")
+            if backend == "llm":
+                w.extra = {
+                    "max_new_tokens": gr.Slider(1, 256, value=32, step=1, label="Max new tokens", scale=1),
+                    "temperature": gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy: the seed does nothing)",
+                                             scale=1, elem_id=f"{prefix}-temperature"),
+                    "top_p": gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p", scale=1),
+                }
+            else:
+                w.extra = {
+                    "steps": gr.Slider(1, 50, value=4, step=1, label="Steps", scale=1),
+                    "width": gr.Slider(256, 1536, value=768, step=64, label="Width", scale=1),
+                    "height": gr.Slider(256, 1536, value=768, step=64, label="Height", scale=1),
+                }
+            w.gen = gr.Button("Generate both", variant="primary", scale=1, elem_id=f"{prefix}-generate")
+        w.examples = gr.Dataset(components=[w.prompt], samples=[[p] for p in (session.prompts if session else [])] or [[first]],
+                                label="The preset's prompts (click one)", elem_id=f"{prefix}-examples")
     if backend == "flux":
         gr.Markdown(
             "<small>The offline *Tiny FLUX* presets render real images on the CPU (a small FLUX-architecture model built "
             "by `python demo/style/build.py`; three seeds per side, scores under each). Other presets: "
             f"{studio.FLUX_NEEDS}</small>"
         )
-    gen_note = gr.Markdown(elem_classes=["devec-note"])
-    with gr.Row(equal_height=True):
-        with gr.Column():
-            t_van = gr.Markdown("**Vanilla task arithmetic**", elem_id=f"{prefix}-time-vanilla")
-            out_van = (
-                gr.Textbox(label="W₀ + Σ λᵢ ΔWᵢ", lines=5, elem_id=f"{prefix}-out-vanilla", elem_classes=["devec-out"])
-                if backend == "llm"
-                else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=340)
-            )
-        with gr.Column():
-            t_dv = gr.Markdown("**DeVec**", elem_id=f"{prefix}-time-devec")
-            out_dv = (
-                gr.Textbox(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", lines=5, elem_id=f"{prefix}-out-devec", elem_classes=["devec-out"])
-                if backend == "llm"
-                else gr.Image(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", elem_id=f"{prefix}-out-devec", height=340)
-            )
+    with gr.Column(elem_id=f"{prefix}-results", elem_classes=["devec-results"]):
+        w.gen_note = gr.Markdown(elem_classes=["devec-note"], elem_id=f"{prefix}-gen-note")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                w.t_van = gr.Markdown("**Vanilla task arithmetic**", elem_id=f"{prefix}-time-vanilla")
+                w.out_van = (
+                    gr.Textbox(label="W₀ + Σ λᵢ ΔWᵢ", lines=5, elem_id=f"{prefix}-out-vanilla", elem_classes=["devec-out"])
+                    if backend == "llm"
+                    else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=340, format="png")
+                )
+            with gr.Column():
+                w.t_dv = gr.Markdown("**DeVec**", elem_id=f"{prefix}-time-devec")
+                w.out_dv = (
+                    gr.Textbox(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", lines=5, elem_id=f"{prefix}-out-devec", elem_classes=["devec-out"])
+                    if backend == "llm"
+                    else gr.Image(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", elem_id=f"{prefix}-out-devec", height=340, format="png")
+                )
+    with gr.Accordion("History and settings to share", open=True):
+        w.history = gr.Markdown("<small>Each generation is added here (newest first), with a link that restores its settings.</small>",
+                                elem_id=f"{prefix}-history")
+        with gr.Row(elem_classes=["devec-nostale"]):
+            w.settings_json = gr.Code(label="Settings (JSON; copy, or paste and apply)", language="json", interactive=True, lines=6,
+                                      elem_id=f"{prefix}-settings-json")
+            with gr.Column(scale=0, min_width=220):
+                w.settings_link = gr.Markdown(elem_id=f"{prefix}-settings-link")
+                w.apply_settings = gr.Button("Apply these settings", size="sm", elem_id=f"{prefix}-apply-settings")
 
     gr.Markdown("### 4 · What is shared")
+    figs = plots.all_figures(dec) if dec else (None, None, None)
     with gr.Row():
-        p_spec = gr.Plot(label="Eigenvalue spectrum", elem_id=f"{prefix}-spectrum", show_label=False)
-        p_dims = gr.Plot(label="Shared dimension per module", elem_id=f"{prefix}-dims", show_label=False)
+        p_spec = gr.Plot(figs[0], label="Eigenvalue spectrum", elem_id=f"{prefix}-spectrum", show_label=False)
+        p_dims = gr.Plot(figs[1], label="Shared dimension per module", elem_id=f"{prefix}-dims", show_label=False)
     with gr.Row():
-        p_norm = gr.Plot(label="Shared vs unique per vector", elem_id=f"{prefix}-norms", show_label=False)
+        p_norm = gr.Plot(figs[2], label="Shared vs unique per vector", elem_id=f"{prefix}-norms", show_label=False)
         with gr.Column():
             gr.Markdown("### 5 · Export\nThe unique and shared parts at this τ as LoRA files (FLUX: diffusers `.safetensors`; LLM: PEFT adapter folders, zipped).")
             with gr.Row():
-                exp = gr.Button("Export parts", elem_id=f"{prefix}-export")
-                dl = gr.Button("Download this mix", elem_id=f"{prefix}-download")
-            exp_files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                w.exp = gr.Button("Export parts", elem_id=f"{prefix}-export")
+                w.dl = gr.Button("Download this mix", elem_id=f"{prefix}-download")
+            with gr.Column(elem_id=f"{prefix}-downloads", elem_classes=["devec-results"]):
+                w.exp_files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id=f"{prefix}-files")
+    w.plots = [p_spec, p_dims, p_norm]
+    _wire_tab(w)
+    return w
 
-    # --- events ---
-    pool_outs = [state, info, mode, target, refs, tau, report, *rows, *vans, *unis, shared, pair_box, link, *pair_sliders,
-                 p_spec, p_dims, p_norm, prompt]
-    merge_in = [left, density, link, *pair_sliders]
-    tau_outs = [state, tau, report, p_spec, p_dims, p_norm]
-    coef_in = [*vans, *unis, shared]
-    preset.input(on_preset, [preset], pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2)
-    load.click(make_on_custom(backend), [files, hub, base, add_to, preset, mode, tau], pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1)
-    mode.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=f"{prefix}_mode", concurrency_limit=2)
-    target.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=False, concurrency_limit=2)
-    refs.input(on_config, [state, mode, target, refs, tau], pool_outs, api_name=False, concurrency_limit=2)
-    tau.release(on_tau, [state, tau], tau_outs, api_name=f"{prefix}_tau", concurrency_limit=4)
-    defaults.click(on_defaults, [state], coef_in, api_name=False)
-    gen_fn = on_generate_llm if backend == "llm" else on_generate_flux
-    gen.click(
-        gen_fn, [state, tau, *coef_in, prompt, seed, *extra, *merge_in], [out_van, out_dv, t_van, t_dv, gen_note],
-        api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
-    )
-    exp.click(on_export, [state, tau], [exp_files], api_name=f"{prefix}_export", concurrency_limit=2)
-    dl.click(on_download, [state, tau, *coef_in, *merge_in], [exp_files], api_name=f"{prefix}_download", concurrency_limit=2)
-    link.input(on_link, [link, shared], pair_sliders, api_name=False)
-    shared.release(on_link, [link, shared], pair_sliders, api_name=False)
-    return preset, pool_outs
+
+def _pool_out_list(w):
+    return [w.state, w.info, w.preset, w.mode, w.target, w.refs, w.tau, w.report, *w.rows, *w.ons, *w.links, *w.vans, *w.unis,
+            w.shared, w.pair_box, w.link, *w.pair_sliders, *w.plots, w.prompt, w.examples, w.seed, w.left, w.density,
+            *w.extra.values(), w.exp_files]
+
+
+def _wire_tab(w):
+    prefix, backend = w.prefix, w.backend
+    pool_outs = _pool_out_list(w)
+    coef_named = {"state": w.state, "ons": w.ons, "links": w.links, "vans": w.vans, "unis": w.unis, "shared": w.shared,
+                  "left": w.left, "density": w.density, "link": w.link, "pair_sliders": w.pair_sliders}
+    gen_named = {**coef_named, "tau": w.tau, "prompt": w.prompt, "seed": w.seed, **w.extra, "history": w.history_state}
+    stale = _js_mark_stale(prefix)
+    on_report = [w.report]  # pool events show progress and errors on the report only
+
+    @_ui_errors
+    def on_preset(x, progress=None):
+        # one event per pick: .change fires only when the value differs; a preset that is already
+        # the loaded pool (the settings link just opened it, or the box was cleared) does nothing
+        if not x.preset or (x.state is not None and x.state.source == ("preset", x.preset)):
+            return {w.state: gr.skip()}
+        session, dec = studio.open_preset(x.preset, _progress_cb(progress))
+        return pool_updates(w, session, dec, prompt=session.prompts[0] if session.prompts else "")
+
+    fn, ins = wire(on_preset, {"preset": w.preset, "state": w.state}, progress=True)
+    w.preset.change(fn, ins, pool_outs, api_name=f"{prefix}_preset", concurrency_limit=2, show_progress_on=on_report)
+
+    @_ui_errors
+    def on_custom(x, progress=None):
+        files = [getattr(f, "name", f) for f in (x.files or [])]
+        hubs = [h for h in (x.hub or "").splitlines() if h.strip()]
+        base = (x.base or "").strip() or w.base.value
+        session, dec = studio.open_custom(backend, base, files, hubs, x.preset if x.add_to else None, mode=x.mode, tau=x.tau,
+                                          progress=_progress_cb(progress))
+        out = pool_updates(w, session, dec)
+        out[w.preset] = gr.Dropdown(value=None)  # the box says what is loaded: not a preset any more
+        left_out = [n.removeprefix("⚠ not loaded: ") for n in session.notes if n.startswith("⚠ not loaded: ")]
+        if left_out:  # the good files of the batch are loaded; say which were not
+            gr.Warning(clean_message(f"{len(left_out)} file(s) left out (see the pool box): " + "; ".join(left_out))[:400], duration=TOAST_S)
+        return out
+
+    fn, ins = wire(on_custom, {"files": w.files, "hub": w.hub, "base": w.base, "add_to": w.add_to, "preset": w.preset,
+                               "mode": w.mode, "tau": w.tau}, progress=True)
+    w.load.click(fn, ins, pool_outs, api_name=f"{prefix}_custom", concurrency_limit=1, show_progress_on=on_report)
+
+    @_ui_errors
+    def on_config(x, progress=None):
+        session = _need(x.state)
+        refs = x.refs
+        same_refs = list(session.effective_references() or [n for n in session.names if n != session.target]) == list(refs or [])
+        if x.mode == session.mode and (x.mode != "isolate" or (x.target == session.target and same_refs)):
+            return {w.state: gr.skip()}  # nothing changed (e.g. the target box was set by the pool that just loaded)
+        if x.mode == "isolate" and x.target != session.target:
+            refs = None  # a new target: every other vector is a reference again
+        session = studio.with_settings(session, mode=x.mode, target=x.target if x.mode == "isolate" else None, tau=x.tau, references=refs)
+        return pool_updates(w, session, studio.decompose_cached(session, _progress_cb(progress)))
+
+    fn, ins = wire(on_config, {"state": w.state, "mode": w.mode, "target": w.target, "refs": w.refs, "tau": w.tau}, progress=True)
+    w.mode.input(fn, ins, pool_outs, api_name=f"{prefix}_mode", concurrency_limit=2, show_progress_on=on_report)
+    # .select: one event per pick (the dropdown also fires "input" on blur, and "change" when a pool sets it)
+    w.target.select(fn, ins, pool_outs, api_name=False, concurrency_limit=2, show_progress_on=on_report)
+    w.refs.input(fn, ins, pool_outs, api_name=False, concurrency_limit=2, show_progress_on=on_report)
+
+    @_ui_errors
+    def on_tau(x):
+        # τ goes back into its slider (clamped values included): the report, plots and the next
+        # generation all use the τ the box shows
+        session = studio.with_settings(_need(x.state), tau=x.tau)
+        dec = studio.decompose_cached(session)
+        return {w.state: session, w.tau: session.tau, w.report: studio.describe(dec).markdown, **dict(zip(w.plots, plots.all_figures(dec)))}
+
+    fn, ins = wire(on_tau, {"state": w.state, "tau": w.tau})
+    # a typed τ outside the slider arrives unclamped (Gradio 6.31 sends "release" before clamping
+    # the box): clamp it here, in the browser, so the τ the box shows is the τ that is applied
+    w.tau.release(fn, ins, [w.state, w.tau, w.report, *w.plots], api_name=f"{prefix}_tau", concurrency_limit=4,
+                  trigger_mode="always_last", show_progress_on=on_report,
+                  js=f"(s, t) => [s, Math.min(Math.max(Number(t), {TAU_MIN}), 1.0)]")
+
+    @_ui_errors
+    def on_defaults(x):
+        session = _need(x.state)
+        return _slider_updates(w, session, studio.default_coefficients(session))
+
+    fn, ins = wire(on_defaults, {"state": w.state})
+    w.defaults.click(fn, ins, [*w.rows, *w.ons, *w.links, *w.vans, *w.unis, w.shared, w.pair_box, w.link, *w.pair_sliders], api_name=False)
+
+    # linked λ: the DeVec slider follows the vanilla one (in the browser, no request)
+    for van, uni, lk in zip(w.vans, w.unis, w.links):
+        van.change(None, [van, lk, uni], [uni], js="(v, l, u) => l ? v : u", api_name=False, queue=False)
+        lk.input(lambda l, v: gr.Slider(value=v, interactive=False, label="DeVec unique λ") if l else gr.Slider(interactive=True),
+                 [lk, van], [uni], api_name=False, queue=False)
+
+    @_ui_errors
+    def on_generate(x, progress=None):
+        session = studio.with_settings(_need(x.state), tau=x.tau)
+        x.state = session
+        coef = _coefficients(w, x)
+        settings = current_settings(w, x)
+        stage = _progress_cb(progress) if progress else None
+        if stage:
+            stage(0, 3, "preparing the mixes (decomposition, merge)")
+        if backend == "llm":
+            job = studio.llm_job(session, coef, x.prompt, int(x.seed or 0), int(x.max_new_tokens))
+            t = float(x.temperature or 0.0)
+            job.settings.update(do_sample=t > 0, temperature=t if t > 0 else 0.7, top_p=float(x.top_p))
+        else:
+            why = studio.flux_can_generate(session)
+            if why:
+                raise StudioError(why)
+            job = studio.flux_job(session, coef, x.prompt, int(x.seed or 0), int(x.steps), int(x.width), int(x.height))
+        if stage:
+            warm = _WARM.get(backend)
+            stage(1, 3, "waiting for the model to load (one-time)" if warm and warm.is_alive() else "generating both sides")
+        r = studio.score_job(session, run_generation(job))
+        if stage:
+            stage(3, 3, "done")
+        lab = share.label(settings)
+        left = left_label(coef.left)
+        van, dv = r.vanilla, r.devec
+        if backend == "flux":  # images carry their settings (PNG text chunk "devec")
+            d = Path(tempfile.mkdtemp(prefix="devec-out-"))
+            van = str(share.png_with_settings(van, {**settings, "side": "left"}, d / "vanilla.png"))
+            dv = str(share.png_with_settings(dv, {**settings, "side": "devec"}, d / "devec.png"))
+        hist = [{"settings": settings, "label": lab, "left": left, "vanilla": van, "devec": dv,
+                 "vanilla_scores": r.vanilla_scores, "devec_scores": r.devec_scores}] + list(x.history or [])
+        hist = hist[:HISTORY_MAX]
+        timing = f"\n\n<small>Made with {lab}. Time per side (model switch + generation): {r.vanilla_s:.1f} s / {r.devec_s:.1f} s.</small>"
+        return {
+            w.out_van: van, w.out_dv: dv,
+            w.t_van: f"**{left}**" + studio.scores_markdown(r.vanilla_scores or {}),
+            w.t_dv: "**DeVec**" + studio.scores_markdown(r.devec_scores or {}),
+            w.gen_note: (r.note or "") + timing,
+            w.state: session, w.history_state: hist, w.history: history_markdown(hist),
+            **settings_outputs(w, settings),
+        }
+
+    fn, ins = wire(on_generate, gen_named, progress=True)
+    gen_outs = [w.out_van, w.out_dv, w.t_van, w.t_dv, w.gen_note, w.state, w.history_state, w.history, w.settings_json, w.settings_link]
+    w.gen.click(fn, ins, gen_outs, api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
+                show_progress_on=[w.out_van, w.out_dv], js=_js_fresh_then(prefix, "results"))
+
+    @_ui_errors
+    def on_export(x):
+        session = studio.with_settings(_need(x.state), tau=x.tau)
+        return [str(p) for p in studio.export_parts(session)]
+
+    fn, ins = wire(on_export, {"state": w.state, "tau": w.tau})
+    w.exp.click(fn, ins, [w.exp_files], api_name=f"{prefix}_export", concurrency_limit=2, js=_js_fresh_then(prefix, "downloads"))
+
+    @_ui_errors
+    def on_download(x):
+        session = studio.with_settings(_need(x.state), tau=x.tau)
+        x.state = session
+        return [str(p) for p in studio.download_mix(session, _coefficients(w, x))]
+
+    fn, ins = wire(on_download, {**coef_named, "tau": w.tau})
+    w.dl.click(fn, ins, [w.exp_files], api_name=f"{prefix}_download", concurrency_limit=2, js=_js_fresh_then(prefix, "downloads"))
+
+    @_ui_errors
+    def on_settings_now(x):
+        session = studio.with_settings(_need(x.state), tau=x.tau)
+        x.state = session
+        return settings_outputs(w, current_settings(w, x))
+
+    fn, ins = wire(on_settings_now, gen_named)
+    w.settings_refresh = fn, ins
+
+    @_ui_errors
+    def on_apply(x, progress=None):
+        s = share.from_json(x.text or "")
+        if s.get("tab") != backend:
+            raise StudioError(f"these settings are for the {s.get('tab')} tab")
+        return _tab_restore(w, s, progress)
+
+    fn, ins = wire(on_apply, {"text": w.settings_json}, progress=True)
+    w.apply_settings.click(fn, ins, pool_outs, api_name=f"{prefix}_apply_settings", concurrency_limit=2,
+                           show_progress_on=on_report)
+
+    def on_link(link, shared):
+        """Linked: every pair slider follows λˢ (and is locked); unlinked: they move on their own."""
+        return [gr.Slider(value=shared, interactive=False) if link else gr.Slider(interactive=True) for _ in range(MAX_PAIRS)]
+
+    w.link.input(on_link, [w.link, w.shared], w.pair_sliders, api_name=False)
+    w.shared.release(on_link, [w.link, w.shared], w.pair_sliders, api_name=False)
+    w.examples.click(lambda s: s[0] if isinstance(s, (list, tuple)) else s, [w.examples], [w.prompt], api_name=False, queue=False)
+
+    # stale marking, in the browser (no request): any edit a user makes to what the outputs were
+    # made with marks the outputs and downloads out of date; a new generation / export clears it
+    edits = [w.tau, w.mode, w.refs, *w.ons, *w.links, *w.vans, *w.unis, w.shared, w.link, *w.pair_sliders, w.density, w.prompt,
+             w.seed, *w.extra.values()]
+    for comp in edits:
+        comp.input(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+        if isinstance(comp, gr.Slider):  # a typed number arrives as "release" (on blur)
+            comp.release(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+    for comp in (w.target, w.left):
+        comp.select(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+    w.examples.click(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+    # a new pool (preset, upload, applied settings): its description changes. Fresh again: when a
+    # generation / export starts (the click's own browser step; Gradio 6.31 ran a chained js-only
+    # .success step, or a Markdown .change step, only the first time)
+    w.info.change(None, js=stale, outputs=[w.stamp], api_name=False, queue=False, trigger_mode="multiple")
+
+
+HISTORY_MAX = 12
+
+
+def history_markdown(hist: list[dict]) -> str:
+    """The history strip: newest first, both sides, what made them, a link that restores them."""
+    rows = []
+    for k, h in enumerate(hist):
+        s = h["settings"]
+        q = share.to_query(s) if s.get("preset") else ""
+        link = f" · [restore](?{q})" if q else ""
+        head = f"**#{len(hist) - k}** · {h['label']}{link}"
+        if isinstance(h["vanilla"], str) and not h["vanilla"].endswith(".png"):
+            cut = lambda t: (t[:160] + "…") if len(t) > 160 else t  # noqa: E731
+            rows.append(f"{head}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
+        else:
+            rows.append(f"{head}  \n<img src='/gradio_api/file={h['vanilla']}' height='64'> "
+                        f"<img src='/gradio_api/file={h['devec']}' height='64'>")
+    return "\n\n".join(rows) if rows else ""
+
+
+def _opening(backend: str):
+    """The default preset's session and decomposition, made once at server start (cached)."""
+    pid = studio.default_preset(backend)
+    if not pid:
+        return None
+    try:
+        return studio.open_preset(pid)
+    except StudioError as e:
+        log.warning("default %s preset %s did not open: %s", backend, pid, e)
+        return None
 
 
 def build_demo() -> gr.Blocks:
     """The whole app (no launch): importable by tests and by Spaces."""
+    openings = {b: _opening(b) for b in ("llm", "flux")}
+    tabs = {}
     with gr.Blocks(title="DeVec Studio") as demo:
         gr.Markdown(INTRO)
         with gr.Accordion("How to read this page", open=False):
             gr.Markdown(HOW)
-        with gr.Tabs():
+        with gr.Tabs() as tabs_box:
             with gr.Tab("Behaviour editing (LLM)", id="llm"):
-                llm_preset, llm_outs = build_tab("llm", "llm")
+                tabs["llm"] = build_tab("llm", "llm", openings["llm"])
             with gr.Tab("Style mixing (FLUX)", id="flux"):
-                flux_preset, flux_outs = build_tab("flux", "flux")
-        # open the offline presets for each new visitor (per-session state)
-        demo.load(on_preset, [llm_preset], llm_outs, api_name=False)
-        demo.load(on_preset, [flux_preset], flux_outs, api_name=False)
+                tabs["flux"] = build_tab("flux", "flux", openings["flux"])
+
+        # a settings link (?tab=…&preset=…) opens the page with those settings; a plain visit
+        # changes nothing (the tabs already show their default presets)
+        @_ui_errors
+        def on_visit(progress=gr.Progress(), request: gr.Request = None):
+            params = dict(request.query_params) if request is not None else {}
+            s = share.from_query(params)
+            if not s:
+                return {tabs_box: gr.skip()}
+            w = tabs[s["tab"]]
+            return {tabs_box: gr.Tabs(selected=s["tab"]), **_tab_restore(w, s, progress)}
+
+        all_outs = [tabs_box] + [c for w in tabs.values() for c in _pool_out_list(w)]
+        demo.load(on_visit, None, all_outs, api_name=False, show_progress_on=[tabs["llm"].report, tabs["flux"].report])
     demo.queue(default_concurrency_limit=2, max_size=32)
+    demo.devec_tabs = tabs
     return demo
 
 
@@ -459,6 +810,13 @@ LAUNCH_KWARGS = dict(theme=gr.themes.Soft(primary_hue="orange", secondary_hue="b
 # Base models are built here, at import, on a Space with a GPU (ZeroGPU packs what is moved to
 # "cuda" now and streams it into each GPU worker); elsewhere they load on first use.
 PRELOADED = hosting.preload()
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get("DEVEC_WARMUP", "1") != "0":
+        # the one-time work (SmolLM2's GGUF conversion + load, the tiny FLUX model) starts now, in
+        # the background, while the default presets are decomposed and the page is built
+        start_warmup()
 
 demo = build_demo()
 

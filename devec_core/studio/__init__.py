@@ -42,7 +42,7 @@ from ..pool import MODES, Progress  # the engine's modes and progress callback (
 from ..presets import get_preset
 from ..synthetic import SYNTH_ANIME, SYNTH_STYLES, flux_module_shapes, synthetic_flux_pool
 from ..toxicity import has_title_line, offensive_words, score_texts
-from . import bases, caches, decomposition, downloads, generation, mixes, opening, pools, reports, session, toy, uploads
+from . import bases, caches, decomposition, downloads, generation, mixes, opening, pools, reports, session, share, toy, uploads
 from .bases import FLUX_NEEDS, base_weights, flux_can_generate, get_flux_backend, get_llm_backend
 from .caches import get_pool, pool_key, remember_pool
 from .decomposition import _device_option, at_tau, check_tau, decompose_cached
@@ -63,7 +63,7 @@ from .mixes import Coefficients, build_mixes, default_coefficients
 from .opening import open_custom, open_preset, open_vectors, with_settings
 from .pools import preset_vectors, session_pool
 from .reports import Report, default_preset, describe, preset_choices, scores_markdown, session_markdown
-from .session import MAX_VECTORS, REPO_ROOT, Session, StudioError
+from .session import MAX_VECTORS, REPO_ROOT, Session, StudioError, clean_message
 from .toy import TOY_BASE, TOY_DIR, TOY_SEEDS, toy_reference_markdown
 from .uploads import (
     DENSE_ENERGY,
@@ -81,6 +81,8 @@ from .uploads import (
 _LOCK, _POOLS, _DECOMPS, _BACKENDS = caches.LOCK, caches.POOLS, caches.DECOMPS, caches.BACKENDS
 
 __all__ = [  # every public name of the Studio, importable from here
+    "clean_message",
+    "share",
     "MODES",
     "Progress",
     "get_preset",

@@ -5,7 +5,10 @@ Hub checkpoints), a preset plus the user's own vectors, and any pool again from 
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .. import formats
 from ..pool import Progress
@@ -76,11 +79,50 @@ def _load_spec_vector(source: str, name: str, weight_name: str | None, base: str
         ) from e
 
 
+HUB_CHECK_S = 3.0  # seconds to wait for the Hub's address before calling it unreachable
+
+
+def hub_reachable(timeout: float = HUB_CHECK_S) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection (HF_HUB_OFFLINE=1: no, without asking)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _needs_hub(preset: Preset) -> list[str]:
+    """The preset's sources that are neither in the repo nor in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = []
+    for spec in preset.vectors:
+        if spec.source.startswith(("demo:", "synthetic:")) or (REPO_ROOT / spec.source).exists():
+            continue
+        parts = spec.source.split("/")
+        repo, fname = "/".join(parts[:2]), spec.weight_name or ("/".join(parts[2:]) or None)
+        if not (fname and isinstance(try_to_load_from_cache(repo, fname), str)):
+            missing.append(spec.source)
+    return missing
+
+
 def preset_vectors(preset: Preset, progress: Progress | None = None) -> list[TaskVector]:
-    """Load every vector of a preset (synthetic ones are generated)."""
+    """Load every vector of a preset (synthetic ones are generated). A preset that needs files
+    from the Hub fails at once, with one line, when the Hub cannot be reached (instead of each
+    download's retries: 148 s measured here for the first of five LoRAs)."""
     if preset.synthetic:
         names = tuple(v.name for v in preset.vectors)
         return synthetic_flux_pool(names)
+    if not preset.offline:
+        missing = _needs_hub(preset)
+        if missing and not hub_reachable():
+            raise StudioError(
+                f"{preset.title}: the Hugging Face Hub cannot be reached from this server, and {len(missing)} of its "
+                f"{len(preset.vectors)} vectors are not downloaded yet (e.g. {missing[0]!r}). Use an offline preset, or upload the files."
+            )
     base = None if preset.base.id in ("smollm2", "synthetic") else preset.base.id
     out: list[TaskVector | None] = [None] * len(preset.vectors)
     ckpts = [] if preset.offline or base is None else _checkpoint_specs(preset)

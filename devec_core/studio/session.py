@@ -8,6 +8,7 @@ decompositions, base models — live in the process caches (``studio.caches``), 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,15 @@ class StudioError(Exception):
 # SafetensorError). Anything else is a bug and reaches the log with its traceback, not the user as
 # "could not read ...".
 READ_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"`\\/]+)+[\\/]([^\s'\"`\\/]+)")
+
+
+def clean_message(msg) -> str:
+    """A message for the page without server paths: '/tmp/gradio/ab12/x.safetensors' → 'x.safetensors'
+    (a visitor never sees where the server keeps uploads or caches)."""
+    return _PATH_RE.sub(lambda m: m.group(1), str(msg))
 
 
 @dataclass
