@@ -158,7 +158,7 @@ def test_the_two_counts_are_explained_in_isolate_mode():
     texts = " ".join(t.get_text() for t in spec.axes[0].texts)
     assert f"{above} above" in texts and f"shared dim {shared * n_mod}" in texts and "per pair" in texts
     md = describe(dec).markdown
-    assert f"total dimension {shared * n_mod}" in md and f"{above} eigenvalues above τ" in md  # the report says how they relate
+    assert f"total shared dimension {shared * n_mod}, summed over modules" in md and f"{above} eigenvalues above τ" in md  # the report says how they relate
     # the heat-map takes the target's own fraction (the references keep everything)
     fr = plots.shared_fractions(dec)
     for m in fr:

@@ -68,7 +68,7 @@ def describe(dec: Decomposition) -> Report:
     else:
         md = (
             f"At τ = {dec.tau:.2f}: **{n_shared} of {len(dims)} modules** have directions {what} "
-            f"(shared dimension {total_dim}, summed over modules); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
+            f"(total shared dimension {total_dim}, summed over modules); the shared parts carry **{100 * frac:.1f}%** of the pool's squared norm. "
             f"Largest eigenvalue {max_eig:.2f}."
         )
         above, note = count_note(dec)
