@@ -404,6 +404,7 @@ def test_a_preset_of_hub_checkpoints_streams_them_together_cut_as_read(tmp_path,
     fake = lambda s, **kw: tmp_path / s.split("/")[1] if str(s).startswith("hub/") else real(s, **kw)  # noqa: E731
     for where in (formats, formats.checkpoint):  # the Studio's look-up and the base reader's
         monkeypatch.setattr(where, "resolve_source", fake)
+    monkeypatch.setattr(studio.pools, "hub_reachable", lambda *a, **k: True)  # the "Hub" above answers
     preset = Preset.model_validate({
         "id": "toy-llama", "title": "t", "backend": "llm", "base": {"id": "hub/base"}, "mode": "isolate", "user_slot": True,
         "vectors": [{"name": "a", "source": "hub/ft1", "role": "reference"}, {"name": "b", "source": "hub/ft2", "role": "reference"}],

@@ -129,7 +129,11 @@ def test_app_download_this_mix_with_pair_sliders_and_ties(tmp_path):
         assert labels[: len(pairs)] == [f"{p} · shared λ" for p in pairs]
         coefs = [1.0] * len(names) + [0.0] * (n - len(names))
         pair_vals = [0.5 + 0.1 * i for i in range(len(pairs))] + [0.0] * (n * (n - 1) // 2 - len(pairs))
-        files = client.predict(0.85, *coefs, *coefs, 0.2, "TIES", 0.3, False, *pair_vals, api_name="/flux_download")
+        named = {"tau": 0.85, "shared": 0.2, "left": "TIES", "density": 0.3, "link": False}
+        for i, c in enumerate(coefs):  # the app's named API parameters (app.wire): one per slider
+            named.update({f"vans_{i}": c, f"unis_{i}": c, f"ons_{i}": True, f"links_{i}": False})
+        named.update({f"pair_sliders_{i}": v for i, v in enumerate(pair_vals)})
+        files = client.predict(**named, api_name="/flux_download")
     paths = [f if isinstance(f, str) else f.get("path", f) for f in files]
     assert str(paths[0]).endswith(".zip") and len(paths) == 3
     meta = read_devec_metadata(next(p for p in paths if str(p).endswith("devec.safetensors")))["mix"]

@@ -169,11 +169,15 @@ report: dict = {"import_s": import_s, "preloaded": app.PRELOADED, "packed_bytes"
 results: dict = {}
 
 
-def coef_args(session):
+def generate(session, prompt, seed, *settings):
+    """What the app's Generate handler does on a Space (app.py ``on_generate``): the job is made in
+    the main process, ``app.run_generation`` runs it where the model lives (the GPU function for
+    FLUX and the tiny Llama, this process for SmolLM2), the texts are scored here. Returns
+    [left output, DeVec output]."""
     c = studio.default_coefficients(session)
-    van = [c.vanilla.get(n, 0.0) for n in session.names] + [0.0] * (studio.MAX_VECTORS - len(session.names))
-    uni = [c.unique.get(n, 0.0) for n in session.names] + [0.0] * (studio.MAX_VECTORS - len(session.names))
-    return [*van, *uni, c.shared]
+    make = studio.flux_job if session.backend == "flux" else studio.llm_job
+    r = studio.score_job(session, app.run_generation(make(session, c, prompt, seed, *settings)))
+    return [r.vanilla, r.devec]
 
 
 def requests():
@@ -183,22 +187,21 @@ def requests():
         v.meta["family"] = "flux"
     s, _ = studio.open_vectors(flux_vecs, "flux", str(work / "tiny-flux"))
     n0 = len(scheduled)
-    r = app.on_generate_flux(s, 0.85, *coef_args(s), "a fox", 1, 2, 64, 64)
+    r = generate(s, "a fox", 1, 2, 64, 64)
     results["flux"] = {"scheduled": scheduled[n0:], "out": r}
 
     llm_vecs = [lora_to_taskvector(sd, f"skill{i}", "base_model.model.") for i, sd in enumerate(loras["llm"])]
     s, _ = studio.open_vectors(llm_vecs, "llm", str(work / "tiny-llama"))
     n0 = len(scheduled)
-    r = app.on_generate_llm(s, 0.85, *coef_args(s), "hello", 0, 8)
+    r = generate(s, "hello", 0, 8)
     results["tiny_llm"] = {"scheduled": scheduled[n0:], "out": r}
     n0 = len(scheduled)
-    r = app.on_generate_llm(s, 0.85, *coef_args(s), "hello", 0, 8)  # a warm worker this time
+    r = generate(s, "hello", 0, 8)  # a warm worker this time
     results["tiny_llm_again"] = {"scheduled": scheduled[n0:], "out": r}
 
-    outs = app.on_preset("smollm2-offline")
-    s = outs[0]
+    s, _ = studio.open_preset("smollm2-offline")
     n0 = len(scheduled)
-    r = app.on_generate_llm(s, s.tau, *coef_args(s), s.prompts[0] if s.prompts else "Tell me about penguins.", 0, 12)
+    r = generate(s, s.prompts[0] if s.prompts else "Tell me about penguins.", 0, 12)
     results["smollm2"] = {"scheduled": scheduled[n0:], "out": r}
 
 
