@@ -13,6 +13,8 @@ each on first use and keeps it.
 
 from __future__ import annotations
 
+import os
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -160,17 +162,24 @@ class Block:
         )
 
 
-def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
-    """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to
-    ``torch.get_num_threads()`` Python threads (torch releases the GIL in its kernels).
+CHUNK_THREADS = max(1, int(os.environ.get("DEVEC_CHUNK_THREADS", "1") or 1))
+"""Python threads for a block's small calls (``parallel_chunks``); 1 = serial (measured faster)."""
 
-    Why: a block's work is many small independent calls (a 16×16 Gram per module and member
-    pair, a 16×16 eigen-solve per matrix). Each call parallelised inside torch/MKL spends more
-    time synchronising its threads than computing; whole calls spread over threads do not
-    (README "Decomposition" has the same-run measurement). Results do not depend on the split:
-    every call sees the same matrices. On a GPU (``device``) the calls stay in one thread.
+
+def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
+    """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to ``CHUNK_THREADS``
+    Python threads (torch releases the GIL in its kernels); on a GPU (``device``) one thread.
+
+    Off by default (``CHUNK_THREADS = 1``, env ``DEVEC_CHUNK_THREADS``). The idea: a block's work
+    is many small independent calls (a 16×16 Gram per module and member pair, a 16×16 eigen-solve
+    per matrix), and whole calls spread over threads should beat MKL threading each tiny call. It
+    looked 1.1–1.9× faster on a machine at load 8–12, but on the quiet 2-core machine it made the
+    FLUX pool **5× slower** (2.99 s vs 0.51 s serial, same run, `python bench/bench_decompose.py
+    --pool-only --compare-only --threads 2 --baseline-ref 1f1261c --rounds 4`; also with torch's own
+    threads set to 1 inside the region: 2.89 s). Results do not depend on the split: every call sees
+    the same matrices (``test_work_split_over_threads_gives_the_serial_answer``).
     """
-    w = min(torch.get_num_threads(), b // min_chunk) if device is None or device.type == "cpu" else 1
+    w = min(CHUNK_THREADS, b // min_chunk) if device is None or device.type == "cpu" else 1
     if w < 2:
         return [fn(slice(0, b))]
     bounds = [b * i // w for i in range(w + 1)]

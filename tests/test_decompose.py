@@ -457,18 +457,21 @@ def test_every_part_a_mode_lists_is_a_component(mode):
 
 
 @pytest.mark.parametrize("mode", ["joint", "pairwise"])
-def test_work_split_over_threads_gives_the_serial_answer(mode):
-    """blocks.parallel_chunks spreads a block's small calls over torch's thread count: the result
-    must not depend on it (same dims, same parts), and every module must be covered once."""
+def test_work_split_over_threads_gives_the_serial_answer(mode, monkeypatch):
+    """blocks.parallel_chunks can spread a block's small calls over Python threads (off by
+    default): the result must not depend on it (same dims, same parts), and every module must be
+    covered once."""
+    from devec_core import blocks
+
     pool = planted(3, modules=tuple(f"m{i}" for i in range(40)), seed=8)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
-        torch.set_num_threads(3)
-        three = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(blocks, "CHUNK_THREADS", 1)
+    one = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
+    monkeypatch.setattr(blocks, "CHUNK_THREADS", 3)
+    calls = []
+    real = blocks.ThreadPoolExecutor
+    monkeypatch.setattr(blocks, "ThreadPoolExecutor", lambda **kw: (calls.append(kw), real(**kw))[1])
+    three = decompose(pool, tau=PAPER_TAU, mode=mode, **F64)
+    assert calls, "the split did not run"
     assert one.shared_dims() == three.shared_dims() and set(one.shared_dims()) == {f"m{i}" for i in range(40)}
     for v in pool:
         a, b = one.component("unique", v.name), three.component("unique", v.name)
