@@ -495,20 +495,8 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
     with gr.Column(elem_id=f"{prefix}-results", elem_classes=["devec-results"]):
         w.gen_note = gr.Markdown(elem_classes=["devec-note"], elem_id=f"{prefix}-gen-note")
         with gr.Row(equal_height=True):
-            with gr.Column():
-                w.t_van = gr.Markdown("**Vanilla task arithmetic**", elem_id=f"{prefix}-time-vanilla")
-                w.out_van = (
-                    gr.Textbox(label="W₀ + Σ λᵢ ΔWᵢ", lines=5, elem_id=f"{prefix}-out-vanilla", elem_classes=["devec-out"])
-                    if backend == "llm"
-                    else gr.Image(label="W₀ + Σ λᵢ ΔWᵢ", elem_id=f"{prefix}-out-vanilla", height=340, format="png")
-                )
-            with gr.Column():
-                w.t_dv = gr.Markdown("**DeVec**", elem_id=f"{prefix}-time-devec")
-                w.out_dv = (
-                    gr.Textbox(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", lines=5, elem_id=f"{prefix}-out-devec", elem_classes=["devec-out"])
-                    if backend == "llm"
-                    else gr.Image(label="W₀ + Σ λᵢᵘ Uᵢ + λˢ S", elem_id=f"{prefix}-out-devec", height=340, format="png")
-                )
+            w.t_van, w.out_van = _output_column(prefix, backend, "vanilla", "**Vanilla task arithmetic**", "W₀ + Σ λᵢ ΔWᵢ")
+            w.t_dv, w.out_dv = _output_column(prefix, backend, "devec", "**DeVec**", "W₀ + Σ λᵢᵘ Uᵢ + λˢ S")
     with gr.Accordion("History and settings to share", open=True):
         w.history = gr.Markdown("<small>Each generation is added here (newest first), with a link that restores its settings.</small>",
                                 elem_id=f"{prefix}-history")
@@ -536,6 +524,17 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
     w.plots = [p_spec, p_dims, p_norm]
     _wire_tab(w)
     return w
+
+
+def _output_column(prefix: str, backend: str, side: str, title: str, label: str):
+    """One side's column: its title/scores line and its output (text on the LLM tab, image on FLUX)."""
+    with gr.Column():
+        head = gr.Markdown(title, elem_id=f"{prefix}-time-{side}")
+        if backend == "llm":
+            out = gr.Textbox(label=label, lines=5, elem_id=f"{prefix}-out-{side}", elem_classes=["devec-out"])
+        else:
+            out = gr.Image(label=label, elem_id=f"{prefix}-out-{side}", height=340, format="png")
+    return head, out
 
 
 def _pool_out_list(w):

@@ -160,6 +160,32 @@ def _to_torch(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).contiguous()
 
 
+def _resume(ck: Path, model, ema, opt, stage: str) -> dict | None:
+    """Load a stage's checkpoint (model, EMA, optimiser) if there is one; its state dict, or None."""
+    if not ck.exists():
+        return None
+    st = torch.load(ck, weights_only=True)
+    model.load_state_dict(st["model"])
+    ema.load_state_dict(st["ema"])
+    opt.load_state_dict(st["opt"])
+    print(f"[{stage}] resumed at step {int(st['step'])}", flush=True)
+    return st
+
+
+def _train_step(model, ema, opt, tr: "Trainer", xt: torch.Tensor, caps: list[str], g: torch.Generator, c: dict) -> float:
+    """One rectified-flow step on a random batch (clipped AdamW), then the EMA update; the loss."""
+    idx = torch.randint(len(caps), (c["batch"],), generator=g)
+    loss = tr.loss(model, xt[idx], [caps[i] for i in idx.tolist()], g, drop=c["drop"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for pe_, pm in zip(ema.parameters(), model.parameters()):
+            pe_.lerp_(pm, 1 - c["ema"])
+    return loss.item()
+
+
 # ---- stage 1: base ----------------------------------------------------------------------------
 def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force: bool = False) -> dict:
     model_dir = out / "model"
@@ -177,31 +203,17 @@ def stage_base(cfg: dict, out: Path, imgs: np.ndarray, labels: list[dict], force
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=0.0)
     ck = out / ".work" / "base_ckpt.pt"
     step, losses = 0, []
-    if ck.exists() and not force:
-        st = torch.load(ck, weights_only=True)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
+    st = _resume(ck, model, ema, opt, "base") if not force else None
+    if st is not None:
         step, losses = int(st["step"]), list(st["losses"])
-        print(f"[base] resumed at step {step}", flush=True)
     xt = _to_torch(imgs)
-    n = len(caps)
     t0 = time.time()
     for s in _tqdm(range(step, c["steps"]), desc="base", initial=step, total=c["steps"]):
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + s)
         warm = min(1.0, (s + 1) / 200)
         for pg in opt.param_groups:
             pg["lr"] = c["lr"] * warm
-        idx = torch.randint(n, (c["batch"],), generator=g)
-        loss = tr.loss(model, xt[idx], [caps[i] for i in idx.tolist()], g, drop=c["drop"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe_, pm in zip(ema.parameters(), model.parameters()):
-                pe_.lerp_(pm, 1 - c["ema"])
-        losses.append(loss.item())
+        losses.append(_train_step(model, ema, opt, tr, xt, caps, g, c))
         if (s + 1) % c["ckpt_every"] == 0 or s + 1 == c["steps"]:
             _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": s + 1, "losses": losses}, ck)
             print(f"[base] step {s + 1}: loss(last {c['ckpt_every']}) {np.mean(losses[-c['ckpt_every']:]):.4f}", flush=True)
@@ -318,14 +330,10 @@ def stage_refine(cfg: dict, out: Path, imgs: np.ndarray | None, labels: list[dic
     net = load_classifier(out / "classifier.safetensors") if (out / "classifier.safetensors").exists() else None
     ck = out / ".work" / "refine_ckpt.pt"
     step, losses, monitor = 0, [], []
-    if ck.exists() and not force:
-        st = torch.load(ck, weights_only=True)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
+    st = _resume(ck, model, ema, opt, "refine") if not force else None
+    if st is not None:
         step, losses = int(st["step"]), list(st["losses"])
         monitor = json.loads(st["monitor"])
-        print(f"[refine] resumed at step {step}", flush=True)
 
     def corrected(n_steps: int):
         d = c["ema"] ** n_steps
@@ -335,22 +343,12 @@ def stage_refine(cfg: dict, out: Path, imgs: np.ndarray | None, labels: list[dic
         return m.eval()
 
     xt = _to_torch(imgs)
-    n = len(caps)
     t0 = time.time()
     for s in _tqdm(range(step, c["steps"]), desc="refine", initial=step, total=c["steps"]):
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 500_000 + s)
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(c, s)
-        idx = torch.randint(n, (c["batch"],), generator=g)
-        loss = tr.loss(model, xt[idx], [caps[i] for i in idx.tolist()], g, drop=c["drop"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe_, pm in zip(ema.parameters(), model.parameters()):
-                pe_.lerp_(pm, 1 - c["ema"])
-        losses.append(loss.item())
+        losses.append(_train_step(model, ema, opt, tr, xt, caps, g, c))
         if net is not None and ((s + 1) % c["monitor_every"] == 0 or s + 1 == c["steps"]):
             pipe.transformer = corrected(s + 1)
             acc = _class_accuracy(pipe, net, check_prompts(cfg["check"]["per_class"]))
