@@ -4,6 +4,10 @@ UI only: layout and wiring. Every decision lives in ``devec_core.studio`` (pools
 mixes, generation, export) and ``devec_core.plots`` (figures). Per-user choices live in
 ``gr.State``; loaded pools, decompositions and base models are shared, content-keyed caches.
 Run: ``python app.py`` (then open http://127.0.0.1:7860).
+
+Why ~800 lines in one file: it is the layout and event wiring of two tabs built by one function
+(``build_tab``/``_wire_tab``) plus the small browser-side scripts they attach; every piece is
+UI glue with no logic to test apart from the page, and the browser tests drive it as a whole.
 """
 
 from __future__ import annotations

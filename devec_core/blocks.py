@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import algorithm as D
+from . import algorithm
 from .taskvec import Delta, LowRank, TaskVector
 
 Progress = Callable[[int, int, str], None]
@@ -90,7 +90,7 @@ class Block:
     def spectrum(self, order: tuple[int, ...], symmetric: bool) -> Spectrum:
         if order not in self.spectra:
             chain = [self.cross(a, b) for a, b in zip(order, order[1:] + order[:1])]
-            vals, vecs = batched(lambda *c: D.chain_spectrum(list(c), symmetric=symmetric), chain)
+            vals, vecs = batched(lambda *c: algorithm.chain_spectrum(list(c), symmetric=symmetric), chain)
             self.spectra[order] = Spectrum(order, vals, vecs)
         return self.spectra[order]
 
@@ -287,7 +287,7 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
             if W[p] is not None:  # dense: ‖W‖² in float64 (no underflow), basis by truncated SVD
                 sq[p] = torch.stack([torch.linalg.vector_norm(w, dtype=SMALL) ** 2 for w in W[p]])
                 _check_finite(sq[p], vectors, members[p], mods)
-                U = [D.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
+                U = [algorithm.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
                 width = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
                 F[p] = [u[:, :width].contiguous() for u in U]
         # 2a. Grams in the compute dtype, module by module: the diagonal blocks and every cross block
@@ -325,14 +325,14 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
                 keep = grams[(p, p)].diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
                 T[p] = torch.diag_embed(keep.to(SMALL))
             else:
-                sq[p] = D.sq_norm_from_grams(grams[(p, p)], GA[p])
+                sq[p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
                 _check_finite(sq[p], vectors, members[p], mods)
-        rtol = D.rank_rtol(n, m, dtype)
+        rtol = algorithm.rank_rtol(n, m, dtype)
         widths = [F[p][0].shape[1] for p in range(k)]
         for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
             ps = [p for p in range(k) if T[p] is None and widths[p] == w]
             GB = torch.stack([grams[(p, p)] for p in ps], 1)
-            Ts = batched(lambda g, a: D.lowrank_basis(g, a, rtol), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
+            Ts = batched(lambda g, a: algorithm.lowrank_basis(g, a, rtol), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
         ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)

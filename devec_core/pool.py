@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import algorithm as D
+from . import algorithm
 from .algorithm import PAPER_TAU
 from .blocks import Block, Progress, build_blocks, check_not_zero, group_modules
 from .budget import MAX_MEMORY, MAX_WORK, WorkBudgetError, check_budget, estimate_work
@@ -102,7 +102,7 @@ def decompose(
         raise ValueError(f"duplicate task vector names in the pool: {dup}")
     cfg = Config(mode=mode, target=target, **options)
     cfg.validate(names)
-    D.check_tau(tau)
+    algorithm.check_tau(tau)
     for v in vectors:
         v.check_ranks()
     check_budget(vectors, cfg)
@@ -130,7 +130,7 @@ class Decomposition:
 
     def __init__(self, names, cfg: Config, blocks: list[Block], tau: float, vectors: list[TaskVector]):
         self.names, self.config, self.blocks = list(names), cfg, blocks
-        self.tau = D.check_tau(tau)
+        self.tau = algorithm.check_tau(tau)
         self.vectors = vectors  # for extras (biases) and metadata; the math uses the blocks
         self.mode: Mode = mode_for(cfg)
         self._at_tau: dict = {}  # selections and parts computed at self.tau
@@ -156,7 +156,7 @@ class Decomposition:
         member's basis coordinates (``algorithm.select_shared``)."""
         def compute():
             sp = self.blocks[bi].spectrum(order, self.config.symmetric)
-            return D.select_shared(sp.eigvals, sp.eigvecs, self.tau, self.precision)
+            return algorithm.select_shared(sp.eigvals, sp.eigvecs, self.tau, self.precision)
 
         return self.cached((bi, order), compute)
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .. import algorithm as D
+from .. import algorithm
 from ..blocks import SMALL, in_range
 from ..taskvec import Delta, LowRank
 
@@ -125,7 +125,7 @@ def union_removed(dec, bi: int, pos: int, orders: list[tuple[int, ...]]) -> tupl
     """What member ``pos`` shares with any other member of ``orders`` (pairs (pos, j)): the union
     of the pair subspaces in its own basis, by ``algorithm.union_basis`` (docs/METHOD.md "Isolate")."""
     Ys = [dec.select(bi, order)[0] for order in orders if order[0] == pos]
-    return (pos, D.union_basis(Ys, dec.tau, dec.precision)) if Ys else None
+    return (pos, algorithm.union_basis(Ys, dec.tau, dec.precision)) if Ys else None
 
 
 def merged_shared(dec, bi: int, order: tuple[int, ...]) -> dict[str, Delta]:
@@ -135,7 +135,7 @@ def merged_shared(dec, bi: int, order: tuple[int, ...]) -> dict[str, Delta]:
     f = order[0]
     Y, dims = dec.select(bi, order)
     sq = torch.stack([blk.shared_sq_norm(f, Y, p) for p in order], -1)
-    w = D.merge_weights(sq)  # (b, k)
+    w = algorithm.merge_weights(sq)  # (b, k)
     Zsmall = blk.T[f] @ Y * blk.scale[:, f, None, None]  # Z = F_f · Zsmall, (b, p_f, r_f)
     out = {}
     for b, mod in enumerate(blk.modules):

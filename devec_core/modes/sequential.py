@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import algorithm as D
+from .. import algorithm
 from ..blocks import SMALL
 from .isolate import Isolate
 
@@ -42,13 +42,13 @@ class SequentialIsolate(Isolate):
             for p in self.reference_positions(dec.names, blk.members):
                 Qp = blk.basis(p, b).to(SMALL)
                 if blk.A[t] is None:
-                    Qr = D.dense_basis(R.to(SMALL), rank=cfg.dense_rank, energy=cfg.dense_energy)[0]
+                    Qr = algorithm.dense_basis(R.to(SMALL), rank=cfg.dense_rank, energy=cfg.dense_energy)[0]
                 else:
                     Rs, As = R.to(SMALL), blk.A[t][b].to(SMALL)
-                    Qr = Rs @ D.lowrank_basis(Rs.mT @ Rs, As @ As.mT, D.rank_rtol(*blk.shape, R.dtype))[0]
+                    Qr = Rs @ algorithm.lowrank_basis(Rs.mT @ Rs, As @ As.mT, algorithm.rank_rtol(*blk.shape, R.dtype))[0]
                 C = Qr.mT @ Qp
-                vals, vecs = D.chain_spectrum([C, C.mT], symmetric=cfg.symmetric)
-                Y, _ = D.select_shared(vals, vecs, dec.tau, dec.precision)
+                vals, vecs = algorithm.chain_spectrum([C, C.mT], symmetric=cfg.symmetric)
+                Y, _ = algorithm.select_shared(vals, vecs, dec.tau, dec.precision)
                 R = R - (Qr @ (Y @ (Y.mT @ (Qr.mT @ R.to(SMALL))))).to(R.dtype)
             out.append(X - R)
         return out
@@ -63,7 +63,7 @@ class SequentialIsolate(Isolate):
                 out.append(float(S.to(SMALL).pow(2).sum()))
             else:
                 S, A = S.to(SMALL), blk.A[pos][b].to(SMALL)
-                out.append(float(D.sq_norm_from_grams(S.mT @ S, A @ A.mT)))
+                out.append(float(algorithm.sq_norm_from_grams(S.mT @ S, A @ A.mT)))
         return torch.tensor(out, dtype=SMALL)
 
     def shared_dims(self, dec, bi):
