@@ -3,6 +3,8 @@ on the same adapters.
 
     python bench/bench_merge.py                      # SmolLM2-135M shapes, 4 layers, 4 rank-8 LoRAs
     python bench/bench_merge.py --layers 30 --threads 2 --rounds 3
+    python bench/bench_merge.py --adapter-dirs /tmp/merge-evidence/adapters/{add,reverse,json,sentiment}
+                                # the evidence's own trained adapters (PEFT folders, SmolLM2's 30 layers)
 
 Setup: a LlamaForCausalLM with SmolLM2-135M's widths (hidden 576, MLP 1536, 9/3 heads) built from
 its config with random weights (no download), ``--layers`` of its 30 decoder layers, and
@@ -58,6 +60,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--adapter-dirs", nargs="+", type=Path, default=None,
+                    help="PEFT adapter folders (e.g. demo/merge/evidence.py's) instead of random LoRAs; the model gets "
+                         "SmolLM2's 30 layers (random weights: merge cost does not depend on them)")
     ap.add_argument("--skip-peft-svd", action="store_true", help="skip PEFT's *_svd rows (a full SVD per module)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,14 +71,38 @@ def main() -> None:
     # 1. The same adapters for everyone
     from peft import get_peft_model, set_peft_model_state_dict
 
-    model = smollm2_shaped(args.layers)
-    k, r, dens = args.adapters, args.rank, args.density
-    sds = [random_llama_lora(model, rank=r, seed=s + 1) for s in range(k)]
-    vecs = [lora_to_taskvector(sd, f"t{i}", PEFT_PREFIX) for i, sd in enumerate(sds)]
+    if args.adapter_dirs:
+        import json
+
+        from safetensors.torch import load_file
+
+        from devec_core.formats import load_task_vector
+
+        cfgs = [json.loads((d / "adapter_config.json").read_text()) for d in args.adapter_dirs]
+        if len({(c["r"], c["lora_alpha"]) for c in cfgs}) != 1:
+            raise SystemExit(f"--adapter-dirs: the adapters differ in r/alpha {[(c['r'], c['lora_alpha']) for c in cfgs]}")
+        args.layers, args.adapters, args.rank = 30, len(cfgs), cfgs[0]["r"]
+        model = smollm2_shaped(args.layers)
+        k, r, dens = args.adapters, args.rank, args.density
+        sds = [load_file(str(d / "adapter_model.safetensors")) for d in args.adapter_dirs]
+        vecs = [load_task_vector(str(d), f"t{i}") for i, d in enumerate(args.adapter_dirs)]
+    else:
+        model = smollm2_shaped(args.layers)
+        k, r, dens = args.adapters, args.rank, args.density
+        sds = [random_llama_lora(model, rank=r, seed=s + 1) for s in range(k)]
+        vecs = [lora_to_taskvector(sd, f"t{i}", PEFT_PREFIX) for i, sd in enumerate(sds)]
     w = [1.0 / k] * k
-    pm = get_peft_model(copy.deepcopy(model), llama_lora_config(r), adapter_name="t0")
+    if args.adapter_dirs:  # the files' own r / alpha / targets
+        from peft import LoraConfig
+
+        c0 = cfgs[0]
+        lora_cfg = lambda: LoraConfig(r=r, lora_alpha=c0["lora_alpha"], target_modules=list(c0["target_modules"]),  # noqa: E731
+                                      lora_dropout=0.0, init_lora_weights=False)
+    else:
+        lora_cfg = lambda: llama_lora_config(r)  # noqa: E731
+    pm = get_peft_model(copy.deepcopy(model), lora_cfg(), adapter_name="t0")
     for i in range(1, k):
-        pm.add_adapter(f"t{i}", llama_lora_config(r))
+        pm.add_adapter(f"t{i}", lora_cfg())
     for i, sd in enumerate(sds):
         set_peft_model_state_dict(pm, sd, adapter_name=f"t{i}")
     names = [f"t{i}" for i in range(k)]
