@@ -265,6 +265,17 @@ def save_grid(images: dict[str, np.ndarray], rows: list[tuple[str, str]], items,
     canvas.save(path, optimize=True)
 
 
+
+def _save(fig, path: Path) -> str:
+    """Lay out, write (90 dpi) and close a figure; its file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
 def plots(res: dict, spec: dict, sets, out: Path) -> list[str]:
     import matplotlib
 
@@ -289,11 +300,7 @@ def plots(res: dict, spec: dict, sets, out: Path) -> list[str]:
         ax.set_title(key, fontsize=8)
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("relative to single style")
-    fig.tight_layout()
-    f = out / "strength.png"
-    fig.savefig(f, dpi=90)
-    plt.close(fig)
-    files.append(f.name)
+    files.append(_save(fig, out / "strength.png"))
     # λˢ sweep
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for st in sets:
@@ -306,11 +313,7 @@ def plots(res: dict, spec: dict, sets, out: Path) -> list[str]:
     ax.set_xlabel("DeVec λˢ")
     ax.set_ylabel("relative to single style")
     ax.legend(fontsize=5)
-    fig.tight_layout()
-    f = out / "sweep.png"
-    fig.savefig(f, dpi=90)
-    plt.close(fig)
-    files.append(f.name)
+    files.append(_save(fig, out / "sweep.png"))
     # spectra
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     for label, s in spec.items():
@@ -319,11 +322,7 @@ def plots(res: dict, spec: dict, sets, out: Path) -> list[str]:
     ax.set_xlabel("eigenvalue rank (all modules)")
     ax.set_ylabel("eigenvalue (cos²)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    f = out / "spectrum.png"
-    fig.savefig(f, dpi=90)
-    plt.close(fig)
-    files.append(f.name)
+    files.append(_save(fig, out / "spectrum.png"))
     return files
 
 
