@@ -136,7 +136,7 @@ def generic_image_scores(image) -> dict[str, float]:
 
 
 def generate_toy(backend, job: GenerationJob) -> SideBySide:
-    """The tiny model: a strip of TOY_SEEDS seeds per side (32×32, 16 steps, true CFG 3), scored."""
+    """The tiny model: a strip of TOY_SEEDS seeds per side (32×32, toy_flux.GEN steps and CFG), scored."""
     van, dv = job.mixes
     prompt, seed, styles = job.prompt, int(job.settings["seed"]), job.settings["styles"]
     seeds = [seed + k for k in range(toy.TOY_SEEDS)]
