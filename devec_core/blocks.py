@@ -162,29 +162,55 @@ class Block:
         )
 
 
-CHUNK_THREADS = max(1, int(os.environ.get("DEVEC_CHUNK_THREADS", "1") or 1))
-"""Python threads for a block's small calls (``parallel_chunks``); 1 = serial (measured faster)."""
+def _chunk_threads_from_env() -> int | None:
+    """``DEVEC_CHUNK_THREADS``: a positive integer, or "auto" (None: torch's thread count); unset: 1."""
+    raw = os.environ.get("DEVEC_CHUNK_THREADS", "").strip().lower() or "1"
+    if raw == "auto":
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"DEVEC_CHUNK_THREADS must be a positive integer or 'auto'; got {raw!r}")
+    return int(raw)
+
+
+CHUNK_THREADS: int | None = _chunk_threads_from_env()
+"""Python threads for a block's small calls (``parallel_chunks``); None: ``torch.get_num_threads()``,
+1: serial. Env ``DEVEC_CHUNK_THREADS``."""
 
 
 def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
     """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to ``CHUNK_THREADS``
     Python threads (torch releases the GIL in its kernels); on a GPU (``device``) one thread.
 
-    Off by default (``CHUNK_THREADS = 1``, env ``DEVEC_CHUNK_THREADS``). The idea: a block's work
-    is many small independent calls (a 16×16 Gram per module and member pair, a 16×16 eigen-solve
-    per matrix), and whole calls spread over threads should beat MKL threading each tiny call. It
-    looked 1.1–1.9× faster on a machine at load 8–12, but on the quiet 2-core machine it made the
-    FLUX pool **5× slower** (2.99 s vs 0.51 s serial, same run, `python bench/bench_decompose.py
-    --pool-only --compare-only --threads 2 --baseline-ref 1f1261c --rounds 4`; also with torch's own
-    threads set to 1 inside the region: 2.89 s). Results do not depend on the split: every call sees
-    the same matrices (``test_work_split_over_threads_gives_the_serial_answer``).
+    A block's work is many small independent calls (a 16×16 Gram per module and member pair, a
+    16×16 eigen-solve per matrix): MKL threads each tiny call poorly (on 2 cores, 2 threads took
+    twice the CPU time of 1 for ~10 % less wall time), whole calls on threads split it evenly.
+    Each worker runs its calls with ``torch.get_num_threads() // workers`` intra-op threads
+    (``torch.set_num_threads`` acts on the calling thread's OpenMP and MKL pools; the worker
+    restores it when done). Without that limit every worker opened a full OpenMP team: on the
+    quiet 2-core machine the FLUX pool took 2.99 s instead of 0.51 s (docs/METHOD.md "Speed").
+    Results do not depend on the split: every call sees the same matrices
+    (``test_work_split_over_threads_gives_the_serial_answer``).
     """
-    w = min(CHUNK_THREADS, b // min_chunk) if device is None or device.type == "cpu" else 1
+    cpu = device is None or device.type == "cpu"
+    threads = CHUNK_THREADS if CHUNK_THREADS is not None else torch.get_num_threads()
+    w = min(threads, b // min_chunk) if cpu else 1
     if w < 2:
         return [fn(slice(0, b))]
+    caller = torch.get_num_threads()
+    per_worker = max(1, caller // w)
+
+    def run(sl: slice):
+        # the caller's count, not the worker's own: a worker started while another had lowered
+        # torch's default for new threads would otherwise restore the lowered one
+        torch.set_num_threads(per_worker)
+        try:
+            return fn(sl)
+        finally:
+            torch.set_num_threads(caller)
+
     bounds = [b * i // w for i in range(w + 1)]
     with ThreadPoolExecutor(max_workers=w) as ex:
-        return list(ex.map(fn, [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+        return list(ex.map(run, [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
 
 
 def batched(fn: Callable, tensors: list[torch.Tensor], min_chunk: int = 16) -> tuple[torch.Tensor, ...]:
@@ -332,7 +358,7 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
             ps = [p for p in range(k) if T[p] is None and widths[p] == w]
             GB = torch.stack([grams[(p, p)] for p in ps], 1)
-            Ts = batched(lambda g, a: algorithm.lowrank_basis(g, a, rtol), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
+            Ts = batched(lambda g, a: (algorithm.lowrank_bases(g, a, rtol),), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
         ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
