@@ -323,8 +323,15 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         #     square to 0 in float32, ~1e+30 to inf).
         need = sorted({(p, p) for p in range(k)} | {(min(i, j), max(i, j)) for i, j in (pairs(members) if pairs else ()) if i != j})
         def grams_of(sl: slice):  # modules sl: {pair: [F_iᵀF_j]}, [[A Aᵀ] per member]
-            g = {ij: [F[ij[0]][b].mT @ F[ij[1]][b] for b in range(sl.start, sl.stop)] for ij in need}
-            return g, [None if A[p] is None else [a @ a.mT for a in A[p][sl]] for p in range(k)]
+            g = {ij: [] for ij in need}
+            ga = [None if A[p] is None else [] for p in range(k)]
+            for b in range(sl.start, sl.stop):  # module-major: a module's factors stay in cache
+                for i, j in need:
+                    g[(i, j)].append(F[i][b].mT @ F[j][b])
+                for p in range(k):
+                    if A[p] is not None:
+                        ga[p].append(A[p][b] @ A[p][b].mT)
+            return g, ga
 
         parts = parallel_chunks(grams_of, len(mods), min_chunk=4, device=torch.device(dev))
         G = {ij: torch.stack([g for part, _ in parts for g in part[ij]]) for ij in need}
