@@ -11,6 +11,7 @@ Prints two tables:
     python bench/bench_decompose.py            # full run (~2-4 min on 2 CPU cores)
     python bench/bench_decompose.py --quick    # smaller literal reference, fewer repeats
     python bench/bench_decompose.py --pool-only --baseline-ref 89f9148   # + old engine, same run
+    python bench/bench_decompose.py --pool-only --profile --threads 2    # where one decompose's time goes
 
 With ``--baseline-ref REF`` the engine (``devec_core/``) at git commit REF is extracted into a temp
 folder and imported beside the working tree's; the whole-pool timings of both are taken in the
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from devec_core import LowRank, TaskVector, decompose  # noqa: E402
+from devec_core import LowRank, TaskVector, blocks, decompose  # noqa: E402
 from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from baseline import load_baseline  # noqa: E402  (bench/baseline.py; bench/ is on sys.path when run as a script)
 from tests import literal as L  # noqa: E402
@@ -107,9 +108,14 @@ def main():
     ap.add_argument("--baseline-ref", default=None, help="git commit whose engine is timed beside this one (same run)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --baseline-ref")
     ap.add_argument("--compare-only", action="store_true", help="with --baseline-ref: only the same-run comparison")
+    ap.add_argument("--chunk-threads", default=None,
+                    help="this tree's worker threads (blocks.CHUNK_THREADS): a number or 'auto'; default: the env's")
+    ap.add_argument("--profile", action="store_true", help="only: CPU time per stage of one warm decompose (serial)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.chunk_threads is not None:
+        blocks.CHUNK_THREADS = None if args.chunk_threads == "auto" else max(1, int(args.chunk_threads))
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     lit_n = 1536 if args.quick else 3072
@@ -135,6 +141,8 @@ def main():
     # 2. Whole FLUX pool ---------------------------------------------------------------------
     mods = flux_lora_modules()
     pool = random_pool(mods, 4)
+    if args.profile:
+        return profile_stages(pool)
     if args.compare_only and args.baseline_ref:
         return compare_with_baseline(args, pool)
     factor_gib = sum(t.numel() * 4 for v in pool for d in v.modules.values() for t in (d.B, d.A)) / 2**30
@@ -166,6 +174,41 @@ def main():
 
     if args.baseline_ref:
         compare_with_baseline(args, pool)
+
+
+STAGES = {  # stage -> functions whose cumulative CPU time it is (one warm decompose, serial)
+    "Gram GEMMs (B and A sides, per module)": ["grams_of"],
+    "bases T (lowrank_bases: Cholesky, eigen route where not certified)": ["lowrank_bases"],
+    "spectra (chain products, 16×16 eig)": ["spectrum"],
+    "input checks (ranks, work budget, grouping)": ["check_ranks", "check_budget", "group_modules"],
+}
+
+
+def profile_stages(pool):
+    """CPU seconds per stage of one warm ``decompose`` (cProfile with a CPU clock; worker threads
+    off, since the profiler sees only the calling thread)."""
+    import cProfile
+    import pstats
+
+    saved, blocks.CHUNK_THREADS = blocks.CHUNK_THREADS, 1
+    decompose(pool, tau=PAPER_TAU)
+    pr = cProfile.Profile(time.process_time)
+    c0 = time.process_time()
+    pr.runcall(decompose, pool, tau=PAPER_TAU)
+    total = time.process_time() - c0
+    blocks.CHUNK_THREADS = saved
+    stats = pstats.Stats(pr).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    print(f"\n## Where one warm decompose's CPU time goes (serial, {torch.get_num_threads()} torch threads; "
+          "cProfile adds overhead to Python-heavy parts)")
+    print("| stage | CPU (s) | share |")
+    print("|---|---|---|")
+    seen = 0.0
+    for stage, names in STAGES.items():
+        t = sum(ct for (f, _, fn), (_, _, _, ct, _) in stats.items() if fn in names and "devec_core" in f)
+        seen += t
+        print(f"| {stage} | {t:.3f} | {t / total:.0%} |")
+    print(f"| everything else (Python, stacking, checks of finiteness and range) | {total - seen:.3f} | {(total - seen) / total:.0%} |")
+    print(f"| total (under the profiler) | {total:.3f} | 100% |")
 
 
 def compare_with_baseline(args, pool):
