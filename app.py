@@ -357,8 +357,9 @@ def _warm_first_pair(b: str, session) -> str:
     job, both switches, both generations, the scores), so the one-time costs of a first generation
     (the report's chance level, resolving the mixes' factors, saving the touched weights' originals,
     the first forward, the chat template, the scorers) are paid before a user clicks. The model's
-    lock is held only for that short pair; the model is left at the left side's mix, where a click
-    starts. Returns what was done, for the log."""
+    lock is held only for that short pair. The model stays at the DeVec mix, and a click on the same
+    settings renders that side first without a switch (``Backend.side_by_side``). Returns what was
+    done, for the log."""
     coef = studio.default_coefficients(session)
     prompt = session.prompts[0] if session.prompts else "Hello"
     if b == "llm":
@@ -373,8 +374,6 @@ def _warm_first_pair(b: str, session) -> str:
     if hosting.on_zerogpu() and hosting.runs_on_gpu(be):
         return "no first pair (a ZeroGPU model's first call belongs to a visitor's request)"
     r = studio.score_job(session, run_generation(job))
-    with be.lock:
-        be.apply(job.mixes[0])
     return "first pair " + " ".join(f"{k} {v:.2f}" for k, v in r.timings.items())
 
 

@@ -259,7 +259,7 @@ def test_the_warm_up_pair_changes_no_output(tiny_session):
     torch.manual_seed(123)  # the global RNG: sampling must not depend on it either way
     said = app._warm_first_pair("llm", s)
     assert said.startswith("first pair") and "devec_generate" in said
-    assert be.editor.current is not None and be.editor.current.label != "devec"  # left at the left side's mix
+    assert be.editor.current is not None and be.editor.current.label == "devec"  # left at the DeVec mix
     warm = _first_click(s)
     assert (warm.vanilla, warm.devec) == (cold.vanilla, cold.devec)
     assert cold.vanilla != cold.devec  # the two sides differ: the comparison above means something
@@ -289,3 +289,27 @@ def test_a_job_computes_the_report_only_when_nothing_is_shared(tiny_session, mon
     assert sum(dec.shared_dims().values()) == 0  # independent random LoRAs: nothing above τ = 0.99
     job = studio.llm_job(none, studio.default_coefficients(none), "Say hi.")
     assert "DeVec equals vanilla task arithmetic" in job.note
+
+
+def test_side_by_side_renders_the_fused_mix_first_and_changes_no_output(tiny_session):
+    """One switch fewer when a side's mix is the one fused now; results come back in the order
+    asked, equal to those of a cold backend."""
+    s, be = tiny_session
+    coef = studio.default_coefficients(s)
+    job = studio.llm_job(s, coef, "Say hi.", 5, 5)
+    settings = dict(job.settings, do_sample=True, temperature=0.9, top_p=0.9)
+    cold = be.side_by_side(job.prompt, list(job.mixes), **settings)  # vanilla, then DeVec: DeVec stays fused
+    assert be.is_fused(job.mixes[1]) and not be.is_fused(job.mixes[0])
+    again = studio.llm_job(s, coef, "Say hi.", 5, 5)  # new Mix objects, same decomposition and terms
+    order = []
+    real = be.render
+    be.render = lambda prompt, mix, **kw: order.append(mix.label) or real(prompt, mix, **kw)
+    try:
+        warm = be.side_by_side(again.prompt, list(again.mixes), **settings)
+    finally:
+        del be.render
+    assert order == ["devec", "vanilla"]
+    assert warm[1].apply.modules_written == 0 and warm[0].apply.modules_written > 0
+    assert [r.token_ids for r in warm] == [r.token_ids for r in cold]
+    be.restore()
+    assert not be.is_fused(again.mixes[1])
