@@ -417,6 +417,10 @@ def start_warmup(backends=("llm", "flux")) -> dict[str, threading.Thread]:
                         studio.score_texts(["warm-up"], scores)  # the scorers' own one-time loads
                         lap("scorers")
                 else:
+                    first = _WARM.get("llm")  # the page opens on the LLM tab: its warm-up has the cores first
+                    if first is not None and first is not threading.current_thread():
+                        first.join(timeout=600)
+                        lap("waiting for the LLM warm-up")
                     studio.get_flux_backend(base)
                     lap("model load")
                 opening = _OPENINGS.get(b)
