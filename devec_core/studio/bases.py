@@ -9,6 +9,7 @@ user's sliders never reach another's output. On ZeroGPU GPU models load only at 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -26,40 +27,64 @@ FLUX_NEEDS = (
 )
 
 
+def _load_once(key: tuple[str, str], load):
+    """``BACKENDS[key]``, built by ``load()`` once per process. The load runs under a lock of its
+    own, not the studio's ``LOCK``: a model that takes seconds to load (SmolLM2's first GGUF
+    conversion, FLUX) must not stop the pools and decompositions every other request and the page
+    build need meanwhile. A second caller for the same base waits for the first one's load."""
+    with LOCK:
+        if key in BACKENDS:
+            return BACKENDS[key]
+        lk = _LOADING.setdefault(key, threading.Lock())
+    with lk:
+        with LOCK:
+            if key in BACKENDS:
+                return BACKENDS[key]
+        be = load()
+        with LOCK:
+            BACKENDS[key] = be
+        return be
+
+
+_LOADING: dict[tuple[str, str], threading.Lock] = {}
+
+
 def get_llm_backend(base: str):
     """The causal-LM backend for a base model, loaded once per process and shared (its lock
     isolates requests: apply + generate happen atomically)."""
-    with LOCK:
-        key = ("llm", base)
-        if key not in BACKENDS:
-            device = hosting.llm_device(base)  # SmolLM2: the CPU everywhere (never a GPU request)
-            if device != "cpu":
-                _check_gpu_load("llm", base)
-            try:
-                BACKENDS[key] = LLMBackend.load(base, device=device)
-                hosting.remember_device(BACKENDS[key])
-            except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
-                raise StudioError(
-                    f"could not load the base model {base!r}: {e}. Hub models need network access "
-                    f"(and HF_TOKEN if gated); 'smollm2' works offline."
-                ) from e
-        return BACKENDS[key]
+
+    def load():
+        device = hosting.llm_device(base)  # SmolLM2: the CPU everywhere (never a GPU request)
+        if device != "cpu":
+            _check_gpu_load("llm", base)
+        try:
+            be = LLMBackend.load(base, device=device)
+            hosting.remember_device(be)
+        except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
+            raise StudioError(
+                f"could not load the base model {base!r}: {e}. Hub models need network access "
+                f"(and HF_TOKEN if gated); 'smollm2' works offline."
+            ) from e
+        return be
+
+    return _load_once(("llm", base), load)
 
 
 def get_flux_backend(base: str):
     """The FLUX backend for a base model (``toy.TOY_BASE``: the tiny CPU model), loaded once."""
-    with LOCK:
-        key = ("flux", base)
-        if key not in BACKENDS and base == toy.TOY_BASE:
-            BACKENDS[key] = FluxBackend(toy.load_toy_pipeline())
-        if key not in BACKENDS:
-            _check_gpu_load("flux", base)
-            try:
-                BACKENDS[key] = FluxBackend.load(base)
-                hosting.remember_device(BACKENDS[key])
-            except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
-                raise StudioError(f"could not load {base!r}: {e}. " + FLUX_NEEDS) from e
-        return BACKENDS[key]
+
+    def load():
+        if base == toy.TOY_BASE:
+            return FluxBackend(toy.load_toy_pipeline())
+        _check_gpu_load("flux", base)
+        try:
+            be = FluxBackend.load(base)
+            hosting.remember_device(be)
+        except (*READ_ERRORS, ImportError, RuntimeError) as e:  # + a missing package, CUDA out of memory
+            raise StudioError(f"could not load {base!r}: {e}. " + FLUX_NEEDS) from e
+        return be
+
+    return _load_once(("flux", base), load)
 
 
 def _check_gpu_load(kind: str, base: str) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 from .. import algorithm, hosting
 from ..algorithm import PAPER_TAU
@@ -71,7 +72,28 @@ def decompose_cached(session: Session, progress: Progress | None = None) -> Deco
                     log.warning("decomposition cache write failed (%s)", e, exc_info=True)
         with LOCK:
             lru_put(DECOMPS, key, dec, MAX_DECOMPS)
-    return at_tau(dec, session.tau)
+    return _at_tau_cached(key, dec, session.tau)
+
+
+AT_TAU: "OrderedDict[tuple, Decomposition]" = OrderedDict()  # (Session.key(), τ) -> the decomposition at that τ
+MAX_AT_TAU = 8
+
+
+def _at_tau_cached(key, dec: Decomposition, tau: float) -> Decomposition:
+    """``at_tau``, one object per (decomposition, τ): every request at a τ gets the same object, so
+    its selections at τ are computed once and a backend sees the mix it has fused as the same mix
+    (``Backend.is_fused``: one switch fewer)."""
+    t = check_tau(tau)
+    k = (key, id(dec), t)
+    with LOCK:
+        got = AT_TAU.get(k)
+        if got is not None and got.blocks is dec.blocks:
+            AT_TAU.move_to_end(k)
+            return got
+    got = at_tau(dec, t)
+    with LOCK:
+        lru_put(AT_TAU, k, got, MAX_AT_TAU)
+    return got
 
 
 def check_tau(tau) -> float:

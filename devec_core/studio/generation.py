@@ -30,6 +30,7 @@ class SideBySide:
     note: str = ""
     vanilla_scores: dict[str, float] = field(default_factory=dict)  # LLM: "toxicity", "capitals"
     devec_scores: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (``run_job``; the app adds its own)
 
 
 @dataclass
@@ -56,8 +57,9 @@ def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_n
     max_new_tokens = max(1, min(int(max_new_tokens), 512))
     dec = decompose_cached(session)
     van, dv = build_mixes(dec, c, session.pool_key)
-    rep = describe(dec)
-    return GenerationJob("llm", session.base, prompt, [van, dv], {"max_new_tokens": max_new_tokens, "seed": int(seed)}, rep.markdown if rep.nothing_shared else "")
+    # the report (with its chance level: seconds on a first call) only when it is the note: nothing shared
+    note = describe(dec).markdown if sum(dec.shared_dims().values()) == 0 else ""
+    return GenerationJob("llm", session.base, prompt, [van, dv], {"max_new_tokens": max_new_tokens, "seed": int(seed)}, note)
 
 
 def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> GenerationJob:
@@ -86,13 +88,21 @@ def job_backend(job: GenerationJob):
 def run_job(job: GenerationJob) -> SideBySide:
     """Render both mixes with the same seed and settings. Returns plain data (text or PIL images,
     timings): what a ZeroGPU worker sends back. No scores (they are CPU work: ``score_job``)."""
+    t0 = time.perf_counter()
     backend = job_backend(job)
+    t_model = time.perf_counter() - t0  # > 0 when the model was still loading (or loads now)
     if job.kind == "flux" and job.base == toy.TOY_BASE:
-        return generate_toy(backend, job)
+        r = generate_toy(backend, job)
+        r.timings.update(model=t_model, run=time.perf_counter() - t0 - t_model)
+        return r
+    t1 = time.perf_counter()
     try:
         a, b = backend.side_by_side(job.prompt, list(job.mixes), **job.settings)
     except ValueError as e:
         raise wrong_base(e, job.base) from e
+    run = time.perf_counter() - t1  # "other": waiting for the backend's lock, the tokenizer, decoding
+    timings = {"model": t_model, "left_switch": a.switch_s, "left_generate": a.generate_s, "devec_switch": b.switch_s,
+               "devec_generate": b.generate_s, "other": max(0.0, run - a.switch_s - a.generate_s - b.switch_s - b.generate_s)}
     note = job.note
     if job.kind == "llm":
         va, vb = a.text.strip(), b.text.strip()
@@ -104,7 +114,7 @@ def run_job(job: GenerationJob) -> SideBySide:
                 f"Left out of both images: {len(lo)} text-encoder module(s) that this pipeline does not have "
                 f"({', '.join(f'`{m}`' for m in lo[:4])}{' …' if len(lo) > 4 else ''})."
             )
-    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, note)
+    return SideBySide(va, vb, a.switch_s + a.generate_s, b.switch_s + b.generate_s, note, timings=timings)
 
 
 def score_job(session: Session, r: SideBySide) -> SideBySide:
