@@ -12,8 +12,11 @@ UI glue with no logic to test apart from the page, and the browser tests drive i
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import functools
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -809,11 +812,26 @@ def history_markdown(hist: list[dict]) -> str:
             cut = lambda t: (t[:160] + "…") if len(t) > 160 else t  # noqa: E731
             before = f"  \n*{h['edited_title']}:* {cut(h['edited'])}" if h.get("edited") else ""
             rows.append(f"{head}{before}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
-        else:
-            before = f"<img src='/gradio_api/file={h['edited']}' height='64' title='{h['edited_title']}'> " if h.get("edited") else ""
-            rows.append(f"{head}  \n{before}<img src='/gradio_api/file={h['vanilla']}' height='64'> "
-                        f"<img src='/gradio_api/file={h['devec']}' height='64'>")
+        else:  # thumbnails inline: Gradio serves the outputs from its own cache, not from where they were written
+            sides = ([(h["edited"], h["edited_title"])] if h.get("edited") else []) + [(h["vanilla"], h["left"]), (h["devec"], "DeVec")]
+            rows.append(f"{head}  \n" + " ".join(f"<img src='{_thumbnail(p)}' height='64' alt='{t}' title='{t}'>" for p, t in sides))
     return "\n\n".join(rows) if rows else ""
+
+
+@functools.lru_cache(maxsize=3 * HISTORY_MAX)
+def _thumbnail(path: str, height: int = 64) -> str:
+    """A history image as a small inline PNG (data URI); empty when the file is gone."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((8 * height, height))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except OSError:
+        return ""
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _opening(backend: str):
