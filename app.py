@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import html
 import inspect
 import io
 import logging
@@ -77,9 +78,10 @@ def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide | studio.S
 
 
 def run_generation(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:
-    """Run a prepared job (the pair, or the model being edited) where its model lives: a CPU model (SmolLM2) in this process, never
-    asking for a GPU; a GPU model through the GPU function (on ZeroGPU with the mixes packed into
-    CPU tensors; elsewhere the decorator does nothing and the mixes go as they are)."""
+    """Run a prepared job (the pair, or the model being edited) where its model lives: a CPU model
+    (SmolLM2) in this process, never asking for a GPU; a GPU model through the GPU function (on
+    ZeroGPU with the mixes packed into CPU tensors; elsewhere the decorator does nothing and the
+    mixes go as they are)."""
     if not hosting.runs_on_gpu(studio.job_backend(job)):
         return studio.run_job(job)
     if hosting.on_zerogpu():
@@ -814,7 +816,8 @@ def history_markdown(hist: list[dict]) -> str:
             rows.append(f"{head}{before}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
         else:  # thumbnails inline: Gradio serves the outputs from its own cache, not from where they were written
             sides = ([(h["edited"], h["edited_title"])] if h.get("edited") else []) + [(h["vanilla"], h["left"]), (h["devec"], "DeVec")]
-            rows.append(f"{head}  \n" + " ".join(f"<img src='{_thumbnail(p)}' height='64' alt='{t}' title='{t}'>" for p, t in sides))
+            rows.append(f"{head}  \n" + " ".join(f"<img src='{_thumbnail(p)}' height='64' alt='{html.escape(t, quote=True)}' "
+                                                 f"title='{html.escape(t, quote=True)}'>" for p, t in sides))
     return "\n\n".join(rows) if rows else ""
 
 

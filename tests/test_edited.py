@@ -166,3 +166,19 @@ def test_style_tab_base_strip_has_the_pairs_size_and_is_not_a_side():
     assert base.output.size == pair.vanilla.size
     assert list(base.output.getdata()) != list(pair.vanilla.getdata())
     assert base.title.startswith("Base model") and "content" in base.scores
+
+
+@pytest.mark.parametrize("mode", ["isolate", "joint"])
+def test_the_edited_job_crosses_into_a_gpu_worker(llm_backend, vectors, mode):
+    """On ZeroGPU the job is pickled with its mix packed into CPU tensors (app.run_generation):
+    the packed job renders the same text (the base's empty mix included)."""
+    import dataclasses
+    import pickle
+
+    from devec_core import hosting
+
+    s, _ = studio.open_vectors(vectors, "llm", "tiny", mode=mode, target="v1" if mode == "isolate" else None)
+    job = studio.edited_job(s, PROMPT, GREEDY)
+    packed = pickle.loads(pickle.dumps(dataclasses.replace(job, mixes=hosting.pack_mixes(job.mixes))))
+    assert packed.part == "edited"
+    assert studio.run_job(packed).output == studio.run_job(job).output
