@@ -816,8 +816,9 @@ def history_markdown(hist: list[dict]) -> str:
             rows.append(f"{head}{before}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
         else:  # thumbnails inline: Gradio serves the outputs from its own cache, not from where they were written
             sides = ([(h["edited"], h["edited_title"])] if h.get("edited") else []) + [(h["vanilla"], h["left"]), (h["devec"], "DeVec")]
-            rows.append(f"{head}  \n" + " ".join(f"<img src='{_thumbnail(p)}' height='64' alt='{html.escape(t, quote=True)}' "
-                                                 f"title='{html.escape(t, quote=True)}'>" for p, t in sides))
+            ims = "".join(f"<img src='{_thumbnail(p)}' style='height:64px;width:auto;margin:0' alt='{html.escape(t, quote=True)}' "
+                          f"title='{html.escape(t, quote=True)}'>" for p, t in sides)
+            rows.append(f"{head}\n<div style='display:flex;gap:6px;flex-wrap:wrap'>{ims}</div>")
     return "\n\n".join(rows) if rows else ""
 
 
