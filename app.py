@@ -22,7 +22,6 @@ import logging
 import os
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,11 +76,10 @@ def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide | studio.S
     return _run_packed(job)
 
 
-def run_generation(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:
-    """Run a prepared job (the pair, or the model being edited) where its model lives: a CPU model
-    (SmolLM2) in this process, never asking for a GPU; a GPU model through the GPU function (on
-    ZeroGPU with the mixes packed into CPU tensors; elsewhere the decorator does nothing and the
-    mixes go as they are)."""
+def run_generation(job: studio.GenerationJob) -> studio.SideBySide:
+    """Run a prepared job where its model lives: a CPU model (SmolLM2) in this process, never
+    asking for a GPU; a GPU model through the GPU function (on ZeroGPU with the mixes packed into
+    CPU tensors; elsewhere the decorator does nothing and the mixes go as they are)."""
     if not hosting.runs_on_gpu(studio.job_backend(job)):
         return studio.run_job(job)
     if hosting.on_zerogpu():
@@ -684,7 +682,7 @@ def _wire_tab(w):
             d = Path(tempfile.mkdtemp(prefix="devec-out-"))
             van = str(share.png_with_settings(van, {**settings, "side": "left"}, d / "vanilla.png"))
             dv = str(share.png_with_settings(dv, {**settings, "side": "devec"}, d / "devec.png"))
-        gid = uuid.uuid4().hex  # the third output (the model being edited) finds its history entry by this
+        gid = os.urandom(8).hex()  # the third output (the model being edited) finds its history entry by this
         hist = [{"settings": settings, "label": lab, "left": left, "vanilla": van, "devec": dv, "gid": gid,
                  "vanilla_scores": r.vanilla_scores, "devec_scores": r.devec_scores}] + list(x.history or [])
         hist = hist[:HISTORY_MAX]

@@ -68,6 +68,7 @@ class Single:
     formula: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, where a caller records them
 
 
 def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> GenerationJob:
