@@ -12,8 +12,12 @@ UI glue with no logic to test apart from the page, and the browser tests drive i
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import functools
+import html
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -55,7 +59,7 @@ def _llm_seconds(job: studio.GenerationJob) -> int:
     return hosting.llm_duration(job.settings["max_new_tokens"])
 
 
-def _run_packed(job: studio.GenerationJob) -> studio.SideBySide:
+def _run_packed(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:
     try:
         return studio.run_job(job)
     finally:
@@ -64,12 +68,12 @@ def _run_packed(job: studio.GenerationJob) -> studio.SideBySide:
 
 
 @hosting.gpu(duration=_flux_seconds)
-def _generate_flux_gpu(job: studio.GenerationJob) -> studio.SideBySide:
+def _generate_flux_gpu(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:
     return _run_packed(job)
 
 
 @hosting.gpu(duration=_llm_seconds)
-def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide:
+def _generate_llm_gpu(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:
     return _run_packed(job)
 
 
@@ -100,7 +104,8 @@ Directions whose eigenvalue of the chained projections P₁P₂⋯P_k exceeds **
 
 HOW = """
 **Reading the pictures.** *Spectrum*: every eigenvalue of every module; 1 means a direction that lies in every vector,
-the dashed line is τ. *Heat-map*: how many shared directions each module has at this τ. *Bars*: how much of each
+the dashed line is τ. *Heat-map*: the shared fraction of each module's ‖ΔW‖² at this τ
+(hover a cell for its module, shared dimension and fraction). *Bars*: how much of each
 vector's squared norm is shared vs unique.
 
 **Modes.** *joint*: one subspace shared by all vectors (style mixing, paper §4.2). *pairwise*: what each pair shares
@@ -259,7 +264,7 @@ def pool_updates(w, session, dec, coef=None, prompt=None, off=()):
         w.tau: gr.Slider(value=session.tau),
         w.report: studio.describe(dec).markdown,
         **_slider_updates(w, session, coef, off),
-        **dict(zip(w.plots, plots.all_figures(dec))),
+        **dict(zip(w.plots, plots.page_figures(dec))),
     }
     if prompt is not None:
         out[w.prompt] = gr.Textbox(value=prompt)
@@ -563,6 +568,15 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
             w.gen = gr.Button("Generate both", variant="primary", scale=1, elem_id=f"{prefix}-generate")
         w.examples = gr.Dataset(components=[w.prompt], samples=[[p] for p in (session.prompts if session else [])] or [[first]],
                                 label="The preset's prompts (click one)", elem_id=f"{prefix}-examples")
+        # the model being edited, beside the pair: where it is the story (the toxic model before
+        # repair) on by default; on the FLUX tab (the base image without LoRAs) off by default
+        w.show_edited = gr.Checkbox(
+            value=backend == "llm", elem_id=f"{prefix}-show-edited",
+            label=("Also show the model being edited (isolate: the target at λ = 1, e.g. the toxic fine-tune before repair; "
+                   "other modes: the base model), same prompt, seed and sampling; made after the pair" if backend == "llm" else
+                   "Also show the base model without LoRAs (same prompt and seed; one more generation, made after the pair)"),
+        )
+        w.edited_req = gr.State(None)  # what the last pair was made with (the third output repeats it)
     if backend == "flux":
         gr.Markdown(
             "<small>The offline *Tiny FLUX* presets render real images on the CPU (a small FLUX-architecture model built "
@@ -572,8 +586,11 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
     with gr.Column(elem_id=f"{prefix}-results", elem_classes=["devec-results"]):
         w.gen_note = gr.Markdown(elem_classes=["devec-note"], elem_id=f"{prefix}-gen-note")
         with gr.Row(equal_height=True):
-            w.t_van, w.out_van = _output_column(prefix, backend, "vanilla", "**Vanilla task arithmetic**", "W₀ + Σ λᵢ ΔWᵢ")
-            w.t_dv, w.out_dv = _output_column(prefix, backend, "devec", "**DeVec**", "W₀ + Σ λᵢᵘ Uᵢ + λˢ S")
+            ed_title, ed_formula = studio.edited_labels(session) if session else ("Base model (no vectors)", "W₀")
+            w.edited_col, w.t_edited, w.out_edited = _output_column(prefix, backend, "edited", f"**{ed_title}**", ed_formula,
+                                                                    visible=w.show_edited.value)
+            _, w.t_van, w.out_van = _output_column(prefix, backend, "vanilla", "**Vanilla task arithmetic**", "W₀ + Σ λᵢ ΔWᵢ")
+            _, w.t_dv, w.out_dv = _output_column(prefix, backend, "devec", "**DeVec**", "W₀ + Σ λᵢᵘ Uᵢ + λˢ S")
     with gr.Accordion("History and settings to share", open=True):
         w.history = gr.Markdown("<small>Each generation is added here (newest first), with a link that restores its settings.</small>",
                                 elem_id=f"{prefix}-history")
@@ -585,10 +602,11 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
                 w.apply_settings = gr.Button("Apply these settings", size="sm", elem_id=f"{prefix}-apply-settings")
 
     gr.Markdown("### 4 · What is shared")
-    figs = plots.all_figures(dec) if dec else (None, None, None)
+    figs = plots.page_figures(dec) if dec else (None, "", None)
     with gr.Row():
         p_spec = gr.Plot(figs[0], label="Eigenvalue spectrum", elem_id=f"{prefix}-spectrum", show_label=False)
-        p_dims = gr.Plot(figs[1], label="Shared dimension per module", elem_id=f"{prefix}-dims", show_label=False)
+        # an inline SVG (gr.HTML): hovering a cell names its module, shared dimension and fraction
+        p_dims = gr.HTML(figs[1], label="Shared fraction per module", elem_id=f"{prefix}-dims")
     with gr.Row():
         p_norm = gr.Plot(figs[2], label="Shared vs unique per vector", elem_id=f"{prefix}-norms", show_label=False)
         with gr.Column():
@@ -603,15 +621,15 @@ def build_tab(backend: str, prefix: str, opening: tuple | None):
     return w
 
 
-def _output_column(prefix: str, backend: str, side: str, title: str, label: str):
-    """One side's column: its title/scores line and its output (text on the LLM tab, image on FLUX)."""
-    with gr.Column():
+def _output_column(prefix: str, backend: str, side: str, title: str, label: str, visible: bool = True):
+    """One side's column, its title/scores line and its output (text on the LLM tab, image on FLUX)."""
+    with gr.Column(visible=visible, elem_id=f"{prefix}-col-{side}") as col:
         head = gr.Markdown(title, elem_id=f"{prefix}-time-{side}")
         if backend == "llm":
             out = gr.Textbox(label=label, lines=5, elem_id=f"{prefix}-out-{side}", elem_classes=["devec-out"])
         else:
             out = gr.Image(label=label, elem_id=f"{prefix}-out-{side}", height=340, format="png")
-    return head, out
+    return col, head, out
 
 
 def _pool_out_list(w):
@@ -683,7 +701,7 @@ def _wire_tab(w):
         # generation all use the τ the box shows
         session = studio.with_settings(_need(x.state), tau=x.tau)
         dec = studio.decompose_cached(session)
-        return {w.state: session, w.tau: session.tau, w.report: studio.describe(dec).markdown, **dict(zip(w.plots, plots.all_figures(dec)))}
+        return {w.state: session, w.tau: session.tau, w.report: studio.describe(dec).markdown, **dict(zip(w.plots, plots.page_figures(dec)))}
 
     fn, ins = wire(on_tau, {"state": w.state, "tau": w.tau})
     # a typed τ outside the slider arrives unclamped (Gradio 6.31 sends "release" before clamping
@@ -742,11 +760,16 @@ def _wire_tab(w):
             d = Path(tempfile.mkdtemp(prefix="devec-out-"))
             van = str(share.png_with_settings(van, {**settings, "side": "left"}, d / "vanilla.png"))
             dv = str(share.png_with_settings(dv, {**settings, "side": "devec"}, d / "devec.png"))
-        hist = [{"settings": settings, "label": lab, "left": left, "vanilla": van, "devec": dv,
+        gid = os.urandom(8).hex()  # the third output (the model being edited) finds its history entry by this
+        hist = [{"settings": settings, "label": lab, "left": left, "vanilla": van, "devec": dv, "gid": gid,
                  "vanilla_scores": r.vanilla_scores, "devec_scores": r.devec_scores}] + list(x.history or [])
         hist = hist[:HISTORY_MAX]
         timing = f"\n\n<small>Made with {lab}. Time per side (model switch + generation): {r.vanilla_s:.1f} s / {r.devec_s:.1f} s.</small>"
+        ed_title, ed_formula = studio.edited_labels(session)
         return {
+            w.edited_req: {"gid": gid, "session": session, "prompt": job.prompt, "settings": dict(job.settings), "share": settings},
+            w.t_edited: f"**{ed_title}**\n\n<small>made after the pair…</small>",
+            w.out_edited: (gr.Textbox(value="", label=ed_formula) if backend == "llm" else gr.Image(value=None, label=ed_formula)),
             w.out_van: van, w.out_dv: dv,
             w.t_van: f"**{left}**" + studio.scores_markdown(r.vanilla_scores or {}),
             w.t_dv: "**DeVec**" + studio.scores_markdown(r.devec_scores or {}),
@@ -756,9 +779,39 @@ def _wire_tab(w):
         }
 
     fn, ins = wire(on_generate, gen_named, progress=True)
-    gen_outs = [w.out_van, w.out_dv, w.t_van, w.t_dv, w.gen_note, w.state, w.history_state, w.history, w.settings_json, w.settings_link]
-    w.gen.click(fn, ins, gen_outs, api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
-                show_progress_on=[w.out_van, w.out_dv], js=_js_fresh_then(prefix, "results"))
+    gen_outs = [w.out_van, w.out_dv, w.t_van, w.t_dv, w.gen_note, w.state, w.history_state, w.history, w.settings_json, w.settings_link,
+                w.edited_req, w.t_edited, w.out_edited]
+    gen_event = w.gen.click(fn, ins, gen_outs, api_name=f"{prefix}_generate", concurrency_limit=1, concurrency_id="gpu",
+                            show_progress_on=[w.out_van, w.out_dv], js=_js_fresh_then(prefix, "results"))
+
+    @_ui_errors
+    def on_edited(x, progress=None):
+        """The third column: the model being edited (studio.render_edited) with the last pair's
+        prompt, seed and sampling, rendered after the pair (and when the box is ticked)."""
+        if not x.show or not x.req:
+            return {w.edited_col: gr.Column(visible=bool(x.show))}
+        req = x.req
+        if progress:
+            progress(0.5, desc="generating with the model being edited")
+        r = studio.render_edited(req["session"], req["prompt"], req["settings"], run=run_generation)
+        out = r.output
+        if backend == "flux":  # the image carries its settings, like the pair's
+            d = Path(tempfile.mkdtemp(prefix="devec-out-"))
+            out = str(share.png_with_settings(out, {**req["share"], "side": "edited"}, d / "edited.png"))
+        hist = [dict(h, edited=out, edited_title=r.title) if h.get("gid") == req["gid"] else h for h in (x.history or [])]
+        return {
+            w.edited_col: gr.Column(visible=True),
+            w.t_edited: f"**{r.title}**" + studio.scores_markdown(r.scores or {}),
+            w.out_edited: gr.Textbox(value=out, label=r.formula) if backend == "llm" else gr.Image(value=out, label=r.formula),
+            w.history_state: hist, w.history: history_markdown(hist),
+        }
+
+    fn, ins = wire(on_edited, {"req": w.edited_req, "show": w.show_edited, "history": w.history_state}, progress=True)
+    ed_outs = [w.edited_col, w.t_edited, w.out_edited, w.history_state, w.history]
+    # after a successful pair (its own queue step: the pair's outputs and history are already shown),
+    # and when the box is ticked (for the pair on screen) or unticked (hides the column)
+    gen_event.success(fn, ins, ed_outs, api_name=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[w.out_edited])
+    w.show_edited.input(fn, ins, ed_outs, api_name=False, concurrency_limit=1, concurrency_id="gpu", show_progress_on=[w.out_edited])
 
     @_ui_errors
     def on_export(x):
@@ -835,11 +888,30 @@ def history_markdown(hist: list[dict]) -> str:
         head = f"**#{len(hist) - k}** · {h['label']}{link}"
         if isinstance(h["vanilla"], str) and not h["vanilla"].endswith(".png"):
             cut = lambda t: (t[:160] + "…") if len(t) > 160 else t  # noqa: E731
-            rows.append(f"{head}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
-        else:
-            rows.append(f"{head}  \n<img src='/gradio_api/file={h['vanilla']}' height='64'> "
-                        f"<img src='/gradio_api/file={h['devec']}' height='64'>")
+            before = f"  \n*{h['edited_title']}:* {cut(h['edited'])}" if h.get("edited") else ""
+            rows.append(f"{head}{before}  \n*{h['left']}:* {cut(h['vanilla'])}  \n*DeVec:* {cut(h['devec'])}")
+        else:  # thumbnails inline: Gradio serves the outputs from its own cache, not from where they were written
+            sides = ([(h["edited"], h["edited_title"])] if h.get("edited") else []) + [(h["vanilla"], h["left"]), (h["devec"], "DeVec")]
+            ims = "".join(f"<img src='{_thumbnail(p)}' style='height:64px;width:auto;margin:0' alt='{html.escape(t, quote=True)}' "
+                          f"title='{html.escape(t, quote=True)}'>" for p, t in sides)
+            rows.append(f"{head}\n<div style='display:flex;gap:6px;flex-wrap:wrap'>{ims}</div>")
     return "\n\n".join(rows) if rows else ""
+
+
+@functools.lru_cache(maxsize=3 * HISTORY_MAX)
+def _thumbnail(path: str, height: int = 64) -> str:
+    """A history image as a small inline PNG (data URI); empty when the file is gone."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((8 * height, height))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except OSError:
+        return ""
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _opening(backend: str):

@@ -8,8 +8,13 @@
   shared_dims_figure   per module as a heat-map, rows = layer type × columns = block: the shared
                        fraction of ‖ΔW‖² (or the shared dimension, integer ticks); the title
                        gives the dimension (one number when it is the same everywhere)
+  shared_dims_svg      the same heat-map as an inline SVG for the page (gr.HTML): hovering a cell
+                       names its module, shared dimension and shared fraction (no plotting
+                       library in the browser; the tooltip is the SVG's own <title> plus a
+                       readout line under the map, shown by CSS)
   count_note           how the spectrum's "N above" relates to the total shared dimension
   norms_figure         per vector: ‖shared‖² vs ‖unique‖² as stacked fractions, norms written on
+  page_figures         what the Studio's page shows: (spectrum, heat-map SVG, norms)
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state: safe in a server
 with many users). matplotlib is imported inside the functions.
@@ -17,6 +22,7 @@ with many users). matplotlib is imported inside the functions.
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -203,6 +209,118 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24, value: str = "fra
     return fig
 
 
+_SVG_W = 600  # the SVG's own units (≈ px); it scales to the column's width
+_SVG_CSS = (
+    ".devec-heat text{font-family:system-ui,sans-serif;fill:#333}"
+    ".devec-heat .devec-tip{visibility:hidden;pointer-events:none;font-size:11px;fill:#111}"
+    ".devec-heat g.devec-cell:hover .devec-tip{visibility:visible}"
+    ".devec-heat g.devec-cell:hover rect{stroke:#1f77b4;stroke-width:2}"
+    ".devec-heat:has(g.devec-cell:hover) .devec-hint{visibility:hidden}"
+)
+
+
+def _hex(rgba) -> str:
+    r, g, b = (max(0, min(255, round(255 * float(c)))) for c in rgba[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def shared_dims_svg(dec: Decomposition, max_cols: int = 24, value: str = "fraction") -> str:
+    """The heat-map of ``shared_dims_figure`` as an inline SVG with hover, for the page.
+
+    Same grid (rows = layer type, columns = block), colours (magma_r; grey = no module) and title
+    (the shared dimension: one number when it is the same everywhere, else its range). Each cell
+    is a ``<g class="devec-cell" data-module=…>`` whose ``<title>`` (the browser's tooltip) and
+    readout line (under the map, shown while the cell is hovered; CSS, no script) say the module
+    name, its shared dimension, its shared fraction of ‖ΔW‖² and how many vectors have it.
+
+    Args:
+        dec: the decomposition (at the τ to show).
+        max_cols: at most this many block labels on the x axis.
+        value: "fraction" (colour = shared fraction of ‖ΔW‖²) or "dim" (colour = shared dimension).
+
+    Returns:
+        An ``<svg>`` element as a string (module names escaped).
+    """
+    if value not in ("fraction", "dim"):
+        raise ValueError(f"value must be 'fraction' or 'dim', got {value!r}")
+    esc = html.escape
+    dims = dec.shared_dims()
+    if not dims:
+        return (f'<svg class="devec-heat" viewBox="0 0 {_SVG_W} 60" width="100%" xmlns="http://www.w3.org/2000/svg">'
+                f'<text x="{_SVG_W / 2}" y="34" text-anchor="middle" font-size="13">no modules</text></svg>')
+    import matplotlib
+
+    rows, blocks, prefixes, cell = _grid(list(dims))
+    frac = shared_fractions(dec)
+    members = {m: len(blk.members) for blk in dec.blocks for m in blk.modules}
+    if value == "fraction":
+        vmax = max(1e-12, max(frac.values()))
+        cmap = matplotlib.colormaps["magma_r"]
+        colour = {m: _hex(cmap(min(1.0, frac[m] / vmax))) for m in dims}
+        bar_label, ticks = "shared fraction of ‖ΔW‖²", [(0.0, "0"), (0.5, f"{vmax / 2:.2g}"), (1.0, f"{vmax:.2g}")]
+    else:
+        top = max(1, max(dims.values()))
+        cmap = matplotlib.colormaps["magma_r"].resampled(top + 1)
+        colour = {m: _hex(cmap(d / top)) for m, d in dims.items()}
+        step = max(1, -(-(top + 1) // 8))
+        bar_label, ticks = "shared dim", [(k / top, str(k)) for k in range(0, top + 1, step)]
+    short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
+    row_names = [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows]
+    # 1. geometry (SVG units): labels left, colour bar right, title above, axis + readout below
+    fs = 9 if len(rows) <= 20 else 7
+    left = min(170, 12 + 0.56 * fs * max(len(n) for n in row_names))
+    right, top_m, bottom = 62, 40, 76
+    cw = (_SVG_W - left - right) / len(blocks)
+    ch = max(7.0, min(22.0, 240 / len(rows)))
+    gh = ch * len(rows)
+    h = top_m + gh + bottom
+    what = "the target's ‖ΔW‖²" if dec.config.mode == "isolate" else "its vectors' ‖ΔW‖²"
+    out = [f'<svg class="devec-heat" viewBox="0 0 {_SVG_W} {h:.0f}" width="100%" xmlns="http://www.w3.org/2000/svg" '
+           f'role="img" aria-label="{esc(_what(value))} per module">',
+           f"<style>{_SVG_CSS}</style>",
+           f'<text x="{_SVG_W / 2}" y="14" text-anchor="middle" font-size="12">{esc(_what(value))} per module at τ = {dec.tau:.2f}</text>',
+           f'<text x="{_SVG_W / 2}" y="30" text-anchor="middle" font-size="11">{esc(dims_caption(dims))}</text>',
+           f'<rect x="{left:.1f}" y="{top_m}" width="{cw * len(blocks):.1f}" height="{gh:.1f}" fill="#eeeeee"/>']
+    # 2. row and column labels
+    for k, name in enumerate(row_names):
+        out.append(f'<text x="{left - 4:.1f}" y="{top_m + (k + 0.5) * ch + fs / 3:.1f}" text-anchor="end" font-size="{fs}">{esc(name)}</text>')
+    step = max(1, -(-len(blocks) // max_cols))
+    for k in range(0, len(blocks), step):
+        out.append(f'<text x="{left + (k + 0.5) * cw:.1f}" y="{top_m + gh + 12:.1f}" text-anchor="middle" font-size="9">{blocks[k]}</text>')
+    out.append(f'<text x="{left + cw * len(blocks) / 2:.1f}" y="{top_m + gh + 26:.1f}" text-anchor="middle" font-size="10">block index</text>')
+    # 3. cells: colour, the dimension written in small varying grids, the hover text
+    varies = len(set(dims.values())) > 1
+    ry = top_m + gh + 46
+    out.append(f'<text class="devec-hint" x="10" y="{ry:.1f}" font-size="11" fill="#777">'
+               "Hover a cell: module, shared dimension, shared fraction</text>")
+    for mod, d in dims.items():
+        r, c = cell[mod]
+        x, y = left + c * cw, top_m + r * ch
+        facts = f"shared dim {d} · shared fraction {frac.get(mod, 0.0):.3f} of {what} · in {members.get(mod, 0)} of {len(dec.names)} vectors"
+        tip = f"{mod} · {facts}"
+        g = [f'<g class="devec-cell" data-module="{esc(mod, quote=True)}"><title>{esc(tip)}</title>',
+             f'<rect x="{x:.2f}" y="{y:.2f}" width="{cw:.2f}" height="{ch:.2f}" fill="{colour[mod]}"/>']
+        if varies and len(rows) * len(blocks) <= 120:
+            g.append(f'<text x="{x + cw / 2:.2f}" y="{y + ch / 2 + 3:.2f}" text-anchor="middle" font-size="8" fill="#777">{d}</text>')
+        g.append(f'<text class="devec-tip" x="10" y="{ry:.1f}"><tspan font-weight="bold">{esc(mod)}</tspan>'
+                 f'<tspan x="10" dy="15">{esc(facts)}</tspan></text></g>')
+        out.append("".join(g))
+    for k in range(1, len(rows)):  # FLUX: double and single blocks apart
+        if rows[k][0] != rows[k - 1][0]:
+            out.append(f'<line x1="{left:.1f}" x2="{left + cw * len(blocks):.1f}" y1="{top_m + k * ch:.1f}" y2="{top_m + k * ch:.1f}" stroke="white" stroke-width="2"/>')
+    # 4. colour bar (top = the largest value)
+    bx, n_stops = _SVG_W - right + 10, 24
+    out.append(f'<defs><linearGradient id="devec-bar-{value}" x1="0" y1="1" x2="0" y2="0">'
+               + "".join(f'<stop offset="{k / (n_stops - 1):.3f}" stop-color="{_hex(cmap(k / (n_stops - 1)))}"/>' for k in range(n_stops))
+               + "</linearGradient></defs>")
+    out.append(f'<rect x="{bx}" y="{top_m}" width="12" height="{gh:.1f}" fill="url(#devec-bar-{value})"/>')
+    for t, lab in ticks:
+        out.append(f'<text x="{bx + 15}" y="{top_m + (1 - t) * gh + 3:.1f}" font-size="9">{esc(lab)}</text>')
+    out.append(f'<text transform="translate({_SVG_W - 4},{top_m + gh / 2:.1f}) rotate(-90)" text-anchor="middle" font-size="9">{esc(bar_label)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
 def _what(value: str) -> str:
     return "Shared fraction of ‖ΔW‖²" if value == "fraction" else "Shared dimension"
 
@@ -242,5 +360,10 @@ def norms_figure(dec: Decomposition):
 
 
 def all_figures(dec: Decomposition) -> tuple:
-    """(spectrum, shared dims, norms) for one τ."""
+    """(spectrum, shared dims, norms) for one τ, as matplotlib figures."""
     return spectrum_figure(dec), shared_dims_figure(dec), norms_figure(dec)
+
+
+def page_figures(dec: Decomposition) -> tuple:
+    """What the Studio's page shows for one τ: (spectrum figure, heat-map SVG with hover, norms figure)."""
+    return spectrum_figure(dec), shared_dims_svg(dec), norms_figure(dec)

@@ -3,7 +3,8 @@
 What a visitor does, one behaviour per test (issue 15): a pick sends one request and open + Escape
 on the preset box changes nothing; a failed action shows one toast that closes itself and leaves
 no error on unrelated outputs; outputs say what made them and turn stale when settings change;
-history grows; a settings link restores the page in a fresh tab; the style tab renders.
+history grows; a settings link restores the page in a fresh tab; the model being edited shows in a
+labelled third column; hovering a heat-map cell names its module; the style tab renders.
 
 Screenshots go to a temp folder. README's images are updated on purpose, by a command:
     python -m tests.test_browser --screenshots docs/
@@ -197,6 +198,8 @@ def test_outputs_say_what_made_them_turn_stale_and_history_grows(page, tmp_path)
     assert "#2" in hist and "#1" in hist and hist.index("#2") < hist.index("#1"), hist
     assert "τ 0.80" in hist and "τ 0.90" in hist
     page.wait_for_selector("#llm-spectrum img", timeout=30_000)
+    # the third column (the model being edited) follows the pair: the screenshot shows all three
+    page.wait_for_function("document.querySelector('#llm-time-edited').innerText.includes('toxicity')", timeout=300_000)
     _shot(page, "screenshot.png", tmp_path)
 
 
@@ -228,6 +231,50 @@ def test_settings_link_restores_the_state_in_a_fresh_page(page, browser, app_url
         fresh.close()
 
 
+def test_the_model_being_edited_is_a_labelled_third_column(page):
+    """LLM tab (isolate, the toxic fine-tune as target): the third column, on by default, shows the
+    model before repair — labelled, scored, and not a copy of either side — after the pair; with the
+    toxic λ at 1 on the vanilla side, vanilla *is* that model (same seed and sampling): same text."""
+    assert page.locator("#llm-show-edited input").is_checked()
+    edited_js = "(document.querySelector('#llm-out-edited textarea')?.value || '').trim()"
+    _generate(page, "llm", 0)
+    page.wait_for_function(f"{edited_js}.length > 0", timeout=300_000)
+    head = page.locator("#llm-time-edited").inner_text()
+    assert "Before the edit" in head and "toxic" in head and "toxicity" in head, head
+    assert "ΔW(toxic)" in page.locator("#llm-col-edited").inner_text()  # the output's label: W₀ + 1·ΔW(toxic)
+    edited = _value(page, "#llm-out-edited textarea")
+    van, dv = _value(page, "#llm-out-vanilla textarea"), _value(page, "#llm-out-devec textarea")
+    assert edited.strip() and edited != van and edited != dv
+    page.wait_for_function("document.querySelector('#llm-history').innerText.includes('Before the edit')", timeout=30_000)
+
+    _set_number(page, "#llm-van-0 input[type=number]", "1")  # toxic: vanilla W0 + 1·ΔW_toxic
+    page.wait_for_function("document.querySelector('#llm-uni-0 input[type=number]').value === '1'", timeout=10_000)
+    _generate(page, "llm", 1)
+    page.wait_for_function(f"{edited_js}.length > 0", timeout=300_000)
+    assert _value(page, "#llm-out-edited textarea") == _value(page, "#llm-out-vanilla textarea") == edited
+
+    page.locator("#llm-show-edited input").uncheck()  # off: the column goes away
+    page.locator("#llm-col-edited").wait_for(state="hidden", timeout=30_000)
+
+
+def test_heat_map_cells_name_their_module_on_hover(page):
+    cells = page.locator("#llm-dims g.devec-cell")
+    assert cells.count() == 210  # SmolLM2: 30 layers × 7 projections
+    cell = cells.nth(45)
+    mod = cell.get_attribute("data-module")
+    assert mod.startswith("model.layers.")
+    tip = cell.locator(".devec-tip")
+    assert not tip.is_visible()
+    cell.locator("rect").hover()
+    tip.wait_for(state="visible", timeout=5_000)
+    text = tip.text_content()
+    assert mod in text and "shared dim" in text and "shared fraction" in text, text
+    assert mod in cell.locator("title").text_content()  # the browser's own tooltip says it too
+    # the map follows τ
+    _set_number(page, "#llm-tau input[type=number]", "0.95")
+    page.wait_for_function("document.querySelector('#llm-dims svg')?.textContent.includes('τ = 0.95')", timeout=60_000)
+
+
 def test_style_tab_renders_two_different_scored_images_with_settings_inside(page, tmp_path):
     """The FLUX tab's offline preset (the tiny FLUX-architecture model): Generate shows a vanilla and a
     DeVec image strip that differ, each with its scores; the PNGs carry their settings."""
@@ -254,6 +301,9 @@ def test_style_tab_renders_two_different_scored_images_with_settings_inside(page
         txt = page.locator(f"#flux-time-{k}").inner_text()
         assert "palette" in txt and "×" in txt and "content" in txt, txt
     assert page.locator("img[alt='palette']").count() >= 1
+    # the history's thumbnails load (inline PNGs: the files' own paths are not served)
+    page.wait_for_function("(() => { const ims = [...document.querySelectorAll('#flux-history img')];"
+                           " return ims.length >= 2 && ims.every(i => i.complete && i.naturalWidth > 0); })()", timeout=30_000)
     _shot(page, "screenshot_style.png", tmp_path)
 
 

@@ -186,3 +186,63 @@ def test_pairwise_mode_counts_each_ordered_pair():
     assert "ordered pair" in note and str(sum(dec.shared_dims().values())) in note
     fig = plots.shared_dims_figure(dec)
     assert "shared dimension 2 in every module" in fig.axes[0].get_title()
+
+
+# --- the page's heat-map: an inline SVG whose cells name their module on hover -------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _cells(svg: str) -> dict:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg)  # well-formed XML (names escaped)
+    out = {}
+    for g in root.iter(f"{SVG}g"):
+        if g.get("class") == "devec-cell":
+            tip = g.find(f"{SVG}text[@class='devec-tip']")
+            out[g.get("data-module")] = {"title": g.find(f"{SVG}title").text, "tip": "".join(tip.itertext()),
+                                         "fill": g.find(f"{SVG}rect").get("fill")}
+    return root, out
+
+
+def _luminance(hex_colour: str) -> float:
+    r, g, b = (int(hex_colour[k:k + 2], 16) for k in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_svg_heat_map_cells_name_module_dimension_and_fraction(planted):
+    vecs, Z, dec = planted
+    want = _fraction_from_definition(vecs, Z)
+    root, cells = _cells(plots.shared_dims_svg(dec))
+    assert set(cells) == set(want)  # one hoverable cell per module
+    for m, c in cells.items():
+        for text in (c["title"], c["tip"]):  # the browser's tooltip and the readout line
+            assert m in text and "shared dim 2" in text and f"shared fraction {want[m]:.3f}" in text and "in 3 of 3 vectors" in text
+    # the colour follows the fraction (magma_r: more shared = darker)
+    by_fraction = sorted(want, key=want.get)
+    lum = [_luminance(cells[m]["fill"]) for m in by_fraction]
+    assert lum == sorted(lum, reverse=True) and lum[0] - lum[-1] > 50
+    texts = " ".join("".join(t.itertext()) for t in root.iter(f"{SVG}text"))
+    assert "shared dimension 2 in every module" in texts and "total 16" in texts and "τ = 0.85" in texts
+
+
+def test_svg_heat_map_escapes_module_names_and_names_a_bad_value(planted):
+    g = torch.Generator().manual_seed(3)
+    odd = ['blocks.0.a<b>&"c"', "blocks.1.x'y"]
+    Zs = {m: torch.linalg.qr(torch.randn(N, 2, generator=g, dtype=torch.float64))[0] for m in odd}
+    vecs = [TaskVector(f"v{i}", {m: LowRank(torch.cat([Zs[m], torch.randn(N, 1, generator=g, dtype=torch.float64)], 1),
+                                            torch.randn(3, M, generator=g, dtype=torch.float64)) for m in odd}) for i in range(2)]
+    dec = decompose(vecs, tau=0.85, dtype="float64")
+    _, cells = _cells(plots.shared_dims_svg(dec))
+    assert set(cells) == set(odd) and all(m in cells[m]["title"] for m in odd)
+    with pytest.raises(ValueError, match="'energy'"):
+        plots.shared_dims_svg(planted[2], value="energy")
+
+
+def test_svg_dimension_view_and_isolate_fraction():
+    vecs, n_mod = _isolate_pool(3, 2)
+    dec = decompose(vecs, tau=0.85, mode="isolate", target="target", dtype="float64")
+    _, cells = _cells(plots.shared_dims_svg(dec, value="dim"))
+    assert len(cells) == n_mod and all("of the target's" in c["title"] and "in 4 of 4 vectors" in c["title"] for c in cells.values())
+    assert all(c["fill"].startswith("#") and len(c["fill"]) == 7 for c in cells.values())

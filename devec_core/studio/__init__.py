@@ -29,7 +29,7 @@ One job per module, each importing only those above it:
   opening.py        open a session (preset, uploads, loaded vectors); change its settings
   reports.py        what the page says: shared at this τ, scores, pool description, menus
   mixes.py          the sliders (``Coefficients``) and the two mixes they make
-  generation.py     render both mixes side by side, score them
+  generation.py     render both mixes side by side, score them; the model being edited (a third output)
   downloads.py      the parts and the mixes as LoRA files (one zip each)
 
 Every public name is importable from ``devec_core.studio``. Settings read at call time
@@ -48,14 +48,21 @@ from .caches import get_pool, pool_key, remember_pool
 from .decomposition import _device_option, at_tau, check_tau, decompose_cached
 from .downloads import download_mix, export_parts
 from .generation import (
+    EDITED_CACHE_MAX,
     GenerationJob,
     SideBySide,
+    Single,
+    edited_job,
+    edited_labels,
+    edited_mix,
     flux_job,
     generate_flux,
     generate_llm,
     generic_image_scores,
     job_backend,
     llm_job,
+    render_edited,
+    run_edited,
     run_job,
     score_job,
 )
@@ -119,8 +126,15 @@ __all__ = [  # every public name of the Studio, importable from here
     "decompose_cached",
     "download_mix",
     "export_parts",
+    "EDITED_CACHE_MAX",
     "GenerationJob",
     "SideBySide",
+    "Single",
+    "edited_job",
+    "edited_labels",
+    "edited_mix",
+    "render_edited",
+    "run_edited",
     "flux_job",
     "generate_flux",
     "generate_llm",
