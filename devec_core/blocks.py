@@ -163,8 +163,12 @@ class Block:
 
 
 def _chunk_threads_from_env() -> int | None:
-    """``DEVEC_CHUNK_THREADS``: a positive integer, or "auto" (None: torch's thread count); unset: 1."""
-    raw = os.environ.get("DEVEC_CHUNK_THREADS", "").strip().lower() or "1"
+    """``DEVEC_CHUNK_THREADS``: a positive integer, or "auto" (None: torch's thread count); unset: auto.
+
+    Auto since the quiet-machine run of 2026-11-30 (load 1.7–1.9, `python bench/bench_decompose.py
+    --pool-only --compare-only --threads 2 --baseline-ref 1f1261c --rounds 4`, README "Decomposition"):
+    the FLUX pool took 0.306 s median with workers against 0.321 / 0.364 s serial (two runs)."""
+    raw = os.environ.get("DEVEC_CHUNK_THREADS", "").strip().lower() or "auto"
     if raw == "auto":
         return None
     if not raw.isdigit() or int(raw) < 1:
@@ -173,8 +177,8 @@ def _chunk_threads_from_env() -> int | None:
 
 
 CHUNK_THREADS: int | None = _chunk_threads_from_env()
-"""Python threads for a block's small calls (``parallel_chunks``); None: ``torch.get_num_threads()``,
-1: serial. Env ``DEVEC_CHUNK_THREADS``."""
+"""Python threads for a block's small calls (``parallel_chunks``); None (the default, "auto"):
+``torch.get_num_threads()``; 1: serial. Env ``DEVEC_CHUNK_THREADS``."""
 
 
 def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:

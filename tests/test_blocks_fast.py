@@ -260,6 +260,8 @@ def test_worker_threads_leave_the_callers_thread_settings(monkeypatch):
 
 
 def test_chunk_threads_env_is_checked(monkeypatch):
+    monkeypatch.delenv("DEVEC_CHUNK_THREADS", raising=False)
+    assert blocks._chunk_threads_from_env() is None  # unset: auto (torch's thread count)
     monkeypatch.setenv("DEVEC_CHUNK_THREADS", "auto")
     assert blocks._chunk_threads_from_env() is None
     monkeypatch.setenv("DEVEC_CHUNK_THREADS", "3")
