@@ -72,13 +72,25 @@ class Single:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, where a caller records them
 
 
+def _prompt(prompt: str | None) -> str:
+    """The prompt without surrounding blanks; an empty one is the user's error."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("write a prompt first")
+    return prompt
+
+
+def _check_flux(session: Session) -> None:
+    why = flux_can_generate(session)
+    if why:
+        raise StudioError(why)
+
+
 def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_new_tokens: int = 32) -> GenerationJob:
     """Prepare a vanilla-vs-DeVec answer (decomposition and mixes on this process's device)."""
     if session.backend != "llm":
         raise StudioError("this pool is for the FLUX tab")
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StudioError("write a prompt first")
+    prompt = _prompt(prompt)
     max_new_tokens = max(1, min(int(max_new_tokens), 512))
     dec = decompose_cached(session)
     van, dv = build_mixes(dec, c, session.pool_key)
@@ -89,12 +101,8 @@ def llm_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, max_n
 
 def flux_job(session: Session, c: Coefficients, prompt: str, seed: int = 0, steps: int = 4, width: int = 512, height: int = 512) -> GenerationJob:
     """Prepare vanilla-vs-DeVec images (decomposition and mixes on this process's device)."""
-    why = flux_can_generate(session)
-    if why:
-        raise StudioError(why)
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StudioError("write a prompt first")
+    _check_flux(session)
+    prompt = _prompt(prompt)
     trig = ", ".join(t for n, t in session.triggers.items() if c.unique.get(n, 0) or c.vanilla.get(n, 0))
     full = f"{prompt}, {trig}" if trig else prompt
     dec = decompose_cached(session)
@@ -236,12 +244,8 @@ def edited_job(session: Session, prompt: str, settings: dict) -> GenerationJob:
     """The job that renders the model being edited with the pair's prompt (FLUX: with its trigger
     words) and settings (seed, sampling, size), so the three outputs differ only by their weights."""
     if session.backend == "flux":
-        why = flux_can_generate(session)
-        if why:
-            raise StudioError(why)
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise StudioError("write a prompt first")
+        _check_flux(session)
+    prompt = _prompt(prompt)
     mix = edited_mix(session, decompose_cached(session))
     return GenerationJob(session.backend, session.base, prompt, [mix], dict(settings), part="edited")
 
