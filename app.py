@@ -362,9 +362,10 @@ def _warm_first_pair(b: str, session) -> str:
     job, both switches, both generations, the scores), so the one-time costs of a first generation
     (the report's chance level, resolving the mixes' factors, saving the touched weights' originals,
     the first forward, the chat template, the scorers) are paid before a user clicks. The model's
-    lock is held only for that short pair. The model stays at the DeVec mix, and a click on the same
-    settings renders that side first without a switch (``Backend.side_by_side``). Returns what was
-    done, for the log."""
+    lock is held only for that short pair. The LLM renders both sides as rows of one batch and writes
+    no weight (``LLMBackend.side_by_side``); a FLUX model stays at the DeVec mix, and a click on the
+    same settings renders that side first without a switch (``Backend.side_by_side``). Returns what
+    was done, for the log."""
     coef = studio.default_coefficients(session)
     prompt = session.prompts[0] if session.prompts else "Hello"
     if b == "llm":
@@ -764,7 +765,10 @@ def _wire_tab(w):
         hist = [{"settings": settings, "label": lab, "left": left, "vanilla": van, "devec": dv, "gid": gid,
                  "vanilla_scores": r.vanilla_scores, "devec_scores": r.devec_scores}] + list(x.history or [])
         hist = hist[:HISTORY_MAX]
-        timing = f"\n\n<small>Made with {lab}. Time per side (model switch + generation): {r.vanilla_s:.1f} s / {r.devec_s:.1f} s.</small>"
+        if "both_generate" in r.timings:  # one batched pass made both answers
+            timing = f"\n\n<small>Made with {lab}. Both answers in one batched pass: {r.timings['both_generate']:.1f} s.</small>"
+        else:
+            timing = f"\n\n<small>Made with {lab}. Time per side (model switch + generation): {r.vanilla_s:.1f} s / {r.devec_s:.1f} s.</small>"
         ed_title, ed_formula = studio.edited_labels(session)
         return {
             w.edited_req: {"gid": gid, "session": session, "prompt": job.prompt, "settings": dict(job.settings), "share": settings},

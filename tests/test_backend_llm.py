@@ -115,7 +115,11 @@ def test_side_by_side_same_settings_and_sampling_seed(llm):
     pool = VectorPool(vecs)
     mixes = [None, vanilla(pool, {"v1": 1.0}), vanilla(pool, {"v2": 1.0}, label="v2")]
     b.restore()
-    res = b.side_by_side("tell me", mixes, do_sample=True, seed=7, **GEN)
+    b.batch_rows = False  # fuse each mix in turn (the batched rows: tests/test_rows.py)
+    try:
+        res = b.side_by_side("tell me", mixes, do_sample=True, seed=7, **GEN)
+    finally:
+        b.batch_rows = True
     assert [r.label for r in res] == ["base", "vanilla", "v2"]
     assert all(r.switch_s == r.apply.seconds and r.generate_s > 0 for r in res)  # each result timed its own switch
     v1, v2 = (set(v.modules) for v in vecs[:2])

@@ -258,8 +258,8 @@ def test_the_warm_up_pair_changes_no_output(tiny_session):
     be.restore()
     torch.manual_seed(123)  # the global RNG: sampling must not depend on it either way
     said = app._warm_first_pair("llm", s)
-    assert said.startswith("first pair") and "devec_generate" in said
-    assert be.editor.current is not None and be.editor.current.label == "devec"  # left at the DeVec mix
+    assert said.startswith("first pair") and "both_generate" in said  # both sides in one batched pass
+    assert be.editor.current is None  # the batched pass writes no weight
     warm = _first_click(s)
     assert (warm.vanilla, warm.devec) == (cold.vanilla, cold.devec)
     assert cold.vanilla != cold.devec  # the two sides differ: the comparison above means something
@@ -270,9 +270,21 @@ def test_generation_reports_its_stages(tiny_session):
     t0 = time.perf_counter()
     r = _first_click(s)
     wall = time.perf_counter() - t0
+    stages = ("model", "both_generate", "other")  # the LLM's two sides: one batched pass
+    assert set(r.timings) == set(stages) and all(v >= 0 for v in r.timings.values())
+    assert sum(r.timings.values()) <= wall
+    _, be = tiny_session
+    be.batch_rows = False  # each mix fused in turn: a switch and a generation per side
+    try:
+        t0 = time.perf_counter()
+        r = _first_click(s)
+        wall = time.perf_counter() - t0
+    finally:
+        be.batch_rows = True
     stages = ("model", "left_switch", "left_generate", "devec_switch", "devec_generate", "other")
     assert set(r.timings) == set(stages) and all(v >= 0 for v in r.timings.values())
     assert sum(r.timings.values()) <= wall
+    be.restore()
 
 
 def test_a_job_computes_the_report_only_when_nothing_is_shared(tiny_session, monkeypatch):
@@ -291,10 +303,11 @@ def test_a_job_computes_the_report_only_when_nothing_is_shared(tiny_session, mon
     assert "DeVec equals vanilla task arithmetic" in job.note
 
 
-def test_side_by_side_renders_the_fused_mix_first_and_changes_no_output(tiny_session):
+def test_side_by_side_renders_the_fused_mix_first_and_changes_no_output(tiny_session, monkeypatch):
     """One switch fewer when a side's mix is the one fused now; results come back in the order
     asked, equal to those of a cold backend."""
     s, be = tiny_session
+    monkeypatch.setattr(be, "batch_rows", False)  # the fused path (the batched rows write no weight: tests/test_rows.py)
     coef = studio.default_coefficients(s)
     job = studio.llm_job(s, coef, "Say hi.", 5, 5)
     settings = dict(job.settings, do_sample=True, temperature=0.9, top_p=0.9)

@@ -137,8 +137,11 @@ def run_job(job: GenerationJob) -> SideBySide | Single:
     except ValueError as e:
         raise wrong_base(e, job.base) from e
     run = time.perf_counter() - t1  # "other": waiting for the backend's lock, the tokenizer, decoding
-    timings = {"model": t_model, "left_switch": a.switch_s, "left_generate": a.generate_s, "devec_switch": b.switch_s,
-               "devec_generate": b.generate_s, "other": max(0.0, run - a.switch_s - a.generate_s - b.switch_s - b.generate_s)}
+    if getattr(a, "rows", 1) > 1:  # both sides in one batched pass (LLM: devec_core.mix.rows)
+        timings = {"model": t_model, "both_generate": a.generate_s, "other": max(0.0, run - a.generate_s)}
+    else:
+        timings = {"model": t_model, "left_switch": a.switch_s, "left_generate": a.generate_s, "devec_switch": b.switch_s,
+                   "devec_generate": b.generate_s, "other": max(0.0, run - a.switch_s - a.generate_s - b.switch_s - b.generate_s)}
     note = job.note
     if job.kind == "llm":
         va, vb = a.text.strip(), b.text.strip()
