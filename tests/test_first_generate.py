@@ -326,3 +326,53 @@ def test_side_by_side_renders_the_fused_mix_first_and_changes_no_output(tiny_ses
     assert [r.token_ids for r in warm] == [r.token_ids for r in cold]
     be.restore()
     assert not be.is_fused(again.mixes[1])
+
+
+# --- the warm-up gives way to visitors -------------------------------------------------------
+
+
+def test_visitors_gate_counts_calls_in_flight_and_errors():
+    import app
+
+    gate = app._Visitors()
+    inside, release = threading.Event(), threading.Event()
+
+    @gate.serving
+    def click(fail=False):
+        inside.set()
+        release.wait(10)
+        if fail:
+            raise ValueError("boom")
+        return "ok"
+
+    t = threading.Thread(target=click)
+    t.start()
+    inside.wait(10)
+    assert gate.active == 1 and gate.wait_idle(timeout=0.2) is False  # a warm-up would still wait
+    release.set()
+    t.join()
+    assert gate.active == 0 and gate.wait_idle(timeout=0.2) is True
+    with pytest.raises(ValueError, match="boom"):
+        click(fail=True)
+    assert gate.active == 0  # an error still ends the visit
+    assert click.__name__ == "click"
+
+
+def test_the_tiny_flux_warm_up_changes_no_output():
+    """The FLUX tab's warm-up (both mixes fused, one 1-step image, the scorers) leaves nothing a
+    user could see: the first click's strips equal those of a cold start."""
+    import numpy as np
+
+    import app
+
+    session, _ = studio.open_preset("style-flux-offline")
+    c = studio.default_coefficients(session)
+    be = studio.job_backend(studio.flux_job(session, c, "a red house", 0))
+    be.restore()
+    cold = studio.generate_flux(session, c, "a red house", seed=1)
+    be.restore()
+    said = app._warm_first_pair("flux", session)
+    assert said.startswith("first pair (one 1-step image")
+    warm = studio.generate_flux(session, c, "a red house", seed=1)
+    assert np.array_equal(np.asarray(warm.vanilla), np.asarray(cold.vanilla))
+    assert np.array_equal(np.asarray(warm.devec), np.asarray(cold.devec))
