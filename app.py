@@ -56,7 +56,7 @@ def _flux_seconds(job: studio.GenerationJob) -> int:
 
 
 def _llm_seconds(job: studio.GenerationJob) -> int:
-    return hosting.llm_duration(job.settings["max_new_tokens"])
+    return hosting.llm_duration(job.settings["max_new_tokens"], outputs=len(job.mixes))
 
 
 def _run_packed(job: studio.GenerationJob) -> studio.SideBySide | studio.Single:

@@ -32,7 +32,7 @@ Public API:
     remember_device(backend)               note at load time whether its model sits on CUDA
     runs_on_gpu(backend) -> bool           that note: generation goes through the GPU function
     flux_duration(steps, width, height) -> int        seconds to request for two FLUX images
-    llm_duration(max_new_tokens) -> int                seconds for two LLM answers on a GPU
+    llm_duration(max_new_tokens, outputs=2) -> int     seconds for the LLM answers on a GPU
     pack_mixes(mixes) -> list[Mix]         the same mixes over a ``PackedSource``: only the
                                            components they use, CPU tensors, picklable
     PackedSource                           a mix source of plain data (``component``, ``vectors``)
@@ -236,9 +236,12 @@ def flux_duration(steps: int, width: int, height: int) -> int:
     return int(min(MAX_DURATION_S, max(MIN_DURATION_S, round(s))))
 
 
-def llm_duration(max_new_tokens: int) -> int:
-    """Seconds of GPU to request for two answers of up to ``max_new_tokens`` tokens."""
-    s = LLM_OVERHEAD_S + 2 * max(1, int(max_new_tokens)) * LLM_S_PER_TOKEN
+def llm_duration(max_new_tokens: int, outputs: int = 2) -> int:
+    """Seconds of GPU to request for ``outputs`` answers of up to ``max_new_tokens`` tokens: the
+    pair (2) or the model being edited (1). Counted as one generation per answer, the case where
+    the mixes are fused in turn (a dense term); the batched rows (``LLMBackend.side_by_side``) take
+    about one generation for all of them, so this is an upper bound."""
+    s = LLM_OVERHEAD_S + max(1, int(outputs)) * max(1, int(max_new_tokens)) * LLM_S_PER_TOKEN
     return int(min(MAX_DURATION_S, max(MIN_DURATION_S, round(s))))
 
 

@@ -159,6 +159,7 @@ def test_gpu_durations_follow_the_work_and_stay_in_bounds():
     assert f(4, 768, 768) < 120  # the old fixed request
     g = hosting.llm_duration
     assert g(16) < g(256) <= hosting.MAX_DURATION_S and g(1) >= hosting.MIN_DURATION_S
+    assert g(200, outputs=1) < g(200) == g(200, outputs=2)  # the model being edited: one answer, not two
     assert all(isinstance(x, int) for x in (f(3, 512, 640), g(33)))
     assert f(0, 0, 0) == f(1, 1, 1)  # nonsense sizes are clamped, not negative
 
