@@ -185,3 +185,24 @@ def test_sampled_tokens_follow_the_full_distribution(top_k, top_p):
     expected = 4000 * p.double()
     sup = p > 0
     assert float(((counts[sup] - expected[sup]) ** 2 / expected[sup]).sum()) < 3 * int(sup.sum()) + 30
+
+
+def test_bfloat16_model_rows_run_in_float32_and_track_the_fused_logits():
+    """A bf16 model (the dtype on accelerators): the row differences are added in float32 and cast
+    to the layer's output dtype; logits stay within bf16 rounding of the fused model's."""
+    model, tok = tiny_llama(seed=0)
+    vecs = [lora_to_taskvector(random_llama_lora(model, rank=4, seed=s, scale=0.3), f"v{s}", PEFT_PREFIX) for s in (1, 2)]
+    b = LLMBackend(model.to(torch.bfloat16), tok)
+    mixes = [None, vanilla(VectorPool(vecs), {"v1": 1.0, "v2": 1.0})]
+    ids = tok("hello there friend", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), rows.hooked(b.model, rows.row_deltas(b.editor, mixes)):
+        batch = b.model(ids.expand(2, -1)).logits.float()
+    b.apply(mixes[1])
+    with torch.no_grad():
+        fused = b.model(ids).logits[0].float()
+    b.restore()
+    assert batch.dtype == torch.float32 and torch.isfinite(batch).all()
+    err, moved = (batch[1] - fused).abs().max(), (batch[1] - batch[0]).abs().max()
+    assert err < 0.1 * moved  # far closer to the fused mix than to the base
+    res = b.side_by_side("hi", mixes, max_new_tokens=4)
+    assert [r.rows for r in res] == [2, 2] and _hooks(b.model) == 0
