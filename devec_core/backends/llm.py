@@ -161,7 +161,10 @@ class LLMBackend(Backend):
         done = [False] * n
         with self.lock, torch.inference_mode():
             t0 = time.perf_counter()
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            try:  # the prompt's last position only (transformers' causal LMs take logits_to_keep)
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            except TypeError:
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1, :].float()
                 nxt = []
