@@ -356,8 +356,8 @@ _WARM: dict[str, threading.Thread] = {}
 class _Visitors:
     """Visitors' generations in flight. Background warm-up work that a click does not need (the
     FLUX tab's, while the page opens on the LLM tab) waits until there are none: on two cores it
-    would otherwise take half the machine from the first click (measured: 4.5 s instead of 2.9 s
-    for the first pair, README "First pair")."""
+    would otherwise take half the machine from the first click (measured on a first start: both
+    answers took 4.5 s beside the FLUX warm-up, 2.8 s once it waited; README "The first Generate both")."""
 
     def __init__(self) -> None:
         self._n = 0

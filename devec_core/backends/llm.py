@@ -35,7 +35,6 @@ from ..mix import ApplyStats, WeightEditor, rows
 from .base import Backend
 
 
-
 @dataclass
 class TextResult:
     """One generation: the mix's label, the new text, token count and timings (seconds)."""
