@@ -38,7 +38,8 @@ class RowDeltas:
     active: list[int]  # per row: weights that carry a nonzero term of that row's mix
 
 
-def _terms(editor: WeightEditor, mix: Mix | None) -> tuple[dict, dict] | None:
+def _terms(editor: WeightEditor, mix: Mix | None) -> tuple[dict, dict]:
+    """(weight path → {part key: (λ, Part)}, extra path → {key: λ}) of ``mix``, resolved by the editor."""
     mods, extras = editor._targets(mix or Mix.base())
     return ({path: {part.key: (lam, part) for lam, part in ts} for path, ts in mods.items()},
             {path: {key: lam for lam, key, _ in ts} for path, ts in extras.items()})
