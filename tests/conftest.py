@@ -5,6 +5,9 @@ Fixtures (session scope, shared by every test — restore any weights you change
     tiny_llm       -> (LlamaForCausalLM tiny, tokenizer with chat template)
     tiny_flux_loras -> list of 3 random diffusers-format FLUX LoRA state dicts (rank 4, seeds 1..3)
     tiny_llm_loras  -> list of 3 random PEFT-format Llama LoRA state dicts (rank 4, seeds 1..3)
+Module scope:
+    llm            -> (LLMBackend over a private tiny Llama, task vectors v1..v3): restored at the end
+    llm_backend    -> LLMBackend over the shared tiny_llm, registered in the Studio as base "tiny"
 Need a private copy to mutate freely? Call tiny_flux_pipeline() / tiny_llama() yourself.
 """
 
@@ -25,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama  # noqa: E402
+from tests.tiny_models import llama_vectors, random_flux_lora, random_llama_lora, tiny_flux_pipeline, tiny_llama  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,6 +61,32 @@ def tiny_flux_loras(tiny_flux):
 @pytest.fixture(scope="session")
 def tiny_llm_loras(tiny_llm):
     return [random_llama_lora(tiny_llm[0], rank=4, seed=s) for s in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """A private tiny Llama in an LLMBackend, and three random rank-4 LoRA task vectors on it."""
+    from devec_core.backends.llm import LLMBackend
+
+    model, tok = tiny_llama(seed=0)
+    backend = LLMBackend(model, tok)
+    yield backend, llama_vectors(model)
+    backend.restore()
+
+
+@pytest.fixture(scope="module")
+def llm_backend(tiny_llm):
+    """The shared tiny LLM registered under base "tiny" (the Studio loads bases by name); the
+    Studio's backend cache is given back as it was, and the weights restored."""
+    from devec_core import studio
+    from devec_core.backends.llm import LLMBackend
+
+    model, tok = tiny_llm
+    be = LLMBackend(model, tok)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(studio._BACKENDS, ("llm", "tiny"), be)
+        yield be
+        be.restore()
 
 
 @contextlib.contextmanager

@@ -13,15 +13,6 @@ from tests.tiny_models import PEFT_PREFIX, llama_lora_config, lora_to_taskvector
 GEN = dict(max_new_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def llm():
-    model, tok = tiny_llama(seed=0)
-    vecs = [lora_to_taskvector(random_llama_lora(model, rank=4, seed=s, scale=0.3), f"v{s}", PEFT_PREFIX) for s in (1, 2, 3)]
-    backend = LLMBackend(model, tok)
-    yield backend, vecs
-    backend.restore()
-
-
 def logits(backend, text="hello there"):
     ids = backend.tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 from devec_core import studio
 from devec_core.backends.llm import LLMBackend
 from devec_core.studio import Coefficients, StudioError, generation
-from tests.tiny_models import lora_to_taskvector, random_llama_lora
+from tests.tiny_models import llama_vectors
 
 PROMPT = "hello there"
 
@@ -36,19 +36,14 @@ def pristine(tiny_llm):
 
 
 @pytest.fixture(scope="module")
-def llm_backend(tiny_llm, pristine):
-    """The tiny LLM registered under base "tiny"; weights given back at the end."""
-    model, tok = tiny_llm
-    be = LLMBackend(model, tok)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(studio._BACKENDS, ("llm", "tiny"), be)
-        yield be
-        be.restore()
+def llm_backend(pristine, llm_backend):
+    """conftest's backend (base "tiny"), taken only after the pristine copy of the weights."""
+    return llm_backend
 
 
 @pytest.fixture(scope="module")
 def vectors(tiny_llm):
-    return [lora_to_taskvector(random_llama_lora(tiny_llm[0], rank=4, seed=s, scale=0.8), f"v{s}", "base_model.model.") for s in (1, 2, 3)]
+    return llama_vectors(tiny_llm[0], scale=0.8)
 
 
 def _by_definition(pristine, vector, settings: dict) -> str:

@@ -11,19 +11,10 @@ import torch
 from devec_core import Dense, TaskVector, decompose
 from devec_core.backends.llm import LLMBackend, sampling_probs
 from devec_core.mix import VectorPool, devec, rows, vanilla
-from tests.tiny_models import PEFT_PREFIX, lora_to_taskvector, random_llama_lora, tiny_llama
+from tests.tiny_models import llama_vectors, tiny_llama
 
 GEN = dict(max_new_tokens=10)
 SAMPLED = dict(GEN, do_sample=True, temperature=0.9, top_p=0.9, seed=5)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    model, tok = tiny_llama(seed=0)
-    vecs = [lora_to_taskvector(random_llama_lora(model, rank=4, seed=s, scale=0.3), f"v{s}", PEFT_PREFIX) for s in (1, 2, 3)]
-    b = LLMBackend(model, tok)
-    yield b, vecs
-    b.restore()
 
 
 def _state(model):
@@ -191,7 +182,7 @@ def test_bfloat16_model_rows_run_in_float32_and_track_the_fused_logits():
     """A bf16 model (the dtype on accelerators): the row differences are added in float32 and cast
     to the layer's output dtype; logits stay within bf16 rounding of the fused model's."""
     model, tok = tiny_llama(seed=0)
-    vecs = [lora_to_taskvector(random_llama_lora(model, rank=4, seed=s, scale=0.3), f"v{s}", PEFT_PREFIX) for s in (1, 2)]
+    vecs = llama_vectors(model, seeds=(1, 2))
     b = LLMBackend(model.to(torch.bfloat16), tok)
     mixes = [None, vanilla(VectorPool(vecs), {"v1": 1.0, "v2": 1.0})]
     ids = tok("hello there friend", return_tensors="pt")["input_ids"]

@@ -14,10 +14,9 @@ import torch
 
 from devec_core import plots, studio
 from devec_core.backends.flux import FluxBackend
-from devec_core.backends.llm import LLMBackend
 from devec_core.studio import Coefficients, StudioError
 from devec_core.taskvec import LowRank, TaskVector
-from tests.tiny_models import lora_to_taskvector, random_llama_lora, tiny_flux_pipeline
+from tests.tiny_models import llama_vectors, lora_to_taskvector, tiny_flux_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -30,21 +29,9 @@ def small_flux_pool():
     return studio.synthetic_flux_pool(hidden=32, blocks=(2, 3))
 
 
-@pytest.fixture(scope="module")
-def llm_backend(tiny_llm):
-    """A tiny LLM registered under base "tiny" (the Studio loads bases by name); the shared
-    cache is given back as it was."""
-    model, tok = tiny_llm
-    be = LLMBackend(model, tok)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(studio._BACKENDS, ("llm", "tiny"), be)
-        yield be
-        be.restore()
-
-
 def _llm_pool(model, planted: bool):
     """Two or three rank-4 LoRAs on the tiny Llama; `planted` gives them 2 common output directions."""
-    vecs = [lora_to_taskvector(random_llama_lora(model, rank=4, seed=s, scale=0.5), f"v{s}", "base_model.model.") for s in (1, 2, 3)]
+    vecs = llama_vectors(model, scale=0.5)
     if planted:
         g = torch.Generator().manual_seed(7)
         for mod in vecs[0].modules:

@@ -273,6 +273,12 @@ def lora_to_taskvector(sd: dict[str, torch.Tensor], name: str, prefix: str):
     return TaskVector(name, mods)
 
 
+
+def llama_vectors(model, seeds=(1, 2, 3), scale: float = 0.3, rank: int = 4) -> list:
+    """Random PEFT-format LoRAs on ``model`` as task vectors named "v<seed>" (``random_llama_lora``
+    + ``lora_to_taskvector``)."""
+    return [lora_to_taskvector(random_llama_lora(model, rank=rank, seed=s, scale=scale), f"v{s}", PEFT_PREFIX) for s in seeds]
+
 # --- LoRA files on disk ----------------------------------------------------------------------
 def peft_folder(path, sd: dict[str, torch.Tensor], **cfg):
     """Write a PEFT adapter folder: ``adapter_model.safetensors`` + ``adapter_config.json`` from
