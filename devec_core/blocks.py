@@ -185,15 +185,16 @@ def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.dev
     """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to ``CHUNK_THREADS``
     Python threads (torch releases the GIL in its kernels); on a GPU (``device``) one thread.
 
-    Off by default (``CHUNK_THREADS = 1``; env ``DEVEC_CHUNK_THREADS=auto`` or a number). A block's
-    work is many small independent calls (a 16×16 Gram per module and member pair, a 16×16 solve
-    per matrix), which MKL threads poorly one call at a time. Each worker runs its calls with
-    ``torch.get_num_threads() // workers`` intra-op threads (``torch.set_num_threads`` acts on the
-    calling thread's OpenMP and MKL pools) and restores the caller's count when done. The first
-    version had no such limit: every worker opened a full OpenMP team and the FLUX pool took 2.99 s
-    instead of 0.51 s on the quiet 2-core machine. The gain with the limit is not yet measured on a
-    quiet machine (docs/METHOD.md "Whole calls on threads"). Results do not depend on the split:
-    every call sees the same matrices (``test_work_split_over_threads_gives_the_serial_answer``).
+    On by default (``CHUNK_THREADS`` None = torch's thread count; env ``DEVEC_CHUNK_THREADS=1`` for
+    serial). A block's work is many small independent calls (a 16×16 Gram per module and member
+    pair, a 16×16 solve per matrix), which MKL threads poorly one call at a time. Each worker runs
+    its calls with ``torch.get_num_threads() // workers`` intra-op threads (``torch.set_num_threads``
+    acts on the calling thread's OpenMP and MKL pools) and restores the caller's count when done.
+    The first version had no such limit: every worker opened a full OpenMP team and the FLUX pool
+    took 2.99 s instead of 0.51 s on the quiet 2-core machine. With the limit, the quiet re-measure
+    gave 0.30–0.36 s against 0.32–0.36 s serial (``_chunk_threads_from_env``; docs/METHOD.md "Whole
+    calls on threads"). Results do not depend on the split: every call sees the same matrices
+    (``test_work_split_over_threads_gives_the_serial_answer``).
     """
     cpu = device is None or device.type == "cpu"
     threads = CHUNK_THREADS if CHUNK_THREADS is not None else torch.get_num_threads()

@@ -229,7 +229,7 @@ def _write_manifest(folder: Path, gguf: Path) -> None:
 
 
 def _stat_signature(folder: Path) -> tuple:
-    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in folder.iterdir()))
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns, st.st_ino) for p in folder.iterdir() for st in [p.stat()]))
 
 
 _CHECKED: dict[Path, tuple] = {}  # folder -> its files' (name, size, mtime, inode) when their digests matched
@@ -283,7 +283,7 @@ def _gguf_read_once():
     builds gguf's tensor-name table once per module (~400 times): most of a conversion's time.
     Within this block each GGUF is parsed once (the reader is read-only: every caller sees the same
     file) and the name table is built once per (architecture, layers); the results are those of the
-    unpatched calls (``tests/test_models.py`` compares the converted tensors bit for bit)."""
+    unpatched calls (``tests/test_first_generate.py`` compares the converted tensors bit for bit)."""
     import gguf
 
     real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map

@@ -24,6 +24,7 @@ from .. import style_metrics, toy_flux
 from ..toxicity import score_texts
 from . import toy
 from .bases import flux_can_generate, get_flux_backend, get_llm_backend, wrong_base
+from .caches import lru_put
 from .decomposition import decompose_cached
 from ..mix import Mix, vanilla
 from .mixes import Coefficients, build_mixes
@@ -195,7 +196,7 @@ def _toy_strips(backend, job: GenerationJob) -> list[tuple[list, float]]:
                 backend.apply(mix)
             except ValueError as e:
                 raise wrong_base(e, job.base) from e
-            ims = toy_flux.generate(backend.pipe, [job.prompt] * len(seeds), seeds, cfg=toy_flux.GEN["true_cfg_scale"], steps=toy_flux.GEN["num_inference_steps"])
+            ims = toy_flux.generate(backend.pipe, [job.prompt] * len(seeds), seeds)  # GEN's steps and CFG
             res.append((ims, time.perf_counter() - t0))
     return res
 
@@ -216,7 +217,6 @@ def generate_toy(backend, job: GenerationJob) -> SideBySide:
         toy_flux.strip(iv), toy_flux.strip(idv), tv, tdv, note,
         toy_flux.score_images(iv, prompt, styles, cal, clf), toy_flux.score_images(idv, prompt, styles, cal, clf),
     )
-
 
 
 # --- the model being edited: a third output ---------------------------------------------------
@@ -303,8 +303,7 @@ def render_edited(session: Session, prompt: str, settings: dict, run=None) -> Si
         elif session.backend == "flux" and not r.scores:
             r.scores = generic_image_scores(r.output)
         with _EDITED_LOCK:
-            _EDITED[key] = hit = r
-            while len(_EDITED) > EDITED_CACHE_MAX:
-                _EDITED.popitem(last=False)
+            lru_put(_EDITED, key, r, EDITED_CACHE_MAX)
+        hit = r
     title, formula = edited_labels(session)
     return replace(hit, title=title, formula=formula, scores=dict(hit.scores))
