@@ -196,9 +196,8 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24, value: str = "fra
         for (r, c), d in np.ndenumerate(D):
             if np.isfinite(d):
                 ax.text(c, r, f"{int(d)}", ha="center", va="center", fontsize=6, color="#777777")
-    short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
     fs = 7 if len(rows) <= 20 else 5
-    ax.set_yticks(range(len(rows)), [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows], fontsize=fs)
+    ax.set_yticks(range(len(rows)), _row_labels(rows, prefixes), fontsize=fs)
     step = max(1, -(-len(blocks) // max_cols))
     ax.set_xticks(range(0, len(blocks), step), [str(blocks[k]) for k in range(0, len(blocks), step)], fontsize=7)
     for k in range(1, len(rows)):
@@ -207,6 +206,13 @@ def shared_dims_figure(dec: Decomposition, max_cols: int = 24, value: str = "fra
     ax.set_xlabel("block index")
     ax.set_title(f"{_what(value)} per module at τ = {dec.tau:.2f}\n{dims_caption(dims)}", fontsize=9)
     return fig
+
+
+def _row_labels(rows: list[tuple[str, str]], prefixes: list[str]) -> list[str]:
+    """A heat-map row's label: the layer's leaf name, with its block kind when there are several
+    (FLUX: "double · attn.to_q", "single · proj_mlp")."""
+    short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
+    return [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows]
 
 
 _SVG_W = 600  # the SVG's own units (≈ px); it scales to the column's width
@@ -264,8 +270,7 @@ def shared_dims_svg(dec: Decomposition, max_cols: int = 24, value: str = "fracti
         colour = {m: _hex(cmap(d / top)) for m, d in dims.items()}
         step = max(1, -(-(top + 1) // 8))
         bar_label, ticks = "shared dim", [(k / top, str(k)) for k in range(0, top + 1, step)]
-    short = {p: ("double" if p == "transformer_blocks" else "single" if p == "single_transformer_blocks" else p.split(".")[-1]) for p in prefixes}
-    row_names = [leaf if len(prefixes) == 1 else f"{short[p]} · {leaf}" for p, leaf in rows]
+    row_names = _row_labels(rows, prefixes)
     # 1. geometry (SVG units): labels left, colour bar right, title above, axis + readout below
     fs = 9 if len(rows) <= 20 else 7
     left = min(170, 12 + 0.56 * fs * max(len(n) for n in row_names))
