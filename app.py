@@ -356,8 +356,9 @@ _WARM: dict[str, threading.Thread] = {}
 class _Visitors:
     """Visitors' generations in flight. Background warm-up work that a click does not need (the
     FLUX tab's, while the page opens on the LLM tab) waits until there are none: on two cores it
-    would otherwise take half the machine from the first click (measured on a first start: both
-    answers took 4.5 s beside the FLUX warm-up, 2.8 s once it waited; README "The first Generate both")."""
+    would otherwise take half the machine from the first click (``bench/bench_first_generate.py``,
+    first start, page ready → both outputs: 8.4 s while it ran beside the click, 4.2 s since it waits;
+    README "The first Generate both")."""
 
     def __init__(self) -> None:
         self._n = 0

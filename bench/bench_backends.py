@@ -4,6 +4,7 @@
     python bench/bench_backends.py --only llm        # llm | flux | flux-wide
     python bench/bench_backends.py --rounds 5 --threads 1
     python bench/bench_backends.py --only editor --baseline-ref REF   # WeightEditor vs REF's, same run
+    python bench/bench_backends.py --only pair --threads 2 --rounds 5  # the Studio's LLM pair, batched vs fused
 
 Sections (each prints a markdown table; medians over interleaved rounds, so a busy machine
 slows every variant alike):
@@ -22,6 +23,8 @@ slows every variant alike):
              base, switches, restore; with ``--baseline-ref REF`` also ``devec_core`` at commit REF
              (bench/baseline.py), the two alternating in every round on the same model, and a
              check that both fuse bit-identical weights.
+  pair       (only when asked) the Studio's LLM pair on the offline preset: both sides as rows of one
+             batch (``LLMBackend.side_by_side``, devec_core/mix/rows.py) vs each mix fused in turn.
 
 No wall-clock assertion anywhere; numbers are for the README.
 """
@@ -360,9 +363,42 @@ def bench_editor(rounds: int, baseline_ref: str | None) -> None:
         sys.stdout.flush()
 
 
+# --- the Studio's LLM pair: both rows in one pass vs each mix fused in turn ------------------------
+def bench_pair(rounds: int, new_tokens: int) -> None:
+    """The offline LLM preset's default pair (vanilla vs DeVec), sampled as the tab does, timed with
+    ``LLMBackend.side_by_side`` batched (``batch_rows`` on: two rows of one batch, no weight written)
+    and fused in turn (off: the baseline), interleaved per round; checks that both give the same texts."""
+    from devec_core import studio
+
+    s, _ = studio.open_preset("smollm2-offline")
+    job = studio.llm_job(s, studio.default_coefficients(s), s.prompts[0], 0, new_tokens)
+    job.settings.update(do_sample=True, temperature=0.7, top_p=0.95)
+    be = studio.job_backend(job)
+    runs = {True: [], False: []}
+    texts = {}
+    for batch in (True, False):  # warm-up: first forward, parts resolved
+        be.batch_rows = batch
+        be.side_by_side(job.prompt, list(job.mixes), **dict(job.settings, max_new_tokens=2))
+    for _ in range(rounds):
+        for batch in (True, False):
+            be.batch_rows = batch
+            t0 = time.perf_counter()
+            res = be.side_by_side(job.prompt, list(job.mixes), **job.settings)
+            runs[batch].append(time.perf_counter() - t0)
+            texts[batch] = [r.token_ids for r in res]
+    be.batch_rows = True
+    be.restore()
+    table(f"SmolLM2 pair, default preset, {new_tokens} sampled tokens per side ({rounds} interleaved rounds)", [
+        ("both rows in one pass (batch_rows on), median", f"{med(runs[True]):.2f} s", ", ".join(f"{t:.2f}" for t in runs[True])),
+        ("each mix fused in turn (baseline), median", f"{med(runs[False]):.2f} s", ", ".join(f"{t:.2f}" for t in runs[False])),
+        ("speed-up", f"{med(runs[False]) / med(runs[True]):.2f}×", ""),
+        ("same tokens on both paths", str(texts[True] == texts[False]), "sampled with the same seed per row"),
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["llm", "flux", "flux-wide", "editor"], action="append")
+    ap.add_argument("--only", choices=["llm", "flux", "flux-wide", "editor", "pair"], action="append")
     ap.add_argument("--baseline-ref", default=None, help="editor section: git commit whose WeightEditor is timed beside this one")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -381,6 +417,8 @@ def main() -> None:
         bench_flux_wide(a.rounds)
     if "editor" in only:
         bench_editor(a.rounds, a.baseline_ref)
+    if "pair" in only:
+        bench_pair(a.rounds, a.new_tokens)
 
 
 if __name__ == "__main__":
