@@ -179,9 +179,9 @@ def main():
 
 
 STAGES = {  # stage -> functions whose cumulative CPU time it is (one warm decompose, serial)
-    "Gram GEMMs (B and A sides, per module)": ["grams_of"],
-    "bases T (lowrank_bases: Cholesky, eigen route where not certified)": ["lowrank_bases"],
-    "spectra (chain products, 16×16 eig)": ["spectrum"],
+    "Gram GEMMs (B and A sides, per module; stacking, range checks)": ["grams"],
+    "norms and bases T (lowrank_bases: Cholesky, eigen route where not certified)": ["bases"],
+    "spectra (chain products, 16×16 eig)": ["spectra"],
     "input checks (ranks, work budget, grouping)": ["check_ranks", "check_budget", "group_modules"],
 }
 

@@ -300,85 +300,155 @@ def block_inputs(vectors, members, mods, dev, dtype):
 
 
 def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None,
-                 pairs: Callable[[tuple[int, ...]], set] | None = None) -> list[Block]:
-    """The pool's blocks with bases and Grams. ``pairs(members)``: the member position pairs whose
-    cross Grams the mode's spectra will read (computed here, in the same pass as the diagonal)."""
+                 orders: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None) -> list[Block]:
+    """The pool's blocks with Grams, norms, bases and the spectra ``orders(members)`` names.
+
+    Per block, one pass of worker threads (``parallel_chunks``) does everything per module range
+    (``_chunk``): the Grams while the module's factors are in the CPU's cache, the norms (checked
+    before any eigen-solve), the bases T and the mode's spectra. The small batched calls then run
+    on both cores beside the other worker's GEMMs instead of after them, one thread at a time
+    (docs/METHOD.md "Speed"). Results do not depend on the split: every call is per module.
+    """
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
     groups = group_modules(vectors)
     total = sum(len(m) for m in groups.values())
+    symmetric = bool(getattr(cfg, "symmetric", False))
 
-    # 2. Per block: tall factors, Grams, bases (cross Grams the spectra need, or later on first use)
+    # 2. Per block: tall factors, then Grams, norms, bases and spectra per module range
     blocks, done = [], 0
     for sig, mods in groups.items():
         members = tuple(i for i, *_ in sig)
         k, (n, m) = len(members), sig[0][2]
         F, A, W, scale = block_inputs(vectors, members, mods, dev, dtype)
-        sq: list[torch.Tensor | None] = [None] * k
+        dense_sq: list[torch.Tensor | None] = [None] * k
         for p in range(k):
             if W[p] is not None:  # dense: ‖W‖² in float64 (no underflow), basis by truncated SVD
-                sq[p] = torch.stack([torch.linalg.vector_norm(w, dtype=SMALL) ** 2 for w in W[p]])
-                _check_finite(sq[p], vectors, members[p], mods)
+                dense_sq[p] = torch.stack([torch.linalg.vector_norm(w, dtype=SMALL) ** 2 for w in W[p]])
+                _check_finite(dense_sq[p], vectors, members[p], mods)
                 U = [algorithm.dense_basis(w, rank=cfg.dense_rank, energy=cfg.dense_energy)[0] for w in W[p]]
                 width = max(1, max(int((u.abs().sum(0) > 0).sum()) for u in U))
                 F[p] = [u[:, :width].contiguous() for u in U]
-        # 2a. Grams in the compute dtype, module by module: the diagonal blocks and every cross block
-        #     the mode's spectra need (``pairs``), while the module's factors are in the CPU's cache —
-        #     each factor is read from memory once (with rank 16 these GEMMs are bound by that read).
-        #     Modules whose Grams left the dtype's range are redone in float64 (factors ~1e-30
-        #     square to 0 in float32, ~1e+30 to inf).
-        need = sorted({(p, p) for p in range(k)} | {(min(i, j), max(i, j)) for i, j in (pairs(members) if pairs else ()) if i != j})
-        def grams_of(sl: slice):  # modules sl: {pair: [F_iᵀF_j]}, [[A Aᵀ] per member]
-            g = {ij: [] for ij in need}
-            ga = [None if A[p] is None else [] for p in range(k)]
-            for b in range(sl.start, sl.stop):  # module-major: a module's factors stay in cache
-                for i, j in need:
-                    g[(i, j)].append(F[i][b].mT @ F[j][b])
-                for p in range(k):
-                    if A[p] is not None:
-                        ga[p].append(A[p][b] @ A[p][b].mT)
-            return g, ga
+        ords = [tuple(o) for o in orders(members)] if orders else []
+        # the Grams the spectra read: the diagonal blocks and the chain C_12, C_23, …, C_k1 of each
+        need = sorted({(p, p) for p in range(k)} | {
+            (min(a, b), max(a, b)) for o in ords for a, b in zip(o, o[1:] + o[:1]) if a != b})
+        job = _BlockJob(F, A, W, scale, dense_sq, need, algorithm.rank_rtol(n, m, dtype), ords, symmetric,
+                        lambda sq, p, sl: _check_finite(sq, vectors, members[p], mods[sl]))
+        parts = parallel_chunks(job.run, len(mods), min_chunk=4, device=torch.device(dev))
+        cat = (lambda xs: xs[0]) if len(parts) == 1 else torch.cat
+        grams = {ij: cat([c.grams[ij] for c in parts]) for ij in need}
+        GA = [None if A[p] is None else cat([c.GA[p] for c in parts]) for p in range(k)]
+        T = [cat([c.T[p] for c in parts]) for p in range(k)]
+        spectra = {o: Spectrum(o, cat([c.spectra[o][0] for c in parts]), cat([c.spectra[o][1] for c in parts]))
+                   for o in ords}
+        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
+        sq = torch.stack([cat([c.sq[p] for c in parts]) for p in range(k)], -1)
+        wide = cat([c.wide for c in parts])
+        blocks.append(Block(mods, members, (n, m), F, A, W, scale, wide, grams, GA, T, ranks, sq, spectra))
+        done += len(mods)
+        if progress:
+            progress(done, total, "bases and spectra")
+    return blocks
 
-        parts = parallel_chunks(grams_of, len(mods), min_chunk=4, device=torch.device(dev))
-        G = {ij: torch.stack([g for part, _ in parts for g in part[ij]]) for ij in need}
-        GA = [None if A[p] is None else torch.stack([g for _, ga in parts for g in ga[p]]) for p in range(k)]
-        wide = torch.zeros(len(mods), dtype=torch.bool, device=dev)
-        for p in range(k):
-            if A[p] is not None:
-                wide |= _edge(G[(p, p)]) | _edge(GA[p])
-        G = {ij: g.to(SMALL) for ij, g in G.items()}
-        GA = [None if g is None else g.to(SMALL) for g in GA]
-        if dtype != SMALL:
-            for b in wide.nonzero().flatten().tolist():
+
+@dataclass
+class _Chunk:
+    """What ``_BlockJob.run`` computes for one range of a block's modules (stacked on dim 0)."""
+
+    grams: dict[tuple[int, int], torch.Tensor]
+    GA: list[torch.Tensor | None]
+    wide: torch.Tensor
+    sq: list[torch.Tensor]
+    T: list[torch.Tensor]
+    spectra: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _BlockJob:
+    """One block's per-module work, run on a range of its modules (``parallel_chunks``)."""
+
+    F: list
+    A: list
+    W: list
+    scale: torch.Tensor
+    dense_sq: list
+    need: list[tuple[int, int]]
+    rtol: float
+    orders: list[tuple[int, ...]]
+    symmetric: bool
+    check_finite: Callable[[torch.Tensor, int, slice], None]
+
+    def run(self, sl: slice) -> _Chunk:
+        grams, GA, wide = self.grams(sl)
+        sq, T = self.bases(sl, grams, GA)
+        return _Chunk(grams, GA, wide, sq, T, self.spectra(grams, T))
+
+    def grams(self, sl: slice):
+        """The Grams of modules ``sl`` in float64, scaled: {(i, j): (s_iF_i)ᵀ(s_jF_j)}, [A_p A_pᵀ], wide.
+
+        GEMMs in the compute dtype, module-major: the diagonal blocks and every cross block the
+        spectra need, while the module's factors are in the CPU's cache (each factor is read from
+        memory once; with rank 16 these GEMMs are bound by that read). Modules whose Grams left the
+        dtype's range (``wide``) are redone in float64: factors ~1e-30 square to 0 in float32,
+        ~1e+30 to inf."""
+        F, A, need, k = self.F, self.A, self.need, len(self.F)
+        lora = [p for p in range(k) if A[p] is not None]
+        g = {ij: [] for ij in need}
+        ga: list[list] = [[] for _ in range(k)]
+        for b in range(sl.start, sl.stop):
+            for i, j in need:
+                g[(i, j)].append(F[i][b].mT @ F[j][b])
+            for p in lora:
+                ga[p].append(A[p][b] @ A[p][b].mT)
+        G = {ij: torch.stack(x) for ij, x in g.items()}
+        GA: list[torch.Tensor | None] = [torch.stack(ga[p]) if p in lora else None for p in range(k)]
+        wide = torch.zeros(sl.stop - sl.start, dtype=torch.bool, device=self.scale.device)
+        for p in lora:
+            wide |= _edge(G[(p, p)]) | _edge(GA[p])
+        G = {ij: x.to(SMALL) for ij, x in G.items()}
+        GA = [None if x is None else x.to(SMALL) for x in GA]
+        if F[0][sl.start].dtype != SMALL:
+            for r in wide.nonzero().flatten().tolist():
+                b = sl.start + r
                 for i, j in need:
-                    G[(i, j)][b] = F[i][b].to(SMALL).mT @ F[j][b].to(SMALL)
-                for p in range(k):
-                    if A[p] is not None:
-                        a = A[p][b].to(SMALL)
-                        GA[p][b] = a @ a.mT
-        grams = {(i, j): g * (scale[:, i] * scale[:, j])[:, None, None] for (i, j), g in G.items()}
-        # 2b. norms (checked before any eigen-solve), bases
-        T: list[torch.Tensor | None] = [None] * k
+                    G[(i, j)][r] = F[i][b].to(SMALL).mT @ F[j][b].to(SMALL)
+                for p in lora:
+                    a = A[p][b].to(SMALL)
+                    GA[p][r] = a @ a.mT
+        s = self.scale[sl]
+        return {(i, j): x * (s[:, i] * s[:, j])[:, None, None] for (i, j), x in G.items()}, GA, wide
+
+    def bases(self, sl: slice, grams: dict, GA: list):
+        """Squared norms ‖ΔW_p‖² (checked before any eigen-solve) and the bases' T (Q = s·F·T)."""
+        F, W, k = self.F, self.W, len(self.F)
+        sq: list = [None] * k
+        T: list = [None] * k
         for p in range(k):
             if W[p] is not None:
+                sq[p] = self.dense_sq[p][sl]
                 keep = grams[(p, p)].diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
                 T[p] = torch.diag_embed(keep.to(SMALL))
             else:
                 sq[p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
-                _check_finite(sq[p], vectors, members[p], mods)
-        rtol = algorithm.rank_rtol(n, m, dtype)
-        widths = [F[p][0].shape[1] for p in range(k)]
-        for w in {widths[p] for p in range(k) if T[p] is None}:  # one batched call per LoRA width
-            ps = [p for p in range(k) if T[p] is None and widths[p] == w]
-            GB = torch.stack([grams[(p, p)] for p in ps], 1)
-            Ts = batched(lambda g, a: (algorithm.lowrank_bases(g, a, rtol),), [GB, torch.stack([GA[p] for p in ps], 1)])[0]  # (b, len(ps), w, w)
+                self.check_finite(sq[p], p, sl)
+        widths = [F[p][sl.start].shape[1] for p in range(k)]
+        lora = [p for p in range(k) if W[p] is None]
+        for w in sorted({widths[p] for p in lora}):  # one batched call per LoRA width
+            ps = [p for p in lora if widths[p] == w]
+            Ts = algorithm.lowrank_bases(torch.stack([grams[(p, p)] for p in ps], 1),
+                                         torch.stack([GA[p] for p in ps], 1), self.rtol)  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
-        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
-        blocks.append(Block(mods, members, (n, m), F, A, W, scale, wide, grams, GA, T, ranks, torch.stack(sq, -1)))
-        done += len(mods)
-        if progress:
-            progress(done, total, "bases")
-    return blocks
+        return sq, T
+
+    def spectra(self, grams: dict, T: list) -> dict:
+        """The spectra of ``orders``: chain C_12 ⋯ C_k1 with C_ij = T_iᵀ (s_iF_i)ᵀ(s_jF_j) T_j."""
+        def cross(i, j):
+            x = grams[(i, j)] if (i, j) in grams else grams[(j, i)].mT
+            return T[i].mT @ x @ T[j]
+
+        return {o: algorithm.chain_spectrum([cross(a, b) for a, b in zip(o, o[1:] + o[:1])], symmetric=self.symmetric)
+                for o in self.orders}
 
 
 def _check_finite(sq_norms: torch.Tensor, vectors: list[TaskVector], i: int, mods: list[str]) -> None:

@@ -107,22 +107,12 @@ def decompose(
         v.check_ranks()
     check_budget(vectors, cfg)
     # 2. Bases (Grams, numerical ranks), refusing all-zero vectors
+    #    and 3. the spectra the mode needs, in the same pass over each block's modules
     mode = mode_for(cfg)
-    chain_pairs = lambda members: {  # noqa: E731  (C_12, C_23, …, C_k1 of every spectrum)
-        pair for order in mode.precomputed_orders(names, members) for pair in zip(order, order[1:] + order[:1])
-    }
-    blocks = build_blocks(vectors, cfg, cfg.torch_device(), cfg.torch_dtype, progress, chain_pairs)
+    blocks = build_blocks(vectors, cfg, cfg.torch_device(), cfg.torch_dtype, progress,
+                          lambda members: mode.precomputed_orders(names, members))
     check_not_zero(vectors, blocks)
-    # 3. The spectra the mode needs
-    dec = Decomposition(names, cfg, blocks, tau, vectors)
-    total, done = sum(len(b.modules) for b in blocks), 0
-    for blk in blocks:
-        for order in dec.mode.precomputed_orders(names, blk.members):
-            blk.spectrum(order, cfg.symmetric)
-        done += len(blk.modules)
-        if progress:
-            progress(done, total, "spectra")
-    return dec
+    return Decomposition(names, cfg, blocks, tau, vectors)
 
 
 class Decomposition:
