@@ -117,17 +117,17 @@ def lowrank_bases(G_B: torch.Tensor, G_A: torch.Tensor, rtol: float) -> torch.Te
     # a failed factorization (info > 0) leaves garbage: swap in I there and mark the module
     L, info = torch.linalg.cholesky_ex(G)
     ok &= info == 0
-    L = torch.where(ok[:, None, None], L, eye)
+    L = _eye_where_not(ok, L, eye)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     cut = 2 * rtol**2
-    cond_G = G.diagonal(dim1=-2, dim2=-1).sum(-1) * Linv.pow(2).sum((-1, -2))
+    cond_G = G.diagonal(dim1=-2, dim2=-1).sum(-1) * torch.linalg.vector_norm(Linv, dim=(-1, -2)) ** 2
     ok &= (cond_G * cut < 1) & (cond_G <= FAST_BASIS_COND)
     K = L.mT @ (nb.unsqueeze(-1) * GA * nb.unsqueeze(-2)) @ L
     M, info = torch.linalg.cholesky_ex(K)
     ok &= info == 0
-    M = torch.where(ok[:, None, None], M, eye)
+    M = _eye_where_not(ok, M, eye)
     Minv = torch.linalg.solve_triangular(M, eye, upper=False)
-    cond_K = K.diagonal(dim1=-2, dim2=-1).sum(-1) * Minv.pow(2).sum((-1, -2))
+    cond_K = K.diagonal(dim1=-2, dim2=-1).sum(-1) * torch.linalg.vector_norm(Minv, dim=(-1, -2)) ** 2
     ok &= (cond_K * cut < 1) & (cond_K <= FAST_BASIS_COND) & torch.isfinite(cond_G) & torch.isfinite(cond_K)
     T = d.unsqueeze(-1) * Linv.mT
     slow = (~ok).nonzero().flatten()
@@ -135,6 +135,12 @@ def lowrank_bases(G_B: torch.Tensor, G_A: torch.Tensor, rtol: float) -> torch.Te
         T = T.clone()
         T[slow] = lowrank_basis(GB[slow], GA[slow], rtol)[0]
     return T.reshape(*batch, r, r)
+
+
+def _eye_where_not(ok: torch.Tensor, X: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """X with the identity in place of the matrices where ``ok`` is False (a failed factorization
+    leaves garbage); X itself when all are ok (the usual case: no copy)."""
+    return X if bool(ok.all()) else torch.where(ok[:, None, None], X, eye)
 
 
 def dense_basis(W: torch.Tensor, rank: int | None = None, energy: float | None = None):

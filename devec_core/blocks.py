@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -27,6 +28,7 @@ from .taskvec import Delta, LowRank, TaskVector
 Progress = Callable[[int, int, str], None]
 
 SMALL = torch.float64  # every r×r computation runs in float64: cheap, and it spends no precision
+COMPLEX = torch.complex128  # spectra of SMALL matrices
 
 
 @dataclass
@@ -181,41 +183,69 @@ CHUNK_THREADS: int | None = _chunk_threads_from_env()
 ``torch.get_num_threads()``; 1: serial. Env ``DEVEC_CHUNK_THREADS``."""
 
 
-def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
-    """``[fn(slice) for slice in chunks of range(b)]``, the chunks run on up to ``CHUNK_THREADS``
-    Python threads (torch releases the GIL in its kernels); on a GPU (``device``) one thread.
+def workers(units: int, device: torch.device | None = None) -> int:
+    """How many Python threads ``parallel_tasks`` should use for ``units`` independent pieces:
+    ``CHUNK_THREADS`` (None: torch's thread count), at most ``units``; on a GPU one."""
+    if device is not None and device.type != "cpu":
+        return 1
+    return max(1, min(CHUNK_THREADS if CHUNK_THREADS is not None else torch.get_num_threads(), units))
 
-    On by default (``CHUNK_THREADS`` None = torch's thread count; env ``DEVEC_CHUNK_THREADS=1`` for
-    serial). A block's work is many small independent calls (a 16×16 Gram per module and member
-    pair, a 16×16 solve per matrix), which MKL threads poorly one call at a time. Each worker runs
-    its calls with ``torch.get_num_threads() // workers`` intra-op threads (``torch.set_num_threads``
-    acts on the calling thread's OpenMP and MKL pools) and restores the caller's count when done.
-    The first version had no such limit: every worker opened a full OpenMP team and the FLUX pool
-    took 2.99 s instead of 0.51 s on the quiet 2-core machine. With the limit, the quiet re-measure
-    gave 0.30–0.36 s against 0.32–0.36 s serial (``_chunk_threads_from_env``; docs/METHOD.md "Whole
-    calls on threads"). Results do not depend on the split: every call sees the same matrices
-    (``test_work_split_over_threads_gives_the_serial_answer``).
+
+def parallel_tasks(tasks: list[Callable], w: int, on_done: Callable[[int], None] | None = None) -> list:
+    """``[task() for task in tasks]`` on ``w`` Python threads (torch releases the GIL in its
+    kernels): a free worker takes the next task in list order, so put the costliest first.
+
+    Each worker runs its calls with ``torch.get_num_threads() // w`` intra-op threads
+    (``torch.set_num_threads`` acts on the calling thread's OpenMP and MKL pools) and restores the
+    caller's count when done. The first version had no such limit: every worker opened a full
+    OpenMP team and the FLUX pool took 2.99 s instead of 0.51 s on the quiet 2-core machine
+    (docs/METHOD.md "Whole calls on threads"). ``on_done(i)`` is called in the calling thread as
+    task i finishes. A failing task's exception is raised after every task has ended (the first
+    failing one in list order), so nothing is left running.
     """
-    cpu = device is None or device.type == "cpu"
-    threads = CHUNK_THREADS if CHUNK_THREADS is not None else torch.get_num_threads()
-    w = min(threads, b // min_chunk) if cpu else 1
     if w < 2:
-        return [fn(slice(0, b))]
+        out = []
+        for i, task in enumerate(tasks):
+            out.append(task())
+            if on_done:
+                on_done(i)
+        return out
     caller = torch.get_num_threads()
     per_worker = max(1, caller // w)
 
-    def run(sl: slice):
+    def run(task: Callable):
         # the caller's count, not the worker's own: a worker started while another had lowered
         # torch's default for new threads would otherwise restore the lowered one
         torch.set_num_threads(per_worker)
         try:
-            return fn(sl)
+            return task()
         finally:
             torch.set_num_threads(caller)
 
-    bounds = [b * i // w for i in range(w + 1)]
     with ThreadPoolExecutor(max_workers=w) as ex:
-        return list(ex.map(run, [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+        futures = [ex.submit(run, task) for task in tasks]
+        index = {f: i for i, f in enumerate(futures)}
+        for f in as_completed(futures):
+            if on_done and f.exception() is None:
+                on_done(index[f])
+    return [f.result() for f in futures]
+
+
+def parallel_chunks(fn: Callable, b: int, min_chunk: int = 16, device: torch.device | None = None) -> list:
+    """``[fn(slice) for slice in chunks of range(b)]``, one chunk per worker (``workers``, chunks of
+    at least ``min_chunk``), run by ``parallel_tasks``.
+
+    On by default (``CHUNK_THREADS`` None = torch's thread count; env ``DEVEC_CHUNK_THREADS=1`` for
+    serial). A block's work is many small independent calls (a 16×16 Gram per module and member
+    pair, a 16×16 solve per matrix), which MKL threads poorly one call at a time. Results do not
+    depend on the split: every call sees the same matrices
+    (``test_work_split_over_threads_gives_the_serial_answer``).
+    """
+    w = workers(b // min_chunk, device)
+    if w < 2:
+        return [fn(slice(0, b))]
+    bounds = [b * i // w for i in range(w + 1)]
+    return parallel_tasks([partial(fn, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])], w)
 
 
 def batched(fn: Callable, tensors: list[torch.Tensor], min_chunk: int = 16) -> tuple[torch.Tensor, ...]:
@@ -257,8 +287,12 @@ def _edge(G: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(d) | (d < lim)).any(-1)
 
 
-def _signature(deltas: list[tuple[int, Delta]]):
-    return tuple((i, type(d).__name__, tuple(d.shape), getattr(d, "rank", None)) for i, d in deltas)
+def _member(i: int, d: Delta) -> tuple:
+    """(vector index, kind, shape, rank) of one delta: its part of a module's signature."""
+    if isinstance(d, LowRank):
+        B = d.B
+        return (i, "LowRank", (B.shape[0], d.A.shape[1]), B.shape[1])
+    return (i, type(d).__name__, tuple(d.shape), None)
 
 
 def group_modules(vectors: list[TaskVector]) -> dict[tuple, list[str]]:
@@ -269,15 +303,21 @@ def group_modules(vectors: list[TaskVector]) -> dict[tuple, list[str]]:
             present.setdefault(mod, []).append((i, d))
     groups: dict[tuple, list[str]] = {}
     for mod, deltas in present.items():
-        i0, d0 = deltas[0]
-        for i, d in deltas[1:]:
-            if tuple(d.shape) != tuple(d0.shape):
+        sig = tuple(_member(i, d) for i, d in deltas)
+        i0, _, shape0, _ = sig[0]
+        for i, _, shape, _ in sig[1:]:
+            if shape != shape0:
                 raise ValueError(
-                    f"module {mod!r}: shape {tuple(d0.shape)} in {vectors[i0].name!r} but {tuple(d.shape)} "
+                    f"module {mod!r}: shape {shape0} in {vectors[i0].name!r} but {shape} "
                     f"in {vectors[i].name!r} (task vectors for different base models?)"
                 )
-        groups.setdefault(_signature(deltas), []).append(mod)
+        groups.setdefault(sig, []).append(mod)
     return groups
+
+
+def _on(t: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dev, dtype)``, skipping the call where nothing would change (thousands per pool)."""
+    return t if t.dtype is dtype and t.device == dev else t.to(dev, dtype)
 
 
 def block_inputs(vectors, members, mods, dev, dtype):
@@ -287,35 +327,44 @@ def block_inputs(vectors, members, mods, dev, dtype):
     for i in members:
         ds = [vectors[i].modules[mod] for mod in mods]
         if isinstance(ds[0], LowRank):
-            F.append([d.B.to(dev, dtype) for d in ds])
-            A.append([d.A.to(dev, dtype) for d in ds])
+            F.append([_on(d.B, dev, dtype) for d in ds])
+            A.append([_on(d.A, dev, dtype) for d in ds])
             W.append(None)
             scales.append(torch.tensor([float(d.scale) for d in ds], dtype=SMALL))
         else:
             F.append(None)
             A.append(None)
-            W.append([d.W.to(dev, dtype) for d in ds])
+            W.append([_on(d.W, dev, dtype) for d in ds])
             scales.append(torch.ones(len(mods), dtype=SMALL))
     return F, A, W, torch.stack(scales, -1).to(dev)
+
+
+MIN_PIECE = 4
+"""Fewest modules in one piece of a block's work (``build_blocks``); a piece has a fixed cost of
+~0.5–1 ms of small calls (stacking, the bases' and spectra's batched calls)."""
+
+PIECES_PER_WORKER = 8
+"""About how many pieces of work each worker gets over a whole pool (``build_blocks``)."""
 
 
 def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None,
                  orders: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None) -> list[Block]:
     """The pool's blocks with Grams, norms, bases and the spectra ``orders(members)`` names.
 
-    Per block, one pass of worker threads (``parallel_chunks``) does everything per module range
-    (``_chunk``): the Grams while the module's factors are in the CPU's cache, the norms (checked
-    before any eigen-solve), the bases T and the mode's spectra. The small batched calls then run
-    on both cores beside the other worker's GEMMs instead of after them, one thread at a time
-    (docs/METHOD.md "Speed"). Results do not depend on the split: every call is per module.
+    All of it is per module (``_BlockJob.run``): the Grams while the module's factors are in the
+    CPU's cache, the norms (checked before any eigen-solve), the bases T and the mode's spectra.
+    The blocks' modules are cut into pieces of similar cost, and one queue of them, costliest
+    first, feeds the worker threads (``parallel_tasks``): no worker waits at the end of a block
+    for the other, and a slower core simply takes fewer pieces (docs/METHOD.md "Speed"). Results
+    do not depend on the cut: every call is per module.
     """
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
     groups = group_modules(vectors)
     total = sum(len(m) for m in groups.values())
     symmetric = bool(getattr(cfg, "symmetric", False))
 
-    # 2. Per block: tall factors, then Grams, norms, bases and spectra per module range
-    blocks, done = [], 0
+    # 2. Per block: tall factors (a dense member's basis by SVD), and what its modules need
+    jobs = []
     for sig, mods in groups.items():
         members = tuple(i for i, *_ in sig)
         k, (n, m) = len(members), sig[0][2]
@@ -332,41 +381,56 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         # the Grams the spectra read: the diagonal blocks and the chain C_12, C_23, …, C_k1 of each
         need = sorted({(p, p) for p in range(k)} | {
             (min(a, b), max(a, b)) for o in ords for a, b in zip(o, o[1:] + o[:1]) if a != b})
-        job = _BlockJob(F, A, W, scale, dense_sq, need, algorithm.rank_rtol(n, m, dtype), ords, symmetric,
-                        lambda sq, p, sl: _check_finite(sq, vectors, members[p], mods[sl]))
-        parts = parallel_chunks(job.run, len(mods), min_chunk=4, device=torch.device(dev))
-        cat = (lambda xs: xs[0]) if len(parts) == 1 else torch.cat
-        grams = {ij: cat([c.grams[ij] for c in parts]) for ij in need}
-        GA = [None if A[p] is None else cat([c.GA[p] for c in parts]) for p in range(k)]
-        T = [cat([c.T[p] for c in parts]) for p in range(k)]
-        spectra = {o: Spectrum(o, cat([c.spectra[o][0] for c in parts]), cat([c.spectra[o][1] for c in parts]))
-                   for o in ords}
-        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in T], -1)
-        sq = torch.stack([cat([c.sq[p] for c in parts]) for p in range(k)], -1)
-        wide = cat([c.wide for c in parts])
-        blocks.append(Block(mods, members, (n, m), F, A, W, scale, wide, grams, GA, T, ranks, sq, spectra))
-        done += len(mods)
-        if progress:
-            progress(done, total, "bases and spectra")
-    return blocks
+        jobs.append(_BlockJob(mods, members, (n, m), F, A, W, scale, dense_sq, need, algorithm.rank_rtol(n, m, dtype),
+                              ords, symmetric, partial(_check_finite, vectors=vectors)))
+
+    # 3. Pieces of similar cost (factor rows read), costliest first, on the worker threads
+    cost = [(j.shape[0] + j.shape[1]) * sum(F[0].shape[1] for F in j.F) for j in jobs]  # per module
+    w = workers(total // MIN_PIECE, torch.device(dev))
+    target = sum(c * len(j.modules) for c, j in zip(cost, jobs)) / (w * PIECES_PER_WORKER)
+    pieces = []  # (cost, block, slice)
+    for bi, (j, c) in enumerate(zip(jobs, cost)):
+        b = len(j.modules)
+        parts = 1 if w < 2 else max(1, min(b // MIN_PIECE, round(c * b / target)))
+        bounds = [b * i // parts for i in range(parts + 1)]
+        pieces += [(c * (hi - lo), bi, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    if w > 1:
+        pieces.sort(key=lambda x: -x[0])
+    left = [sum(1 for _, bi, _ in pieces if bi == i) for i in range(len(jobs))]
+    done = [0]
+
+    def finished(t: int) -> None:  # progress per block, as its last piece ends
+        bi = pieces[t][1]
+        left[bi] -= 1
+        if left[bi] == 0 and progress:
+            done[0] += len(jobs[bi].modules)
+            progress(done[0], total, "bases and spectra")
+
+    for j in jobs:
+        j.allocate()
+    results = parallel_tasks([partial(_attempt, jobs[bi].run, sl) for _, bi, sl in pieces], w, finished)
+    errors = sorted((((bi, sl.start), r) for (_, bi, sl), r in zip(pieces, results) if r is not None), key=lambda e: e[0])
+    if errors:  # the error a serial run would raise first: earliest block, then module
+        raise errors[0][1]
+    return [j.assemble() for j in jobs]
 
 
-@dataclass
-class _Chunk:
-    """What ``_BlockJob.run`` computes for one range of a block's modules (stacked on dim 0)."""
-
-    grams: dict[tuple[int, int], torch.Tensor]
-    GA: list[torch.Tensor | None]
-    wide: torch.Tensor
-    sq: list[torch.Tensor]
-    T: list[torch.Tensor]
-    spectra: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+def _attempt(fn: Callable, *args) -> Exception | None:
+    """Run ``fn(*args)``; the exception it raised, or None (``build_blocks`` raises the earliest)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001  (re-raised by the caller, in pool order)
+        return e
+    return None
 
 
 @dataclass
 class _BlockJob:
     """One block's per-module work, run on a range of its modules (``parallel_chunks``)."""
 
+    modules: list[str]
+    members: tuple[int, ...]
+    shape: tuple[int, int]
     F: list
     A: list
     W: list
@@ -376,15 +440,48 @@ class _BlockJob:
     rtol: float
     orders: list[tuple[int, ...]]
     symmetric: bool
-    check_finite: Callable[[torch.Tensor, int, slice], None]
+    check_finite: Callable  # (sq_norms, i=vector index, mods=module names) -> None; raises naming them
 
-    def run(self, sl: slice) -> _Chunk:
-        grams, GA, wide = self.grams(sl)
+    out: dict = field(default_factory=dict)  # the block's results, filled piece by piece (``run``)
+
+    def allocate(self) -> None:
+        """Empty result tensors for all modules: each piece writes its rows, so no result is
+        concatenated afterwards (~0.5 MB of copies per Gram of a 266-module block)."""
+        b, k, dev = len(self.modules), len(self.members), self.scale.device
+        w = [self.F[p][0].shape[1] for p in range(k)]
+        new = lambda *shape, dtype=SMALL: torch.empty(b, *shape, dtype=dtype, device=dev)  # noqa: E731
+        self.out = {
+            "grams": {(i, j): new(w[i], w[j]) for i, j in self.need},
+            "GA": [None if self.A[p] is None else new(w[p], w[p]) for p in range(k)],
+            "T": [new(w[p], w[p]) for p in range(k)],
+            "sq": new(k),
+            "wide": new(dtype=torch.bool),
+            "spectra": {o: (new(w[o[0]], dtype=COMPLEX), new(w[o[0]], w[o[0]], dtype=COMPLEX)) for o in self.orders},
+        }
+
+    def run(self, sl: slice) -> None:
+        """Everything per module for modules ``sl``, written into ``out`` (``allocate`` first)."""
+        grams, GA = self.grams(sl)
         sq, T = self.bases(sl, grams, GA)
-        return _Chunk(grams, GA, wide, sq, T, self.spectra(grams, T))
+        out, k = self.out, len(self.members)
+        for p in range(k):
+            out["sq"][sl, p] = sq[p]
+            out["T"][p][sl] = T[p]
+        for o, (vals, vecs) in self.spectra(grams, T).items():
+            out["spectra"][o][0][sl] = vals
+            out["spectra"][o][1][sl] = vecs
+
+    def assemble(self) -> Block:
+        """The block, from ``out`` once every piece has run."""
+        o = self.out
+        ranks = torch.stack([(t.abs().sum(-2) > 0).sum(-1) for t in o["T"]], -1)
+        spectra = {order: Spectrum(order, vals, vecs) for order, (vals, vecs) in o["spectra"].items()}
+        return Block(self.modules, self.members, self.shape, self.F, self.A, self.W, self.scale,
+                     o["wide"], o["grams"], o["GA"], o["T"], ranks, o["sq"], spectra)
 
     def grams(self, sl: slice):
-        """The Grams of modules ``sl`` in float64, scaled: {(i, j): (s_iF_i)ᵀ(s_jF_j)}, [A_p A_pᵀ], wide.
+        """The Grams of modules ``sl`` in float64, scaled: {(i, j): (s_iF_i)ᵀ(s_jF_j)}, [A_p A_pᵀ]
+        (views of ``out``, written there, as is ``wide``).
 
         GEMMs in the compute dtype, module-major: the diagonal blocks and every cross block the
         spectra need, while the module's factors are in the CPU's cache (each factor is read from
@@ -400,13 +497,18 @@ class _BlockJob:
                 g[(i, j)].append(F[i][b].mT @ F[j][b])
             for p in lora:
                 ga[p].append(A[p][b] @ A[p][b].mT)
-        G = {ij: torch.stack(x) for ij, x in g.items()}
-        GA: list[torch.Tensor | None] = [torch.stack(ga[p]) if p in lora else None for p in range(k)]
-        wide = torch.zeros(sl.stop - sl.start, dtype=torch.bool, device=self.scale.device)
+        G32 = {ij: torch.stack(x) for ij, x in g.items()}
+        GA32 = {p: torch.stack(ga[p]) for p in lora}
+        wide = self.out["wide"][sl]
+        wide.zero_()
         for p in lora:
-            wide |= _edge(G[(p, p)]) | _edge(GA[p])
-        G = {ij: x.to(SMALL) for ij, x in G.items()}
-        GA = [None if x is None else x.to(SMALL) for x in GA]
+            wide |= _edge(G32[(p, p)]) | _edge(GA32[p])
+        G = {ij: self.out["grams"][ij][sl] for ij in need}  # views of the block's results
+        GA = [self.out["GA"][p][sl] if p in lora else None for p in range(k)]
+        for ij, x in G32.items():
+            G[ij].copy_(x)
+        for p in lora:
+            GA[p].copy_(GA32[p])
         if F[0][sl.start].dtype != SMALL:
             for r in wide.nonzero().flatten().tolist():
                 b = sl.start + r
@@ -416,7 +518,9 @@ class _BlockJob:
                     a = A[p][b].to(SMALL)
                     GA[p][r] = a @ a.mT
         s = self.scale[sl]
-        return {(i, j): x * (s[:, i] * s[:, j])[:, None, None] for (i, j), x in G.items()}, GA, wide
+        for (i, j), x in G.items():
+            x.mul_((s[:, i] * s[:, j])[:, None, None])
+        return G, GA
 
     def bases(self, sl: slice, grams: dict, GA: list):
         """Squared norms ‖ΔW_p‖² (checked before any eigen-solve) and the bases' T (Q = s·F·T)."""
@@ -430,7 +534,7 @@ class _BlockJob:
                 T[p] = torch.diag_embed(keep.to(SMALL))
             else:
                 sq[p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
-                self.check_finite(sq[p], p, sl)
+                self.check_finite(sq[p], i=self.members[p], mods=self.modules[sl])
         widths = [F[p][sl.start].shape[1] for p in range(k)]
         lora = [p for p in range(k) if W[p] is None]
         for w in sorted({widths[p] for p in lora}):  # one batched call per LoRA width

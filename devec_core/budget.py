@@ -37,10 +37,14 @@ def estimate_work(vectors: list[TaskVector], cfg) -> tuple[float, float, str]:
             present.setdefault(mod, []).append((i, d))
     work = memory = 0.0
     worst, worst_work = "", -1.0
+    spectra: dict[tuple[int, ...], int] = {}  # members -> o (modules share a few member tuples)
     for mod, deltas in present.items():
         n, m = deltas[0][1].shape
-        widths = [d.rank if isinstance(d, LowRank) else min(n, m) for _, d in deltas]
-        P, r, o = sum(widths), max(widths), len(mode.orders(names, tuple(i for i, _ in deltas)))
+        widths = [d.B.shape[1] if isinstance(d, LowRank) else min(n, m) for _, d in deltas]
+        members = tuple(i for i, _ in deltas)
+        if members not in spectra:
+            spectra[members] = len(mode.orders(names, members))
+        P, r, o = sum(widths), max(widths), spectra[members]
         w = 2.0 * n * P * P + 30.0 * (len(deltas) + o) * r**3
         for (_, d), ri in zip(deltas, widths):
             w += 2.0 * m * ri * ri if isinstance(d, LowRank) else 6.0 * n * m * min(n, m)

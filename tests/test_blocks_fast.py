@@ -278,7 +278,7 @@ def test_answer_does_not_depend_on_worker_threads(threads, monkeypatch):
     monkeypatch.setattr(blocks, "CHUNK_THREADS", 1)
     one = decompose(pool, tau=PAPER_TAU)
     monkeypatch.setattr(blocks, "CHUNK_THREADS", threads)
-    monkeypatch.setattr(blocks.parallel_chunks, "__defaults__", (1, None))  # split even 3-module blocks
+    monkeypatch.setattr(blocks, "MIN_PIECE", 1)  # split even 3-module blocks
     other = decompose(pool, tau=PAPER_TAU)
     assert one.shared_dims() == other.shared_dims()
     for v in pool:
