@@ -219,7 +219,7 @@ GRAMS_PER_MODULE = 12
 def grams_alone(pool) -> None:
     """The GEMMs no joint decomposition of this pool can skip, and nothing else: per module the 4
     diagonal B-side Grams BᵢᵀBᵢ, the 4 chain crosses BᵢᵀBᵢ₊₁ (C₁₂, C₂₃, C₃₄, C₄₁) and the 4 A-side
-    Grams AᵢAᵢᵀ (the rank cut sees the product), split over the engine's worker threads."""
+    Grams AᵢAᵢᵀ (the rank cut sees the product), spread over the worker threads as the engine does."""
     mods = list(pool[0].modules)
     k = len(pool)
     need = [(i, i) for i in range(k)] + [(i, (i + 1) % k) for i in range(k)]
@@ -233,7 +233,19 @@ def grams_alone(pool) -> None:
             for a in A:
                 a @ a.mT
 
-    blocks.parallel_chunks(run, len(mods), min_chunk=4)
+    on_workers(run, pool)
+
+
+def on_workers(run, pool) -> None:
+    """``run(slice)`` over all modules the way the engine spreads its work (``blocks.build_blocks``):
+    pieces of about equal module count, costliest (factor rows) first, on one queue of workers."""
+    mods = list(pool[0].modules)
+    w = blocks.workers(len(mods) // blocks.MIN_PIECE)
+    parts = w * blocks.PIECES_PER_WORKER if w > 1 else 1
+    bounds = [len(mods) * i // parts for i in range(parts + 1)]
+    rows = lambda sl: sum(sum(pool[0].modules[m].shape) for m in mods[sl])  # noqa: E731
+    pieces = sorted((slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])), key=rows, reverse=True)
+    blocks.parallel_tasks([lambda sl=sl: run(sl) for sl in pieces], w)
 
 
 def grams_one_gemm(pool) -> None:
@@ -249,7 +261,7 @@ def grams_one_gemm(pool) -> None:
             X.mT @ X
             Y @ Y.mT
 
-    blocks.parallel_chunks(run, len(mods), min_chunk=4)
+    on_workers(run, pool)
 
 
 def compare_with_baseline(args, pool):

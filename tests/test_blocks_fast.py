@@ -285,3 +285,57 @@ def test_answer_does_not_depend_on_worker_threads(threads, monkeypatch):
         a, b = one.component("unique", v.name), other.component("unique", v.name)
         assert all(rel(b[m].dense(F64), a[m].dense(F64)) <= 1e-6 for m in a)
     assert math.isfinite(sum(r["norms"]["v0"]["unique"] for r in other.summary()))
+
+
+# --------------------------------------------------------------------------------------------
+# One queue of pieces over all blocks: order, errors, progress
+# --------------------------------------------------------------------------------------------
+
+
+def test_parallel_tasks_keep_list_order_and_raise_the_first_failure_after_all_ended():
+    ended, done_in = [], []
+    caller = threading.get_ident()
+
+    def task(i):
+        def run():
+            if i in (3, 5):
+                raise ValueError(f"task {i}")
+            ended.append(i)
+            return i * i
+        return run
+
+    assert blocks.parallel_tasks([task(i) for i in (0, 1, 2)], 2, lambda i: done_in.append(threading.get_ident())) == [0, 1, 4]
+    assert done_in == [caller] * 3  # progress is reported in the calling thread
+    ended.clear()
+    with pytest.raises(ValueError, match="task 3"):
+        blocks.parallel_tasks([task(i) for i in range(8)], 2)
+    assert sorted(ended) == [0, 1, 2, 4, 6, 7]  # every other task ran to its end first
+
+
+def test_pieces_raise_the_error_a_serial_run_raises(monkeypatch):
+    """NaN in two modules of different pieces: with the queue on 3 workers (pieces of one module,
+    costliest first), the error names the same module as the serial run: the earliest in pool order."""
+    pool = mixed_pool(seed=6, dtype=torch.float32, copies=8)
+    mods = sorted(pool[1].modules)
+    for mod in (mods[-1], mods[2]):
+        pool[1].modules[mod].B[0, 0] = float("nan")
+    monkeypatch.setattr(blocks, "CHUNK_THREADS", 1)
+    with pytest.raises(ValueError) as serial:
+        decompose(pool, tau=PAPER_TAU)
+    monkeypatch.setattr(blocks, "CHUNK_THREADS", 3)
+    monkeypatch.setattr(blocks, "MIN_PIECE", 1)
+    with pytest.raises(ValueError) as queued:
+        decompose(pool, tau=PAPER_TAU)
+    assert str(queued.value) == str(serial.value) and "NaN" in str(serial.value)
+
+
+def test_progress_counts_each_block_once_when_pieces_run_out_of_order(monkeypatch):
+    pool = mixed_pool(seed=7, dtype=torch.float32, copies=8)
+    monkeypatch.setattr(blocks, "CHUNK_THREADS", 3)
+    monkeypatch.setattr(blocks, "MIN_PIECE", 1)
+    seen = []
+    dec = decompose(pool, tau=PAPER_TAU, progress=lambda d, t, s: seen.append((d, t)))
+    total = sum(len(b.modules) for b in dec.blocks)
+    steps = [d for d, _ in seen]
+    assert steps == sorted(steps) and steps[-1] == total and len(seen) == len(dec.blocks)
+    assert {d - e for d, e in zip(steps, [0] + steps)} <= {len(b.modules) for b in dec.blocks}
