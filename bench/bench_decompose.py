@@ -12,6 +12,7 @@ Prints two tables:
     python bench/bench_decompose.py --quick    # smaller literal reference, fewer repeats
     python bench/bench_decompose.py --pool-only --baseline-ref 89f9148   # + old engine, same run
     python bench/bench_decompose.py --pool-only --profile --threads 2    # where one decompose's time goes
+    python bench/bench_decompose.py --pool-only --timeline --threads 2   # when each worker ran its pieces
 
 With ``--baseline-ref REF`` the engine (``devec_core/``) at git commit REF is extracted into a temp
 folder and imported beside the working tree's; the whole-pool timings of both are taken in the
@@ -113,6 +114,8 @@ def main():
     ap.add_argument("--gram-variants", action="store_true",
                     help="with --compare-only: also time the Grams as one wide GEMM per module (the idea tried for the floor)")
     ap.add_argument("--profile", action="store_true", help="only: CPU time per stage of one warm decompose (serial)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="only: when each worker ran its pieces in warm decomposes (serial parts, idle workers at the end)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,6 +148,8 @@ def main():
     pool = random_pool(mods, 4)
     if args.profile:
         return profile_stages(pool)
+    if args.timeline:
+        return timeline(pool, args.rounds)
     if args.compare_only and args.baseline_ref:
         return compare_with_baseline(args, pool)
     factor_gib = sum(t.numel() * 4 for v in pool for d in v.modules.values() for t in (d.B, d.A)) / 2**30
@@ -211,6 +216,50 @@ def profile_stages(pool):
         print(f"| {stage} | {t:.3f} | {t / total:.0%} |")
     print(f"| everything else (Python, stacking, checks of finiteness and range) | {total - seen:.3f} | {(total - seen) / total:.0%} |")
     print(f"| total (under the profiler) | {total:.3f} | 100% |")
+
+
+def timeline(pool, rounds: int) -> None:
+    """Per warm decompose: the serial parts before the first piece starts and after the last ends,
+    the spread of the workers' end times (one idles while the other finishes), and the pieces."""
+    import threading
+
+    events, real = [], blocks._BlockJob.run
+
+    def run(job, sl):
+        t0 = time.perf_counter()
+        real(job, sl)
+        events.append((threading.get_ident(), job.shape, sl.stop - sl.start, t0, time.perf_counter()))
+
+    blocks._BlockJob.run = run
+    try:
+        decompose(pool, tau=PAPER_TAU)
+        rows = []
+        for r in range(rounds):
+            events.clear()
+            t0 = time.perf_counter()
+            decompose(pool, tau=PAPER_TAU)
+            t1 = time.perf_counter()
+            ends = {}
+            for th, _, _, _, b in events:
+                ends[th] = max(ends.get(th, 0.0), b)
+            first, last = min(e[3] for e in events), max(e[4] for e in events)
+            rows.append((t1 - t0, first - t0, t1 - last, max(ends.values()) - min(ends.values()), len(events), len(ends)))
+            if r == rounds - 1:
+                pieces = sorted(events, key=lambda e: e[3])
+    finally:
+        blocks._BlockJob.run = real
+    print(f"\n## Timeline of a warm decompose ({rounds} rounds, {torch.get_num_threads()} threads; medians)")
+    print("| measure | ms |")
+    print("|---|---|")
+    for i, what in enumerate(["total", "serial, before the first piece (checks, grouping, inputs)",
+                              "serial, after the last piece (assembly, zero check)",
+                              "a worker idle at the end (spread of the workers' last end times)"]):
+        print(f"| {what} | {statistics.median(r[i] for r in rows) * 1e3:.1f} |")
+    print(f"| pieces / workers | {rows[-1][4]} / {rows[-1][5]} |")
+    print("\nLast round's pieces, by start (ms from the call):")
+    names = {th: f"w{i}" for i, th in enumerate(dict.fromkeys(e[0] for e in pieces))}
+    for th, shape, n, a, b in pieces:
+        print(f"  {names[th]} {shape[0]}×{shape[1]} ×{n:3d}: {1e3 * (a - t0):6.1f} → {1e3 * (b - t0):6.1f}")
 
 
 GRAMS_PER_MODULE = 12

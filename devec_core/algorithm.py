@@ -102,7 +102,7 @@ def lowrank_bases(G_B: torch.Tensor, G_A: torch.Tensor, rtol: float) -> torch.Te
     a factor 2 to spare, and the condition bound tr·‖L⁻¹‖_F² must not exceed ``FAST_BASIS_COND``.
     Modules that fail (a Cholesky breaks down, a zero column, a near cut, ill conditioning) take
     ``lowrank_basis``. On the FLUX pool the bases took 0.04 s of CPU instead of 0.15 s (cProfile,
-    1 thread, busy machine; docs/METHOD.md "Speed").
+    1 thread, busy machine; docs/METHOD.md "Speed: bases without eigen-solves").
     Args: as ``lowrank_basis`` (G_B, G_A (..., r, r) in float64). Returns T (..., r, r).
     """
     batch, r = G_B.shape[:-2], G_B.shape[-1]

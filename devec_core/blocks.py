@@ -179,7 +179,7 @@ def _chunk_threads_from_env() -> int | None:
 
 
 CHUNK_THREADS: int | None = _chunk_threads_from_env()
-"""Python threads for a block's small calls (``parallel_chunks``); None (the default, "auto"):
+"""Python threads for a pool's per-module work (``workers``, ``parallel_tasks``); None (the default, "auto"):
 ``torch.get_num_threads()``; 1: serial. Env ``DEVEC_CHUNK_THREADS``."""
 
 
@@ -355,8 +355,8 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
     CPU's cache, the norms (checked before any eigen-solve), the bases T and the mode's spectra.
     The blocks' modules are cut into pieces of similar cost, and one queue of them, costliest
     first, feeds the worker threads (``parallel_tasks``): no worker waits at the end of a block
-    for the other, and a slower core simply takes fewer pieces (docs/METHOD.md "Speed"). Results
-    do not depend on the cut: every call is per module.
+    for the other, and a slower core simply takes fewer pieces (docs/METHOD.md "Speed: one queue
+    of pieces"). Results do not depend on the cut: every call is per module.
     """
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
     groups = group_modules(vectors)
@@ -426,7 +426,8 @@ def _attempt(fn: Callable, *args) -> Exception | None:
 
 @dataclass
 class _BlockJob:
-    """One block's per-module work, run on a range of its modules (``parallel_chunks``)."""
+    """One block's per-module work: ``run`` on a range of its modules (a piece, ``build_blocks``)
+    writes that range's rows of ``out``; ``assemble`` makes the Block once every piece has run."""
 
     modules: list[str]
     members: tuple[int, ...]
