@@ -343,8 +343,17 @@ MIN_PIECE = 4
 """Fewest modules in one piece of a block's work (``build_blocks``); a piece has a fixed cost of
 ~0.5–1 ms of small calls (stacking, the bases' and spectra's batched calls)."""
 
-PIECES_PER_WORKER = 8
-"""About how many pieces of work each worker gets over a whole pool (``build_blocks``)."""
+PIECES_PER_WORKER = 4
+"""About how many pieces of work each worker gets over a whole pool (``build_blocks``). A piece
+has a fixed cost of ~1.3 ms (its batched small calls: stacking, range checks, bases, spectra), so
+more pieces balance the workers better but cost more: on the FLUX pool 4 per worker was the
+fastest of 3–32 (ad-hoc same-process alternation: 0.29–0.30 s at 4, 0.30–0.32 s at 8, 0.41 s at 32)."""
+
+GEMM_CALL_ROWS = 2048
+"""A Gram GEMM call's fixed cost, in factor rows (``_BlockJob.cost``). Fitted to the FLUX pool's
+pieces (``bench/bench_decompose.py --pool-only --timeline``): per module 0.72 ms at 3072×3072,
+2.2 ms at 18432×3072, 1.4 ms at 3072×15360 (k = 4, rank 16, 2 workers); rows alone made the
+wide modules look 1.5× costlier than they are."""
 
 
 def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None,
@@ -384,8 +393,8 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         jobs.append(_BlockJob(mods, members, (n, m), F, A, W, scale, dense_sq, need, algorithm.rank_rtol(n, m, dtype),
                               ords, symmetric, partial(_check_finite, vectors=vectors)))
 
-    # 3. Pieces of similar cost (factor rows read), costliest first, on the worker threads
-    cost = [(j.shape[0] + j.shape[1]) * sum(F[0].shape[1] for F in j.F) for j in jobs]  # per module
+    # 3. Pieces of similar cost, costliest first, on the worker threads
+    cost = [j.cost() for j in jobs]  # per module
     w = workers(total // MIN_PIECE, torch.device(dev))
     target = sum(c * len(j.modules) for c, j in zip(cost, jobs)) / (w * PIECES_PER_WORKER)
     pieces = []  # (cost, block, slice)
@@ -459,6 +468,13 @@ class _BlockJob:
             "wide": new(dtype=torch.bool),
             "spectra": {o: (new(w[o[0]], dtype=COMPLEX), new(w[o[0]], w[o[0]], dtype=COMPLEX)) for o in self.orders},
         }
+
+    def cost(self) -> float:
+        """Relative cost of one module's ``run``: per Gram GEMM its factors' rows × width, plus
+        ``GEMM_CALL_ROWS`` rows for the call itself."""
+        (n, m), w = self.shape, [F[0].shape[1] for F in self.F]
+        return (sum((n + GEMM_CALL_ROWS) * (w[i] + w[j]) / 2 for i, j in self.need)
+                + sum((m + GEMM_CALL_ROWS) * w[p] for p in range(len(w)) if self.A[p] is not None))
 
     def run(self, sl: slice) -> None:
         """Everything per module for modules ``sl``, written into ``out`` (``allocate`` first)."""
