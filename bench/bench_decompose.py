@@ -13,6 +13,7 @@ Prints two tables:
     python bench/bench_decompose.py --pool-only --baseline-ref 89f9148   # + old engine, same run
     python bench/bench_decompose.py --pool-only --profile --threads 2    # where one decompose's time goes
     python bench/bench_decompose.py --pool-only --timeline --threads 2   # when each worker ran its pieces
+    python bench/bench_decompose.py --pool-only --pieces-sweep 3,4,8,32 --threads 2 --rounds 10
 
 With ``--baseline-ref REF`` the engine (``devec_core/``) at git commit REF is extracted into a temp
 folder and imported beside the working tree's; the whole-pool timings of both are taken in the
@@ -114,6 +115,8 @@ def main():
     ap.add_argument("--gram-variants", action="store_true",
                     help="with --compare-only: also time the Grams as one wide GEMM per module (the idea tried for the floor)")
     ap.add_argument("--profile", action="store_true", help="only: CPU time per stage of one warm decompose (serial)")
+    ap.add_argument("--pieces-sweep", default=None, metavar="N,N,...",
+                    help="only: warm decomposes alternating blocks.PIECES_PER_WORKER over these values (same process)")
     ap.add_argument("--timeline", action="store_true",
                     help="only: when each worker ran its pieces in warm decomposes (serial parts, idle workers at the end)")
     args = ap.parse_args()
@@ -150,6 +153,8 @@ def main():
         return profile_stages(pool)
     if args.timeline:
         return timeline(pool, args.rounds)
+    if args.pieces_sweep:
+        return pieces_sweep(pool, [int(x) for x in args.pieces_sweep.split(",")], args.rounds)
     if args.compare_only and args.baseline_ref:
         return compare_with_baseline(args, pool)
     factor_gib = sum(t.numel() * 4 for v in pool for d in v.modules.values() for t in (d.B, d.A)) / 2**30
@@ -216,6 +221,28 @@ def profile_stages(pool):
         print(f"| {stage} | {t:.3f} | {t / total:.0%} |")
     print(f"| everything else (Python, stacking, checks of finiteness and range) | {total - seen:.3f} | {(total - seen) / total:.0%} |")
     print(f"| total (under the profiler) | {total:.3f} | 100% |")
+
+
+def pieces_sweep(pool, values: list[int], rounds: int) -> None:
+    """Warm decomposes with each ``blocks.PIECES_PER_WORKER`` in turn, alternating (same process)."""
+    saved, times = blocks.PIECES_PER_WORKER, {v: [] for v in values}
+    try:
+        for v in values:  # warm-up
+            blocks.PIECES_PER_WORKER = v
+            decompose(pool, tau=PAPER_TAU)
+        for _ in range(rounds):
+            for v in values:
+                blocks.PIECES_PER_WORKER = v
+                t0 = time.perf_counter()
+                decompose(pool, tau=PAPER_TAU)
+                times[v].append(time.perf_counter() - t0)
+    finally:
+        blocks.PIECES_PER_WORKER = saved
+    print(f"\n## Pieces per worker ({rounds} alternating rounds, {torch.get_num_threads()} threads; default {saved})")
+    print("| pieces per worker | median wall (s) | mean (s) |")
+    print("|---|---|---|")
+    for v in values:
+        print(f"| {v} | {statistics.median(times[v]):.3f} | {statistics.mean(times[v]):.3f} |")
 
 
 def timeline(pool, rounds: int) -> None:

@@ -346,8 +346,9 @@ MIN_PIECE = 4
 PIECES_PER_WORKER = 4
 """About how many pieces of work each worker gets over a whole pool (``build_blocks``). A piece
 has a fixed cost of ~1.3 ms (its batched small calls: stacking, range checks, bases, spectra), so
-more pieces balance the workers better but cost more: on the FLUX pool 4 per worker was the
-fastest of 3–32 (ad-hoc same-process alternation: 0.29–0.30 s at 4, 0.30–0.32 s at 8, 0.41 s at 32)."""
+more pieces balance the workers better but cost more. On the FLUX pool (``bench/bench_decompose.py
+--pool-only --pieces-sweep 3,4,6,8,16,32 --threads 2 --rounds 10``) 3 to 8 per worker were within
+noise of each other (0.278–0.293 s median), 16 took 0.320 s and 32 took 0.386 s."""
 
 GEMM_CALL_ROWS = 2048
 """A Gram GEMM call's fixed cost, in factor rows (``_BlockJob.cost``). Fitted to the FLUX pool's
