@@ -358,8 +358,10 @@ wide modules look 1.5× costlier than they are."""
 
 
 def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress | None,
-                 orders: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None) -> list[Block]:
-    """The pool's blocks with Grams, norms, bases and the spectra ``orders(members)`` names.
+                 orders: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None,
+                 groups: dict[tuple, list[str]] | None = None) -> list[Block]:
+    """The pool's blocks with Grams, norms, bases and the spectra ``orders(members)`` names
+    (``groups``: the pool's ``group_modules``, if the caller has it).
 
     All of it is per module (``_BlockJob.run``): the Grams while the module's factors are in the
     CPU's cache, the norms (checked before any eigen-solve), the bases T and the mode's spectra.
@@ -369,7 +371,7 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
     of pieces"). Results do not depend on the cut: every call is per module.
     """
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
-    groups = group_modules(vectors)
+    groups = group_modules(vectors) if groups is None else groups
     total = sum(len(m) for m in groups.values())
     symmetric = bool(getattr(cfg, "symmetric", False))
 

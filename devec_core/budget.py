@@ -7,8 +7,9 @@ LLM pool of 4 rank-64 LoRAs on all 224 projections ~3e11; the default allows ~2 
 
 from __future__ import annotations
 
+from .blocks import group_modules
 from .modes import mode_for
-from .taskvec import Delta, LowRank, TaskVector
+from .taskvec import LowRank, TaskVector
 
 MAX_WORK = 2e12
 MAX_MEMORY = 8 * 2**30
@@ -18,8 +19,11 @@ class WorkBudgetError(ValueError):
     """A pool whose estimated cost exceeds ``Config.max_work`` / ``max_memory`` (refused before any work)."""
 
 
-def estimate_work(vectors: list[TaskVector], cfg) -> tuple[float, float, str]:
+def estimate_work(vectors: list[TaskVector], cfg, groups: dict | None = None) -> tuple[float, float, str]:
     """Estimated cost of decomposing a pool, from shapes and ranks only (no tensor is read).
+
+    ``groups``: the pool's ``blocks.group_modules`` if already computed (ValueError from it where a
+    module's shapes differ between vectors).
 
     Per module with members of widths r_i (a LoRA's rank; a dense delta's min(n, m), its SVD
     bound), P = Σ r_i, r = max r_i and o spectra (the mode's ``orders``: 1 joint, k(k−1)
@@ -31,33 +35,26 @@ def estimate_work(vectors: list[TaskVector], cfg) -> tuple[float, float, str]:
     """
     names = [v.name for v in vectors]
     mode = mode_for(cfg)
-    present: dict[str, list[tuple[int, Delta]]] = {}
-    for i, v in enumerate(vectors):
-        for mod, d in v.modules.items():
-            present.setdefault(mod, []).append((i, d))
     work = memory = 0.0
     worst, worst_work = "", -1.0
-    spectra: dict[tuple[int, ...], int] = {}  # members -> o (modules share a few member tuples)
-    for mod, deltas in present.items():
-        n, m = deltas[0][1].shape
-        widths = [d.B.shape[1] if isinstance(d, LowRank) else min(n, m) for _, d in deltas]
-        members = tuple(i for i, _ in deltas)
-        if members not in spectra:
-            spectra[members] = len(mode.orders(names, members))
-        P, r, o = sum(widths), max(widths), spectra[members]
-        w = 2.0 * n * P * P + 30.0 * (len(deltas) + o) * r**3
-        for (_, d), ri in zip(deltas, widths):
-            w += 2.0 * m * ri * ri if isinstance(d, LowRank) else 6.0 * n * m * min(n, m)
-        work += w
-        memory += 8.0 * P * P + 32.0 * sum(x * x for x in widths) + 32.0 * o * r * r
+    # modules with one signature (members, kinds, shapes, ranks) cost the same: one estimate per group
+    for sig, mods in (group_modules(vectors) if groups is None else groups).items():
+        members, (n, m) = tuple(i for i, *_ in sig), sig[0][2]
+        widths = [r if kind == "LowRank" else min(n, m) for _, kind, _, r in sig]
+        P, r, o = sum(widths), max(widths), len(mode.orders(names, members))
+        w = 2.0 * n * P * P + 30.0 * (len(sig) + o) * r**3
+        for (_, kind, _, _), ri in zip(sig, widths):
+            w += 2.0 * m * ri * ri if kind == "LowRank" else 6.0 * n * m * min(n, m)
+        work += w * len(mods)
+        memory += (8.0 * P * P + 32.0 * sum(x * x for x in widths) + 32.0 * o * r * r) * len(mods)
         if w > worst_work:
-            worst, worst_work = mod, w
+            worst, worst_work = mods[0], w
     return work, memory, worst
 
 
-def check_budget(vectors: list[TaskVector], cfg) -> None:
+def check_budget(vectors: list[TaskVector], cfg, groups: dict | None = None) -> None:
     """Refuse a pool whose estimated work or memory exceeds the config's budget (``WorkBudgetError``)."""
-    work, memory, worst = estimate_work(vectors, cfg)
+    work, memory, worst = estimate_work(vectors, cfg, groups)
     if work <= cfg.max_work and memory <= cfg.max_memory:
         return
     ranks = {v.name: v.modules[worst].rank for v in vectors if isinstance(v.modules.get(worst), LowRank)}

@@ -105,12 +105,13 @@ def decompose(
     algorithm.check_tau(tau)
     for v in vectors:
         v.check_ranks()
-    check_budget(vectors, cfg)
+    groups = group_modules(vectors)  # modules by signature; shapes checked across vectors
+    check_budget(vectors, cfg, groups)
     # 2. Bases (Grams, numerical ranks), refusing all-zero vectors
     #    and 3. the spectra the mode needs, in the same pass over each block's modules
     mode = mode_for(cfg)
     blocks = build_blocks(vectors, cfg, cfg.torch_device(), cfg.torch_dtype, progress,
-                          lambda members: mode.precomputed_orders(names, members))
+                          lambda members: mode.precomputed_orders(names, members), groups)
     check_not_zero(vectors, blocks)
     return Decomposition(names, cfg, blocks, tau, vectors)
 
