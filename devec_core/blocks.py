@@ -279,11 +279,12 @@ def _grams(Fi: list[torch.Tensor], Fj: list[torch.Tensor], wide: torch.Tensor) -
     return torch.stack(out).to(SMALL)
 
 
-def _edge(G: torch.Tensor) -> torch.Tensor:
-    """(b,) True where a Gram's diagonal left the normal range of its dtype: an entry below
-    tiny/eps (its factor column underflowed, or is zero) or not finite (overflow, or NaN)."""
-    d = G.diagonal(dim1=-2, dim2=-1)
-    lim = torch.finfo(G.dtype).tiny / torch.finfo(G.dtype).eps
+def _edge(Gs: list[torch.Tensor]) -> torch.Tensor:
+    """(b,) True where a diagonal of the Grams Gs (each (b, r, r)) left the normal range of its
+    dtype: an entry below tiny/eps (its factor column underflowed, or is zero) or not finite
+    (overflow, or NaN)."""
+    d = torch.cat([G.diagonal(dim1=-2, dim2=-1) for G in Gs], -1)
+    lim = torch.finfo(d.dtype).tiny / torch.finfo(d.dtype).eps
     return (~torch.isfinite(d) | (d < lim)).any(-1)
 
 
@@ -470,6 +471,9 @@ class _BlockJob:
             "sq": new(k),
             "wide": new(dtype=torch.bool),
             "spectra": {o: (new(w[o[0]], dtype=COMPLEX), new(w[o[0]], w[o[0]], dtype=COMPLEX)) for o in self.orders},
+            # s_i s_j per module, (b, 1, 1), for the Grams of the scaled factors; None where all are 1
+            "pair_scale": {(i, j): None if bool((self.scale[:, [i, j]] == 1).all())
+                           else (self.scale[:, i] * self.scale[:, j])[:, None, None] for i, j in self.need},
         }
 
     def cost(self) -> float:
@@ -520,9 +524,10 @@ class _BlockJob:
         G32 = {ij: torch.stack(x) for ij, x in g.items()}
         GA32 = {p: torch.stack(ga[p]) for p in lora}
         wide = self.out["wide"][sl]
-        wide.zero_()
-        for p in lora:
-            wide |= _edge(G32[(p, p)]) | _edge(GA32[p])
+        if lora:
+            wide.copy_(_edge([G32[(p, p)] for p in lora] + [GA32[p] for p in lora]))
+        else:
+            wide.zero_()
         G = {ij: self.out["grams"][ij][sl] for ij in need}  # views of the block's results
         GA = [self.out["GA"][p][sl] if p in lora else None for p in range(k)]
         for ij, x in G32.items():
@@ -537,9 +542,9 @@ class _BlockJob:
                 for p in lora:
                     a = A[p][b].to(SMALL)
                     GA[p][r] = a @ a.mT
-        s = self.scale[sl]
-        for (i, j), x in G.items():
-            x.mul_((s[:, i] * s[:, j])[:, None, None])
+        for ij, x in G.items():
+            if self.out["pair_scale"][ij] is not None:
+                x.mul_(self.out["pair_scale"][ij][sl])
         return G, GA
 
     def bases(self, sl: slice, grams: dict, GA: list):
@@ -554,6 +559,8 @@ class _BlockJob:
                 T[p] = torch.diag_embed(keep.to(SMALL))
             else:
                 sq[p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
+        if not bool(torch.isfinite(torch.stack(sq, -1)).all()):
+            for p in range(k):  # the first member with a bad module names it
                 self.check_finite(sq[p], i=self.members[p], mods=self.modules[sl])
         widths = [F[p][sl.start].shape[1] for p in range(k)]
         lora = [p for p in range(k) if W[p] is None]
