@@ -514,15 +514,15 @@ class _BlockJob:
         ~1e+30 to inf."""
         F, A, need, k = self.F, self.A, self.need, len(self.F)
         lora = [p for p in range(k) if A[p] is not None]
-        g = {ij: [] for ij in need}
-        ga: list[list] = [[] for _ in range(k)]
-        for b in range(sl.start, sl.stop):
+        f0, nb, mm = F[0][sl.start], sl.stop - sl.start, torch.mm
+        G32 = {(i, j): f0.new_empty(nb, F[i][sl.start].shape[1], F[j][sl.start].shape[1]) for i, j in need}
+        GA32 = {p: f0.new_empty(nb, A[p][sl.start].shape[0], A[p][sl.start].shape[0]) for p in lora}
+        g, ga = {ij: x.unbind(0) for ij, x in G32.items()}, {p: x.unbind(0) for p, x in GA32.items()}
+        for t, b in enumerate(range(sl.start, sl.stop)):  # each product straight into its row
             for i, j in need:
-                g[(i, j)].append(F[i][b].mT @ F[j][b])
+                mm(F[i][b].mT, F[j][b], out=g[(i, j)][t])
             for p in lora:
-                ga[p].append(A[p][b] @ A[p][b].mT)
-        G32 = {ij: torch.stack(x) for ij, x in g.items()}
-        GA32 = {p: torch.stack(ga[p]) for p in lora}
+                mm(A[p][b], A[p][b].mT, out=ga[p][t])
         wide = self.out["wide"][sl]
         if lora:
             wide.copy_(_edge([G32[(p, p)] for p in lora] + [GA32[p] for p in lora]))
