@@ -341,13 +341,13 @@ def block_inputs(vectors, members, mods, dev, dtype):
 
 
 MIN_PIECE = 4
-"""Fewest modules in one piece of a block's work (``build_blocks``); a piece has a fixed cost of
-~0.5–1 ms of small calls (stacking, the bases' and spectra's batched calls)."""
+"""Fewest modules in one piece of a block's work (``build_blocks``); a piece has a fixed cost
+(``PIECES_PER_WORKER``), so a piece of one module would be mostly that."""
 
 PIECES_PER_WORKER = 4
 """About how many pieces of work each worker gets over a whole pool (``build_blocks``). A piece
-has a fixed cost of ~1.3 ms (its batched small calls: stacking, range checks, bases, spectra), so
-more pieces balance the workers better but cost more. On the FLUX pool (``bench/bench_decompose.py
+has a fixed cost (its batched small calls: range checks, bases, spectra; a one-module piece took
+~1.3 ms ad hoc), so more pieces balance the workers better but cost more. On the FLUX pool (``bench/bench_decompose.py
 --pool-only --pieces-sweep 3,4,6,8,16,32 --threads 2 --rounds 10``) 3 to 8 per worker were within
 noise of each other (0.278–0.293 s median), 16 took 0.320 s and 32 took 0.386 s."""
 

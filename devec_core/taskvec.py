@@ -111,7 +111,7 @@ class TaskVector:
         """Raise ValueError naming the vector (and its source file) and module if a LoRA's rank
         exceeds min(n, m): such a file declares more directions than the module has."""
         for mod, d in self.modules.items():
-            if isinstance(d, LowRank) and not d.B.shape[1] <= min(d.B.shape[0], d.A.shape[1]):
+            if isinstance(d, LowRank) and d.B.shape[1] > min(d.B.shape[0], d.A.shape[1]):
                 src = self.meta.get("source") or self.meta.get("input")
                 where = f"task vector {self.name!r}" + (f" ({src})" if src else "")
                 raise ValueError(
