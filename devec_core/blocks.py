@@ -200,8 +200,10 @@ def parallel_tasks(tasks: list[Callable], w: int, on_done: Callable[[int], None]
     caller's count when done. The first version had no such limit: every worker opened a full
     OpenMP team and the FLUX pool took 2.99 s instead of 0.51 s on the quiet 2-core machine
     (docs/METHOD.md "Whole calls on threads"). ``on_done(i)`` is called in the calling thread as
-    task i finishes. A failing task's exception is raised after every task has ended (the first
-    failing one in list order), so nothing is left running.
+    task i finishes; if it raises (a caller aborting through its progress callback), the tasks not
+    started yet are dropped and its exception propagates once the running ones end. A failing task's exception is
+    raised after every task has ended (the first failing one in list order), so nothing is left
+    running.
     """
     if w < 2:
         out = []
@@ -225,9 +227,14 @@ def parallel_tasks(tasks: list[Callable], w: int, on_done: Callable[[int], None]
     with ThreadPoolExecutor(max_workers=w) as ex:
         futures = [ex.submit(run, task) for task in tasks]
         index = {f: i for i, f in enumerate(futures)}
-        for f in as_completed(futures):
-            if on_done and f.exception() is None:
-                on_done(index[f])
+        try:
+            for f in as_completed(futures):
+                if on_done and f.exception() is None:
+                    on_done(index[f])
+        except BaseException:  # on_done raised (a caller aborting), or an interrupt:
+            for f in futures:  # the tasks not started yet never start
+                f.cancel()
+            raise
     return [f.result() for f in futures]
 
 

@@ -312,6 +312,23 @@ def test_parallel_tasks_keep_list_order_and_raise_the_first_failure_after_all_en
     assert sorted(ended) == [0, 1, 2, 4, 6, 7]  # every other task ran to its end first
 
 
+def test_parallel_tasks_stop_starting_tasks_when_progress_raises():
+    """A caller aborting through its progress callback: the queued tasks are dropped, not run."""
+    import time
+
+    ran = []
+
+    def task(i):
+        return lambda: (time.sleep(0.02), ran.append(i))
+
+    def cancel(i):
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        blocks.parallel_tasks([task(i) for i in range(40)], 2, cancel)
+    assert 1 <= len(ran) <= 4  # the tasks running when it raised, not the other 36+
+
+
 def test_pieces_raise_the_error_a_serial_run_raises(monkeypatch):
     """NaN in two modules of different pieces: with the queue on 3 workers (pieces of one module,
     costliest first), the error names the same module as the serial run: the earliest in pool order."""
