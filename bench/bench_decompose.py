@@ -189,7 +189,7 @@ def main():
 
 
 STAGES = {  # stage -> functions whose cumulative CPU time it is (one warm decompose, serial)
-    "Gram GEMMs (B and A sides, per module; stacking, range checks)": ["grams"],
+    "Gram GEMMs (B and A sides, per module; range checks, copies into the results)": ["grams"],
     "norms and bases T (lowrank_bases: Cholesky, eigen route where not certified)": ["bases"],
     "spectra (chain products, 16×16 eig)": ["spectra"],
     "input checks (ranks, work budget, grouping)": ["check_ranks", "check_budget", "group_modules"],
