@@ -356,3 +356,29 @@ def test_progress_counts_each_block_once_when_pieces_run_out_of_order(monkeypatc
     steps = [d for d, _ in seen]
     assert steps == sorted(steps) and steps[-1] == total and len(seen) == len(dec.blocks)
     assert {d - e for d, e in zip(steps, [0] + steps)} <= {len(b.modules) for b in dec.blocks}
+
+
+def test_concurrent_decompositions_equal_sequential_ones(monkeypatch):
+    """Several callers (the app's users) decomposing at once, each with its own queue of pieces:
+    every result equals the same pool decomposed alone, and the callers' thread counts are kept."""
+    monkeypatch.setattr(blocks, "MIN_PIECE", 1)
+    pools = [mixed_pool(seed=s, dtype=torch.float32, copies=6) for s in (1, 2, 3)]
+    alone = [decompose(p, tau=PAPER_TAU) for p in pools]
+    together, threads = [None] * 3, [None] * 3
+
+    def run(i):
+        together[i] = decompose(pools[i], tau=PAPER_TAU)
+        threads[i] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert torch.get_num_threads() == before and None not in threads
+    for a, b, pool in zip(alone, together, pools):
+        assert a.shared_dims() == b.shared_dims()
+        for v in pool:
+            ua, ub = a.component("unique", v.name), b.component("unique", v.name)
+            assert all(rel(ub[m].dense(F64), ua[m].dense(F64)) <= 1e-6 for m in ua)
