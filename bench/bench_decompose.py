@@ -292,16 +292,19 @@ def timeline(pool, rounds: int) -> None:
 GRAMS_PER_MODULE = 12
 
 
+def _chain_need(k: int) -> list[tuple[int, int]]:
+    """The Gram pairs a joint spectrum of k members reads: the diagonal and C₁₂, C₂₃, …, C_k1."""
+    return [(i, i) for i in range(k)] + [(i, (i + 1) % k) for i in range(k)]
+
+
 def grams_alone(pool) -> None:
     """The GEMMs no joint decomposition of this pool can skip, and nothing else: per module the 4
     diagonal B-side Grams BᵢᵀBᵢ, the 4 chain crosses BᵢᵀBᵢ₊₁ (C₁₂, C₂₃, C₃₄, C₄₁) and the 4 A-side
     Grams AᵢAᵢᵀ (the rank cut sees the product), spread over the worker threads as the engine does."""
-    mods = list(pool[0].modules)
-    k = len(pool)
-    need = [(i, i) for i in range(k)] + [(i, (i + 1) % k) for i in range(k)]
+    need = _chain_need(len(pool))
 
-    def run(sl: slice):
-        for mod in mods[sl]:
+    def run(mods: list[str]):
+        for mod in mods:
             B = [v.modules[mod].B for v in pool]
             A = [v.modules[mod].A for v in pool]
             for i, j in need:
@@ -313,25 +316,27 @@ def grams_alone(pool) -> None:
 
 
 def on_workers(run, pool) -> None:
-    """``run(slice)`` over all modules the way the engine spreads its work (``blocks.build_blocks``):
-    pieces of about equal module count, costliest (factor rows) first, on one queue of workers."""
-    mods = list(pool[0].modules)
-    w = blocks.workers(len(mods) // blocks.MIN_PIECE)
-    parts = w * blocks.PIECES_PER_WORKER if w > 1 else 1
-    bounds = [len(mods) * i // parts for i in range(parts + 1)]
-    rows = lambda sl: sum(sum(pool[0].modules[m].shape) for m in mods[sl])  # noqa: E731
-    pieces = sorted((slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])), key=rows, reverse=True)
-    blocks.parallel_tasks([lambda sl=sl: run(sl) for sl in pieces], w)
+    """``run(module names)`` over all modules the way the engine spreads its work: modules grouped
+    by shape, cut into the engine's pieces (``blocks.cut_pieces``, ``blocks.gram_cost``), one queue
+    of workers (``blocks.parallel_tasks``)."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for mod, d in pool[0].modules.items():
+        by_shape.setdefault(tuple(d.shape), []).append(mod)
+    k, widths = len(pool), [v.modules[next(iter(by_shape.values()))[0]].rank for v in pool]
+    costs = [blocks.gram_cost(shape, widths, _chain_need(k), list(range(k))) for shape in by_shape]
+    groups = list(by_shape.values())
+    w = blocks.workers(sum(map(len, groups)) // blocks.MIN_PIECE)
+    pieces = blocks.cut_pieces([len(g) for g in groups], costs, w)
+    blocks.parallel_tasks([lambda bi=bi, sl=sl: run(groups[bi][sl]) for _, bi, sl in pieces], w)
 
 
 def grams_one_gemm(pool) -> None:
     """The idea tried for the floor: per module the four factors copied side by side, then one Gram
     each side, (n×4r)ᵀ(n×4r) and (4r×m)(4r×m)ᵀ: all 16 blocks, of which 8 (B side) and 4 (A side)
     are needed. Same worker threads as ``grams_alone``."""
-    mods = list(pool[0].modules)
 
-    def run(sl: slice):
-        for mod in mods[sl]:
+    def run(mods: list[str]):
+        for mod in mods:
             X = torch.cat([v.modules[mod].B for v in pool], 1)
             Y = torch.cat([v.modules[mod].A for v in pool], 0)
             X.mT @ X

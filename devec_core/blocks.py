@@ -359,7 +359,7 @@ has a fixed cost (its batched small calls: range checks, bases, spectra; a one-m
 noise of each other (0.278–0.293 s median), 16 took 0.320 s and 32 took 0.386 s."""
 
 GEMM_CALL_ROWS = 2048
-"""A Gram GEMM call's fixed cost, in factor rows (``_BlockJob.cost``). Fitted to the FLUX pool's
+"""A Gram GEMM call's fixed cost, in factor rows (``gram_cost``). Fitted to the FLUX pool's
 pieces (``bench/bench_decompose.py --pool-only --timeline``): per module 0.72 ms at 3072×3072,
 2.2 ms at 18432×3072, 1.4 ms at 3072×15360 (k = 4, rank 16, 2 workers); rows alone made the
 wide modules look 1.5× costlier than they are."""
@@ -381,7 +381,6 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
     # 1. Which vectors have which module, with shape checks (error names module and shapes)
     groups = group_modules(vectors) if groups is None else groups
     total = sum(len(m) for m in groups.values())
-    symmetric = bool(getattr(cfg, "symmetric", False))
 
     # 2. Per block: tall factors (a dense member's basis by SVD), and what its modules need
     jobs = []
@@ -402,20 +401,11 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
         need = sorted({(p, p) for p in range(k)} | {
             (min(a, b), max(a, b)) for o in ords for a, b in zip(o, o[1:] + o[:1]) if a != b})
         jobs.append(_BlockJob(mods, members, (n, m), F, A, W, scale, dense_sq, need, algorithm.rank_rtol(n, m, dtype),
-                              ords, symmetric, partial(_check_finite, vectors=vectors)))
+                              ords, cfg.symmetric, partial(_check_finite, vectors=vectors)))
 
     # 3. Pieces of similar cost, costliest first, on the worker threads
-    cost = [j.cost() for j in jobs]  # per module
     w = workers(total // MIN_PIECE, torch.device(dev))
-    target = sum(c * len(j.modules) for c, j in zip(cost, jobs)) / (w * PIECES_PER_WORKER)
-    pieces = []  # (cost, block, slice)
-    for bi, (j, c) in enumerate(zip(jobs, cost)):
-        b = len(j.modules)
-        parts = 1 if w < 2 else max(1, min(b // MIN_PIECE, round(c * b / target)))
-        bounds = [b * i // parts for i in range(parts + 1)]
-        pieces += [(c * (hi - lo), bi, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
-    if w > 1:
-        pieces.sort(key=lambda x: -x[0])
+    pieces = cut_pieces([len(j.modules) for j in jobs], [j.cost() for j in jobs], w)
     left = [sum(1 for _, bi, _ in pieces if bi == i) for i in range(len(jobs))]
     done = [0]
 
@@ -433,6 +423,28 @@ def build_blocks(vectors: list[TaskVector], cfg, dev, dtype, progress: Progress 
     if errors:  # the error a serial run would raise first: earliest block, then module
         raise errors[0][1]
     return [j.assemble() for j in jobs]
+
+
+def cut_pieces(sizes: list[int], costs: list[float], w: int) -> list[tuple[float, int, slice]]:
+    """Blocks of ``sizes`` modules, each module costing ``costs[block]``, cut into pieces of similar
+    cost for ``w`` workers (about ``PIECES_PER_WORKER`` each, at least ``MIN_PIECE`` modules): a list
+    of (cost, block, module slice), costliest first. One worker: one piece per block, in order."""
+    target = sum(c * b for c, b in zip(costs, sizes)) / (w * PIECES_PER_WORKER)
+    pieces = []
+    for bi, (b, c) in enumerate(zip(sizes, costs)):
+        parts = 1 if w < 2 else max(1, min(b // MIN_PIECE, round(c * b / target)))
+        bounds = [b * i // parts for i in range(parts + 1)]
+        pieces += [(c * (hi - lo), bi, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    return sorted(pieces, key=lambda x: -x[0]) if w > 1 else pieces
+
+
+def gram_cost(shape: tuple[int, int], widths: list[int], need: list[tuple[int, int]], lora: list[int]) -> float:
+    """Relative cost of one module's Grams: per GEMM its factors' rows × width, plus
+    ``GEMM_CALL_ROWS`` rows for the call itself (B side: the ``need`` pairs; A side: the ``lora``
+    members)."""
+    n, m = shape
+    return (sum((n + GEMM_CALL_ROWS) * (widths[i] + widths[j]) / 2 for i, j in need)
+            + sum((m + GEMM_CALL_ROWS) * widths[p] for p in lora))
 
 
 def _attempt(fn: Callable, *args) -> Exception | None:
@@ -484,19 +496,16 @@ class _BlockJob:
         }
 
     def cost(self) -> float:
-        """Relative cost of one module's ``run``: per Gram GEMM its factors' rows × width, plus
-        ``GEMM_CALL_ROWS`` rows for the call itself."""
-        (n, m), w = self.shape, [F[0].shape[1] for F in self.F]
-        return (sum((n + GEMM_CALL_ROWS) * (w[i] + w[j]) / 2 for i, j in self.need)
-                + sum((m + GEMM_CALL_ROWS) * w[p] for p in range(len(w)) if self.A[p] is not None))
+        """Relative cost of one module's ``run`` (``gram_cost``: its Grams dominate)."""
+        return gram_cost(self.shape, [F[0].shape[1] for F in self.F], self.need,
+                         [p for p in range(len(self.F)) if self.A[p] is not None])
 
     def run(self, sl: slice) -> None:
         """Everything per module for modules ``sl``, written into ``out`` (``allocate`` first)."""
         grams, GA = self.grams(sl)
-        sq, T = self.bases(sl, grams, GA)
-        out, k = self.out, len(self.members)
-        for p in range(k):
-            out["sq"][sl, p] = sq[p]
+        T = self.bases(sl, grams, GA)
+        out = self.out
+        for p in range(len(self.members)):
             out["T"][p][sl] = T[p]
         for o, (vals, vecs) in self.spectra(grams, T).items():
             out["spectra"][o][0][sl] = vals
@@ -541,7 +550,7 @@ class _BlockJob:
             G[ij].copy_(x)
         for p in lora:
             GA[p].copy_(GA32[p])
-        if F[0][sl.start].dtype != SMALL:
+        if f0.dtype != SMALL:
             for r in wide.nonzero().flatten().tolist():
                 b = sl.start + r
                 for i, j in need:
@@ -554,21 +563,22 @@ class _BlockJob:
                 x.mul_(self.out["pair_scale"][ij][sl])
         return G, GA
 
-    def bases(self, sl: slice, grams: dict, GA: list):
-        """Squared norms ‖ΔW_p‖² (checked before any eigen-solve) and the bases' T (Q = s·F·T)."""
+    def bases(self, sl: slice, grams: dict, GA: list) -> list[torch.Tensor]:
+        """The squared norms ‖ΔW_p‖² (written into ``out``, checked before any eigen-solve) and
+        the bases' T (Q = s·F·T), returned."""
         F, W, k = self.F, self.W, len(self.F)
-        sq: list = [None] * k
+        sq = self.out["sq"][sl]  # (b, k) view
         T: list = [None] * k
         for p in range(k):
             if W[p] is not None:
-                sq[p] = self.dense_sq[p][sl]
+                sq[:, p] = self.dense_sq[p][sl]
                 keep = grams[(p, p)].diagonal(dim1=-2, dim2=-1) > 0.5  # orthonormal kept columns (G = I there)
                 T[p] = torch.diag_embed(keep.to(SMALL))
             else:
-                sq[p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
-        if not bool(torch.isfinite(torch.stack(sq, -1)).all()):
+                sq[:, p] = algorithm.sq_norm_from_grams(grams[(p, p)], GA[p])
+        if not bool(torch.isfinite(sq).all()):
             for p in range(k):  # the first member with a bad module names it
-                self.check_finite(sq[p], i=self.members[p], mods=self.modules[sl])
+                self.check_finite(sq[:, p], i=self.members[p], mods=self.modules[sl])
         widths = [F[p][sl.start].shape[1] for p in range(k)]
         lora = [p for p in range(k) if W[p] is None]
         for w in sorted({widths[p] for p in lora}):  # one batched call per LoRA width
@@ -577,7 +587,7 @@ class _BlockJob:
                                          torch.stack([GA[p] for p in ps], 1), self.rtol)  # (b, len(ps), w, w)
             for j, p in enumerate(ps):
                 T[p] = Ts[:, j]
-        return sq, T
+        return T
 
     def spectra(self, grams: dict, T: list) -> dict:
         """The spectra of ``orders``: chain C_12 ⋯ C_k1 with C_ij = T_iᵀ (s_iF_i)ᵀ(s_jF_j) T_j."""
