@@ -354,9 +354,9 @@ MIN_PIECE = 4
 PIECES_PER_WORKER = 4
 """About how many pieces of work each worker gets over a whole pool (``build_blocks``). A piece
 has a fixed cost (its batched small calls: range checks, bases, spectra; a one-module piece took
-~1.3 ms ad hoc), so more pieces balance the workers better but cost more. On the FLUX pool (``bench/bench_decompose.py
---pool-only --pieces-sweep 3,4,6,8,16,32 --threads 2 --rounds 10``) 3 to 8 per worker were within
-noise of each other (0.278–0.293 s median), 16 took 0.320 s and 32 took 0.386 s."""
+~1.3 ms ad hoc), so more pieces balance the workers better but cost more. On the FLUX pool
+(``bench/bench_decompose.py --pool-only --pieces-sweep 3,4,6,8,16,32 --threads 2 --rounds 10``)
+3 to 8 per worker took 0.232–0.258 s median (within noise), 16 took 0.276 s and 32 took 0.340 s."""
 
 GEMM_CALL_ROWS = 2048
 """A Gram GEMM call's fixed cost, in factor rows (``gram_cost``). Fitted to the FLUX pool's
